@@ -1,0 +1,91 @@
+"""Autotune configs of the Triton kernels, and a way to pin one (tests, compile-check).
+
+On a GPU every kernel is autotuned over its list, keyed on (N, C, num_heads); under
+``TRITON_INTERPRET=1`` each list is cut to its first entry, a small block that still exercises
+the masking (N and C not multiples of the block) so CI stays fast.
+
+The first config of each list is its *default*: compile-check fails when a default spills.
+The choice of lists follows ``benchmarks/results/compile-check-*.txt``: no config there spills.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import triton
+
+from vtok_kernels.backends import triton_interpreted
+
+
+def _config(num_warps: int, num_stages: int = 2, **blocks: int) -> triton.Config:
+    return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
+
+
+# Mean pooling and expand: a program owns a (patch block, channel block) tile and streams the
+# video's frames through it; 8-16 KiB of fp32 per tile keeps the key tile and the accumulator
+# in registers while the frame loop keeps enough loads in flight.
+STREAM_CONFIGS = [
+    _config(4, BLOCK_N=16, BLOCK_D=128),
+    _config(4, BLOCK_N=32, BLOCK_D=64),
+    _config(4, BLOCK_N=8, BLOCK_D=256),
+    _config(8, BLOCK_N=32, BLOCK_D=128),
+    _config(8, BLOCK_N=16, BLOCK_D=256),
+]
+
+# Attention pooling: the channel block is one head (BLOCK_D = next power of two of the head
+# size, set by the launcher), so only the patch block and the warps are tuned.
+ATTN_FWD_CONFIGS = [
+    _config(4, BLOCK_N=16),
+    _config(4, BLOCK_N=8),
+    _config(4, BLOCK_N=32),
+    _config(8, BLOCK_N=32),
+    _config(8, BLOCK_N=64),
+]
+
+# The backward holds two more tiles (the key frame's gradient and the residual's gradient)
+# than the forward, hence smaller patch blocks per warp.
+ATTN_BWD_CONFIGS = [
+    _config(8, BLOCK_N=16),
+    _config(4, BLOCK_N=8),
+    _config(4, BLOCK_N=16),
+    _config(8, BLOCK_N=32),
+]
+
+# Interpreter: blocks smaller than the test shapes (N = 7..13, C = 12..48) so that several
+# patch and channel blocks, and their masked tails, are exercised.
+INTERPRET_STREAM = _config(1, num_stages=1, BLOCK_N=8, BLOCK_D=16)
+INTERPRET_ATTN = _config(1, num_stages=1, BLOCK_N=8)
+
+CONFIG_LISTS = {
+    "stream": STREAM_CONFIGS,
+    "attn_fwd": ATTN_FWD_CONFIGS,
+    "attn_bwd": ATTN_BWD_CONFIGS,
+}
+
+
+def active(kind: str) -> list[triton.Config]:
+    """The configs a kernel of family ``kind`` is autotuned over in this process."""
+    if triton_interpreted():
+        return [INTERPRET_ATTN if kind.startswith("attn") else INTERPRET_STREAM]
+    return CONFIG_LISTS[kind]
+
+
+_PINNED: dict[str, triton.Config] = {}
+
+
+def pinned(kind: str) -> Optional[triton.Config]:
+    return _PINNED.get(kind)
+
+
+@contextlib.contextmanager
+def pin(kind: str, config: triton.Config) -> Iterator[None]:
+    """Run the kernels of family ``kind`` with ``config`` instead of the autotuned choice."""
+    previous = _PINNED.get(kind)
+    _PINNED[kind] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            _PINNED.pop(kind, None)
+        else:
+            _PINNED[kind] = previous

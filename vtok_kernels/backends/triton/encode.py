@@ -1,0 +1,524 @@
+"""Triton kernels of ``encode`` and ``encode_varlen``: fused residual + mean/attention pooling.
+
+Forward. A program owns one video, one block of BLOCK_N patches and one channel block (for
+attention pooling: exactly one head). It loads the key frame's tile once, keeps it in registers
+and streams the video's non-key frames through it, so x is read once and the residual tensor
+never exists. Each program leaves, per group, a partial result over its patch block (a sum, or
+an online-softmax state: running max, sum of weights, weighted sum); a small combine kernel
+merges the partials in a fixed order and writes the residual tokens and the log-sum-exp. No
+atomics: the result is bitwise reproducible.
+
+Backward. The same decomposition: a program recomputes its residual tile per frame, writes the
+frame's gradient and accumulates the key frame's gradient (minus the sum over its residuals)
+in registers, so every element of grad_x has exactly one writer. grad_query is reduced from
+per-program partials in a fixed order.
+
+Batched and varlen share the kernels: IS_VARLEN switches how a video finds its frames
+(``cu_frames``) and its output rows (``cu_tokens``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from vtok_kernels.backends.triton import configs
+from vtok_kernels.backends.triton.launch import autotuned, launch
+
+
+@triton.jit
+def _video_layout(video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN,
+                  IS_VARLEN: tl.constexpr):
+    """(first frame, frame count, first output row, first lse row, key frame, group count)."""
+    if IS_VARLEN:
+        frame0 = tl.load(cu_frames_ptr + video).to(tl.int64)
+        num_frames = tl.load(cu_frames_ptr + video + 1) - frame0
+        token0 = tl.load(cu_tokens_ptr + video)
+        group0 = token0 - video * S
+    else:
+        frame0 = video.to(tl.int64) * 0
+        num_frames = T + video * 0
+        token0 = video.to(tl.int64) * (S + G)
+        group0 = video.to(tl.int64) * G
+    key = tl.load(key_ptr + video).to(tl.int64)
+    num_groups = (num_frames - 1 + FRAMES_PER_TOKEN - 1) // FRAMES_PER_TOKEN
+    return frame0, num_frames, token0, group0, key, num_groups
+
+
+@triton.jit
+def _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """First channel and lane mask of a channel block; for attention the block is one head."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if POOL_ATTN:
+        c0 = pid_c * HEAD_DIM
+        mask_d = offs_d < HEAD_DIM
+    else:
+        c0 = pid_c * BLOCK_D
+        mask_d = offs_d < C - c0
+    return c0, offs_d, mask_d
+
+
+@triton.jit
+def encode_fwd_kernel(
+    x_ptr, key_ptr, query_ptr, cu_frames_ptr, cu_tokens_ptr,
+    seq_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    stride_xb, stride_xt, stride_xn,
+    T, N, C, S, G, NUM_ROWS, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN, scale,
+    POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr, WRITE_KEY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    video = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    frame0, num_frames, token0, group0, key, num_groups = _video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    c0, offs_d, mask_d = _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN, BLOCK_D)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & mask_d[None, :]
+
+    x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
+    tile = offs_n[:, None].to(tl.int64) * stride_xn + (c0 + offs_d)[None, :]
+    key_tile = tl.load(x_video + key * stride_xt + tile, mask=mask, other=0.0).to(tl.float32)
+    if WRITE_KEY:
+        rows = token0 + offs_n
+        tl.store(seq_ptr + rows[:, None] * C + (c0 + offs_d)[None, :],
+                 key_tile.to(seq_ptr.dtype.element_ty), mask=mask)
+    if POOL_ATTN:
+        # The 1/sqrt(head size) is folded into the query once instead of into every score.
+        q = tl.load(query_ptr + c0 + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
+
+    for g in range(0, num_groups):
+        first = g * FRAMES_PER_TOKEN
+        last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # Running max and weight sum kept as vectors (all lanes equal) so the loop carries
+        # tensors of one shape.
+        run_max = tl.full([BLOCK_D], float("-inf"), tl.float32)
+        run_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for rank in range(first, last):
+            frame = tl.where(rank < key, rank, rank + 1)
+            x_tile = tl.load(x_video + frame * stride_xt + tile, mask=mask, other=0.0)
+            residual = x_tile.to(tl.float32) - key_tile
+            if POOL_ATTN:
+                score = tl.sum(residual * q[None, :], axis=1)
+                score = tl.where(mask_n, score, float("-inf"))
+                new_max = tl.maximum(run_max, tl.max(score, axis=0))
+                rescale = tl.exp(run_max - new_max)
+                weight = tl.exp(score - tl.max(new_max, axis=0))
+                run_sum = run_sum * rescale + tl.sum(weight, axis=0)
+                acc = acc * rescale + tl.sum(weight[:, None] * residual, axis=0)
+                run_max = new_max
+            else:
+                acc += tl.sum(residual, axis=0)
+        part = pid_n.to(tl.int64) * NUM_ROWS + group0 + g
+        tl.store(part_acc_ptr + part * C + c0 + offs_d, acc, mask=mask_d)
+        if POOL_ATTN:
+            lane0 = offs_d == 0
+            tl.store(part_max_ptr + part * NUM_HEADS + pid_c + offs_d, run_max, mask=lane0)
+            tl.store(part_sum_ptr + part * NUM_HEADS + pid_c + offs_d, run_sum, mask=lane0)
+
+
+@triton.jit
+def combine_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr,
+    out_ptr, lse_ptr,
+    T, N, C, S, G, NUM_ROWS, NUM_PARTS, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN,
+    POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr, DIVIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Merges the per-patch-block partials of one group, in patch-block order, into its token.
+
+    Output row of group g of video b: token0 + S + g (S = 0 and G rows per video gives the
+    plain [B, G, C] layout that expand's backward uses).
+    """
+    video = tl.program_id(0)
+    g = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    frame0, num_frames, token0, group0, key, num_groups = _video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = (offs_c < C) & ((offs_c * 0 + g) < num_groups)
+    row = group0 + g
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if POOL_ATTN:
+        head = offs_c // HEAD_DIM
+        best = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        for p in range(0, NUM_PARTS):
+            part = p * NUM_ROWS + row
+            best = tl.maximum(best, tl.load(part_max_ptr + part * NUM_HEADS + head, mask=mask_c,
+                                            other=float("-inf")))
+        # Masked lanes would compute exp(-inf - -inf); give them a finite reference instead.
+        best = tl.where(mask_c, best, 0.0)
+        total = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p in range(0, NUM_PARTS):
+            part = p * NUM_ROWS + row
+            factor = tl.exp(tl.load(part_max_ptr + part * NUM_HEADS + head, mask=mask_c,
+                                    other=float("-inf")) - best)
+            total += factor * tl.load(part_sum_ptr + part * NUM_HEADS + head, mask=mask_c,
+                                      other=0.0)
+            acc += factor * tl.load(part_acc_ptr + part * C + offs_c, mask=mask_c, other=0.0)
+        total = tl.where(mask_c, total, 1.0)
+        result = acc / total
+        tl.store(lse_ptr + row * NUM_HEADS + head, best + tl.log(total),
+                 mask=mask_c & (offs_c % HEAD_DIM == 0))
+    else:
+        for p in range(0, NUM_PARTS):
+            acc += tl.load(part_acc_ptr + (p * NUM_ROWS + row) * C + offs_c, mask=mask_c,
+                           other=0.0)
+        if DIVIDE:
+            first = g * FRAMES_PER_TOKEN
+            count = (tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1) - first) * N
+            result = acc / count.to(tl.float32)
+        else:
+            result = acc
+    out_row = token0 + S + g
+    tl.store(out_ptr + out_row * C + offs_c, result.to(out_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def spatial_key_fwd_kernel(
+    x_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr, seq_ptr,
+    stride_xb, stride_xt, stride_xn,
+    T, C, S, G, FRAMES_PER_TOKEN, GRID_H, GRID_W, OUT_H, OUT_W,
+    IS_VARLEN: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Key tokens by adaptive average pooling of the key frame's grid (torch's bins)."""
+    video = tl.program_id(0)
+    token = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    frame0, num_frames, token0, group0, key, num_groups = _video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    bin_i = token // OUT_W
+    bin_j = token % OUT_W
+    row_start = (bin_i * GRID_H) // OUT_H
+    row_end = ((bin_i + 1) * GRID_H + OUT_H - 1) // OUT_H
+    col_start = (bin_j * GRID_W) // OUT_W
+    col_end = ((bin_j + 1) * GRID_W + OUT_W - 1) // OUT_W
+    key_frame = (x_ptr + video.to(tl.int64) * stride_xb + (frame0 + key) * stride_xt)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for row in range(row_start, row_end):
+        for col in range(col_start, col_end):
+            patch = (row * GRID_W + col).to(tl.int64)
+            acc += tl.load(key_frame + patch * stride_xn + offs_c, mask=mask_c,
+                           other=0.0).to(tl.float32)
+    area = ((row_end - row_start) * (col_end - col_start)).to(tl.float32)
+    tl.store(seq_ptr + (token0 + token) * C + offs_c, (acc / area).to(seq_ptr.dtype.element_ty),
+             mask=mask_c)
+
+
+@triton.jit
+def encode_bwd_kernel(
+    grad_seq_ptr, x_ptr, key_ptr, query_ptr, seq_ptr, lse_ptr, cu_frames_ptr, cu_tokens_ptr,
+    grad_x_ptr, part_dq_ptr,
+    stride_xb, stride_xt, stride_xn,
+    T, N, C, S, G, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN, DQ_PARTS, scale,
+    GRID_H, GRID_W, OUT_H, OUT_W,
+    POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr, SPATIAL: tl.constexpr,
+    BINS_PER_ROW: tl.constexpr, BINS_PER_COL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    video = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    frame0, num_frames, token0, group0, key, num_groups = _video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    c0, offs_d, mask_d = _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN, BLOCK_D)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & mask_d[None, :]
+    chans = c0 + offs_d
+
+    # grad_x is contiguous [frames, N, C]; batched videos are T frames apart.
+    if IS_VARLEN:
+        grad_video = grad_x_ptr + frame0 * N * C
+    else:
+        grad_video = grad_x_ptr + video.to(tl.int64) * T * N * C
+    grad_tile = offs_n[:, None].to(tl.int64) * C + chans[None, :]
+    x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
+    x_tile_offs = offs_n[:, None].to(tl.int64) * stride_xn + chans[None, :]
+
+    grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if POOL_ATTN:
+        key_tile = tl.load(x_video + key * stride_xt + x_tile_offs, mask=mask,
+                           other=0.0).to(tl.float32)
+        q = tl.load(query_ptr + chans, mask=mask_d, other=0.0).to(tl.float32) * scale
+        grad_q = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    for g in range(0, num_groups):
+        first = g * FRAMES_PER_TOKEN
+        last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
+        token_row = (token0 + S + g) * C
+        grad_r = tl.load(grad_seq_ptr + token_row + chans, mask=mask_d, other=0.0).to(tl.float32)
+        if POOL_ATTN:
+            r = tl.load(seq_ptr + token_row + chans, mask=mask_d, other=0.0).to(tl.float32)
+            grad_r_dot_r = tl.sum(grad_r * r, axis=0)
+            lse = tl.load(lse_ptr + (group0 + g) * NUM_HEADS + pid_c)
+            for rank in range(first, last):
+                frame = tl.where(rank < key, rank, rank + 1)
+                x_tile = tl.load(x_video + frame * stride_xt + x_tile_offs, mask=mask, other=0.0)
+                residual = x_tile.to(tl.float32) - key_tile
+                prob = tl.exp(tl.sum(residual * q[None, :], axis=1) - lse)
+                prob = tl.where(mask_n, prob, 0.0)
+                # d score = p * (<grad_r, d> - <grad_r, r>); q already carries 1/sqrt(c).
+                grad_score = prob * (tl.sum(residual * grad_r[None, :], axis=1) - grad_r_dot_r)
+                grad_residual = prob[:, None] * grad_r[None, :] + grad_score[:, None] * q[None, :]
+                tl.store(grad_video + frame * N * C + grad_tile,
+                         grad_residual.to(grad_x_ptr.dtype.element_ty), mask=mask)
+                grad_key -= grad_residual
+                grad_q += tl.sum(grad_score[:, None] * residual, axis=0)
+        else:
+            count = last - first
+            grad_residual = grad_r / (count * N).to(tl.float32)
+            grad_tile_value = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32) + grad_residual[None, :]
+            for rank in range(first, last):
+                frame = tl.where(rank < key, rank, rank + 1)
+                tl.store(grad_video + frame * N * C + grad_tile,
+                         grad_tile_value.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            grad_key -= grad_tile_value * count.to(tl.float32)
+
+    if SPATIAL:
+        # Spread each key token's gradient uniformly over its adaptive bin. A patch lies in at
+        # most BINS_PER_ROW x BINS_PER_COL bins (bins overlap when the grid does not divide),
+        # the first of them being floor(row * OUT_H / GRID_H).
+        patch_row = offs_n // GRID_W
+        patch_col = offs_n % GRID_W
+        for di in tl.static_range(BINS_PER_ROW):
+            bin_i = (patch_row * OUT_H) // GRID_H + di
+            row_start = (bin_i * GRID_H) // OUT_H
+            row_end = ((bin_i + 1) * GRID_H + OUT_H - 1) // OUT_H
+            in_row = (bin_i < OUT_H) & (row_start <= patch_row)
+            for dj in tl.static_range(BINS_PER_COL):
+                bin_j = (patch_col * OUT_W) // GRID_W + dj
+                col_start = (bin_j * GRID_W) // OUT_W
+                col_end = ((bin_j + 1) * GRID_W + OUT_W - 1) // OUT_W
+                inside = in_row & (bin_j < OUT_W) & (col_start <= patch_col) & mask_n
+                area = ((row_end - row_start) * (col_end - col_start)).to(tl.float32)
+                area = tl.where(inside, area, 1.0)
+                bin_rows = token0 + bin_i * OUT_W + bin_j
+                grad_bin = tl.load(grad_seq_ptr + bin_rows[:, None] * C + chans[None, :],
+                                   mask=inside[:, None] & mask_d[None, :], other=0.0)
+                grad_key += grad_bin.to(tl.float32) / area[:, None]
+    else:
+        grad_key += tl.load(grad_seq_ptr + (token0 + offs_n)[:, None] * C + chans[None, :],
+                            mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_video + key * N * C + grad_tile, grad_key.to(grad_x_ptr.dtype.element_ty),
+             mask=mask)
+    if POOL_ATTN:
+        part = video.to(tl.int64) * DQ_PARTS + pid_n
+        tl.store(part_dq_ptr + part * C + chans, grad_q * scale, mask=mask_d)
+
+
+_fwd_stream = autotuned(encode_fwd_kernel, "stream")
+_fwd_attn = autotuned(encode_fwd_kernel, "attn_fwd")
+_bwd_stream = autotuned(encode_bwd_kernel, "stream")
+_bwd_attn = autotuned(encode_bwd_kernel, "attn_bwd")
+
+
+def _num_groups(num_frames: int, frames_per_token: int) -> int:
+    return 0 if num_frames <= 1 else (num_frames - 1 + frames_per_token - 1) // frames_per_token
+
+
+def _min_block_n(kind: str) -> int:
+    pinned = configs.pinned(kind)
+    pool = [pinned] if pinned is not None else configs.active(kind)
+    return min(c.kwargs["BLOCK_N"] for c in pool)
+
+
+def _combine_block(channels: int) -> int:
+    return 32 if configs.triton_interpreted() else min(1024, triton.next_power_of_2(channels))
+
+
+def bins_per_cell(in_size: int, out_size: int) -> int:
+    """Most adaptive-pool bins (torch's) that one input cell lies in."""
+    most = 0
+    for cell in range(in_size):
+        inside = sum(1 for i in range(out_size)
+                     if (i * in_size) // out_size <= cell < -((-(i + 1) * in_size) // out_size))
+        most = max(most, inside)
+    return most
+
+
+class _Layout:
+    """Sizes shared by a forward or backward launch, batched or varlen."""
+
+    def __init__(self, x: torch.Tensor, varlen: bool, num_heads: int, pool: str,
+                 spatial: tuple, grid: tuple, frames_per_token: int, max_frames: int,
+                 num_rows: Optional[int], batch: Optional[int]):
+        self.varlen = varlen
+        if varlen:
+            self.batch = batch
+            self.T = max_frames
+            self.N, self.C = x.shape[1], x.shape[2]
+            self.strides = (0, x.stride(0), x.stride(1))
+        else:
+            self.batch, self.T, self.N, self.C = x.shape
+            self.strides = (x.stride(0), x.stride(1), x.stride(2))
+        self.attn = pool == "attn"
+        self.num_heads = num_heads if self.attn else 1
+        self.head_dim = self.C // self.num_heads
+        self.spatial = tuple(spatial)
+        self.grid = tuple(grid)
+        self.S = spatial[0] * spatial[1] if spatial else self.N
+        self.G = 0 if varlen else _num_groups(self.T, frames_per_token)
+        self.max_groups = _num_groups(self.T, frames_per_token)
+        self.num_rows = num_rows if varlen else self.batch * self.G
+        self.frames_per_token = frames_per_token
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.head_block = triton.next_power_of_2(self.head_dim)
+
+    def channel_blocks(self, meta: dict) -> int:
+        return self.num_heads if self.attn else triton.cdiv(self.C, meta["BLOCK_D"])
+
+    def spatial_args(self) -> tuple:
+        if not self.spatial:
+            return (1, 1, 1, 1)
+        return (self.grid[0], self.grid[1], self.spatial[0], self.spatial[1])
+
+
+def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequence, lse):
+    kind = "attn_fwd" if layout.attn else "stream"
+    num_parts_max = triton.cdiv(layout.N, _min_block_n(kind))
+    part_acc = torch.empty((num_parts_max, layout.num_rows, layout.C), device=x.device,
+                           dtype=torch.float32)
+    if layout.attn:
+        part_max = torch.empty((num_parts_max, layout.num_rows, layout.num_heads),
+                               device=x.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_max = part_sum = part_acc
+    query_arg = query if query is not None else part_acc
+    cu_frames_arg = cu_frames if cu_frames is not None else key_index
+    cu_tokens_arg = cu_tokens if cu_tokens is not None else key_index
+    extra = {"BLOCK_D": layout.head_block} if layout.attn else {}
+
+    def grid(meta):
+        return (layout.batch, triton.cdiv(layout.N, meta["BLOCK_N"]), layout.channel_blocks(meta))
+
+    meta = launch(
+        encode_fwd_kernel, _fwd_attn if layout.attn else _fwd_stream, kind, grid,
+        x, key_index, query_arg, cu_frames_arg, cu_tokens_arg,
+        sequence, part_acc, part_max, part_sum,
+        *layout.strides,
+        layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows, layout.head_dim,
+        layout.num_heads, layout.frames_per_token, layout.scale,
+        POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, WRITE_KEY=not layout.spatial, **extra,
+    )
+    if layout.spatial:
+        block_c = _combine_block(layout.C)
+        spatial_key_fwd_kernel[(layout.batch, layout.S, triton.cdiv(layout.C, block_c))](
+            x, key_index, cu_frames_arg, cu_tokens_arg, sequence, *layout.strides,
+            layout.T, layout.C, layout.S, layout.G, layout.frames_per_token,
+            *layout.spatial_args(), IS_VARLEN=layout.varlen, BLOCK_C=block_c,
+        )
+    if layout.num_rows > 0 and layout.max_groups > 0:
+        block_c = _combine_block(layout.C)
+        combine_kernel[(layout.batch, layout.max_groups, triton.cdiv(layout.C, block_c))](
+            part_acc, part_max, part_sum, key_index, cu_frames_arg, cu_tokens_arg,
+            sequence, lse if layout.attn else part_acc,
+            layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
+            triton.cdiv(layout.N, meta["BLOCK_N"]), layout.head_dim, layout.num_heads,
+            layout.frames_per_token,
+            POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, DIVIDE=True, BLOCK_C=block_c,
+        )
+
+
+def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_tokens,
+              layout: _Layout, grad_x):
+    kind = "attn_bwd" if layout.attn else "stream"
+    num_parts_max = triton.cdiv(layout.N, _min_block_n(kind))
+    grad_sequence = grad_sequence.contiguous()
+    if layout.attn:
+        part_dq = torch.empty((layout.batch, num_parts_max, layout.C), device=x.device,
+                              dtype=torch.float32)
+    else:
+        part_dq = grad_x
+    cu_frames_arg = cu_frames if cu_frames is not None else key_index
+    cu_tokens_arg = cu_tokens if cu_tokens is not None else key_index
+    bins = ((bins_per_cell(layout.grid[0], layout.spatial[0]),
+             bins_per_cell(layout.grid[1], layout.spatial[1])) if layout.spatial else (1, 1))
+    extra = {"BLOCK_D": layout.head_block} if layout.attn else {}
+
+    def grid(meta):
+        return (layout.batch, triton.cdiv(layout.N, meta["BLOCK_N"]), layout.channel_blocks(meta))
+
+    meta = launch(
+        encode_bwd_kernel, _bwd_attn if layout.attn else _bwd_stream, kind, grid,
+        grad_sequence, x, key_index, query if query is not None else grad_sequence,
+        sequence, lse if layout.attn else grad_sequence, cu_frames_arg, cu_tokens_arg,
+        grad_x, part_dq,
+        *layout.strides,
+        layout.T, layout.N, layout.C, layout.S, layout.G, layout.head_dim, layout.num_heads,
+        layout.frames_per_token, num_parts_max, layout.scale, *layout.spatial_args(),
+        POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, SPATIAL=bool(layout.spatial),
+        BINS_PER_ROW=bins[0], BINS_PER_COL=bins[1], **extra,
+    )
+    if not layout.attn:
+        return None
+    num_parts = triton.cdiv(layout.N, meta["BLOCK_N"])
+    # A fixed-order sum over (video, patch block): the same bits on every run.
+    return part_dq[:, :num_parts].sum(dim=(0, 1))
+
+
+def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid):
+    """x: [B, T, N, C] -> (sequence [B, S+G, C], lse [B, G, heads] float32 or empty)."""
+    layout = _Layout(x, False, num_heads, pool, spatial, grid, frames_per_token, 0, None, None)
+    sequence = torch.empty((layout.batch, layout.S + layout.G, layout.C), device=x.device,
+                           dtype=x.dtype)
+    if layout.attn:
+        lse = torch.empty((layout.batch, layout.G, layout.num_heads), device=x.device,
+                          dtype=torch.float32)
+    else:
+        lse = torch.empty((0,), device=x.device, dtype=torch.float32)
+    _forward(x, key_index, query, None, None, layout, sequence, lse)
+    return sequence, lse
+
+
+def encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads,
+               frames_per_token, spatial, grid):
+    """-> (grad_x [B, T, N, C] contiguous in x's dtype, grad_query float32 [C] or None)."""
+    layout = _Layout(x, False, num_heads, pool, spatial, grid, frames_per_token, 0, None, None)
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    grad_query = _backward(grad_sequence, x, key_index, query, sequence, lse, None, None,
+                           layout, grad_x)
+    return grad_x, grad_query
+
+
+def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads,
+                      frames_per_token, spatial, grid, max_frames, total_tokens):
+    """x: [F, N, C] packed -> (sequence [L, C], lse [sum_b G_b, heads] float32 or empty)."""
+    batch = cu_frames.numel() - 1
+    S = spatial[0] * spatial[1] if spatial else x.shape[1]
+    num_rows = total_tokens - batch * S
+    layout = _Layout(x, True, num_heads, pool, spatial, grid, frames_per_token, max_frames,
+                     num_rows, batch)
+    sequence = torch.empty((total_tokens, layout.C), device=x.device, dtype=x.dtype)
+    if layout.attn:
+        lse = torch.empty((num_rows, layout.num_heads), device=x.device, dtype=torch.float32)
+    else:
+        lse = torch.empty((0,), device=x.device, dtype=torch.float32)
+    if batch > 0:
+        _forward(x, key_index, query, cu_frames, cu_tokens, layout, sequence, lse)
+    return sequence, lse
+
+
+def encode_varlen_bwd(grad_sequence, x, cu_frames, cu_tokens, key_index, query, sequence, lse,
+                      pool, num_heads, frames_per_token, spatial, grid, max_frames):
+    """-> (grad_x [F, N, C] contiguous in x's dtype, grad_query float32 [C] or None)."""
+    batch = cu_frames.numel() - 1
+    S = spatial[0] * spatial[1] if spatial else x.shape[1]
+    num_rows = sequence.shape[0] - batch * S
+    layout = _Layout(x, True, num_heads, pool, spatial, grid, frames_per_token, max_frames,
+                     num_rows, batch)
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if batch == 0:
+        grad_query = torch.zeros_like(query) if layout.attn else None
+        return grad_x, grad_query
+    grad_query = _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames,
+                           cu_tokens, layout, grad_x)
+    return grad_x, grad_query

@@ -1,0 +1,133 @@
+"""Triton kernels of ``expand``, the adjoint of encode on the generation side.
+
+Forward: frame k_b is the key tokens, frame t of group g the key tokens plus r_g. A program
+owns a (video, patch block, channel block) tile, loads the key tokens' tile once and writes it,
+shifted by each group's residual, to every frame.
+
+Backward: the key tokens' gradient is the sum over all frames, the residual token's gradient
+the sum over its group's frames and patches. The same tile ownership sums over frames in
+registers; the per-group sums over patch blocks go through partials merged in a fixed order by
+encode's combine kernel, so the result is reproducible bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vtok_kernels.backends.triton import configs
+from vtok_kernels.backends.triton.encode import combine_kernel, _combine_block, _num_groups
+from vtok_kernels.backends.triton.launch import autotuned, launch
+
+
+@triton.jit
+def expand_fwd_kernel(
+    key_tokens_ptr, residual_ptr, key_ptr, frames_ptr,
+    stride_kb, stride_kn, stride_rb, stride_rg,
+    T, N, C, FRAMES_PER_TOKEN, NUM_HEADS,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    video = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_c * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < C
+    mask = mask_n[:, None] & mask_d[None, :]
+    key = tl.load(key_ptr + video).to(tl.int64)
+    key_tile = tl.load(key_tokens_ptr + video * stride_kb + offs_n[:, None].to(tl.int64) * stride_kn
+                       + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_tile = offs_n[:, None].to(tl.int64) * C + offs_d[None, :]
+    frames_video = frames_ptr + video * T * N * C
+    for frame in range(0, T):
+        group = tl.where(frame < key, frame, frame - 1) // FRAMES_PER_TOKEN
+        # The key frame has no residual; its lanes are masked off (a scalar-and-vector mask
+        # is spelled as a vector so the interpreter accepts it).
+        residual = tl.load(residual_ptr + video * stride_rb + group * stride_rg + offs_d,
+                           mask=mask_d & (offs_d * 0 + frame != key), other=0.0).to(tl.float32)
+        tl.store(frames_video + frame * N * C + out_tile,
+                 (key_tile + residual[None, :]).to(frames_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def expand_bwd_kernel(
+    grad_frames_ptr, key_ptr, grad_key_tokens_ptr, part_acc_ptr,
+    T, N, C, G, NUM_ROWS, FRAMES_PER_TOKEN, NUM_HEADS,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    video = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_c * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < C
+    mask = mask_n[:, None] & mask_d[None, :]
+    key = tl.load(key_ptr + video).to(tl.int64)
+    tile = offs_n[:, None].to(tl.int64) * C + offs_d[None, :]
+    grad_video = grad_frames_ptr + video * T * N * C
+    grad_key = tl.load(grad_video + key * N * C + tile, mask=mask, other=0.0).to(tl.float32)
+    for g in range(0, G):
+        first = g * FRAMES_PER_TOKEN
+        last = tl.minimum(first + FRAMES_PER_TOKEN, T - 1)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for rank in range(first, last):
+            frame = tl.where(rank < key, rank, rank + 1)
+            grad_tile = tl.load(grad_video + frame * N * C + tile, mask=mask,
+                                other=0.0).to(tl.float32)
+            grad_key += grad_tile
+            acc += tl.sum(grad_tile, axis=0)
+        part = pid_n.to(tl.int64) * NUM_ROWS + video * G + g
+        tl.store(part_acc_ptr + part * C + offs_d, acc, mask=mask_d)
+    tl.store(grad_key_tokens_ptr + video * N * C + tile,
+             grad_key.to(grad_key_tokens_ptr.dtype.element_ty), mask=mask)
+
+
+_expand_fwd = autotuned(expand_fwd_kernel, "stream")
+_expand_bwd = autotuned(expand_bwd_kernel, "stream")
+
+
+def _grid(batch: int, N: int, C: int):
+    return lambda meta: (batch, triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(C, meta["BLOCK_D"]))
+
+
+def expand_fwd(key_tokens, residual_tokens, key_index, num_frames, frames_per_token):
+    """key_tokens [B, N, C], residual_tokens [B, G, C] -> frames [B, T, N, C] contiguous."""
+    B, N, C = key_tokens.shape
+    frames = torch.empty((B, num_frames, N, C), device=key_tokens.device, dtype=key_tokens.dtype)
+    launch(expand_fwd_kernel, _expand_fwd, "stream", _grid(B, N, C),
+           key_tokens, residual_tokens, key_index, frames,
+           key_tokens.stride(0), key_tokens.stride(1),
+           residual_tokens.stride(0), residual_tokens.stride(1),
+           num_frames, N, C, frames_per_token, 1)
+    return frames
+
+
+def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
+    """grad_frames [B, T, N, C] -> (grad_key_tokens [B, N, C], grad_residual_tokens [B, G, C])."""
+    grad_frames = grad_frames.contiguous()
+    B, T, N, C = grad_frames.shape
+    G = num_residual
+    if G != _num_groups(T, frames_per_token):
+        raise ValueError(f"num_residual: expected {_num_groups(T, frames_per_token)} groups "
+                         f"for {T} frames, got {G}")
+    grad_key_tokens = torch.empty((B, N, C), device=grad_frames.device, dtype=grad_frames.dtype)
+    grad_residual = torch.empty((B, G, C), device=grad_frames.device, dtype=grad_frames.dtype)
+    pool = [configs.pinned("stream")] if configs.pinned("stream") else configs.active("stream")
+    num_parts_max = triton.cdiv(N, min(c.kwargs["BLOCK_N"] for c in pool))
+    part_acc = torch.empty((num_parts_max, B * G, C), device=grad_frames.device,
+                           dtype=torch.float32)
+    meta = launch(expand_bwd_kernel, _expand_bwd, "stream", _grid(B, N, C),
+                  grad_frames, key_index, grad_key_tokens, part_acc,
+                  T, N, C, G, B * G, frames_per_token, 1)
+    if B * G > 0:
+        block_c = _combine_block(C)
+        # S = 0 and G rows per video: combine writes the plain [B, G, C] layout.
+        combine_kernel[(B, G, triton.cdiv(C, block_c))](
+            part_acc, part_acc, part_acc, key_index, key_index, key_index,
+            grad_residual, part_acc,
+            T, N, C, 0, G, B * G, triton.cdiv(N, meta["BLOCK_N"]), C, 1, frames_per_token,
+            POOL_ATTN=False, IS_VARLEN=False, DIVIDE=False, BLOCK_C=block_c,
+        )
+    return grad_key_tokens, grad_residual
