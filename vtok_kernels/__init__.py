@@ -1,0 +1,28 @@
+"""vtok_kernels: fused kernels for VTok video tokenization.
+
+A video of T frames with N patch tokens becomes N + (T - 1) tokens: the key frame's tokens and
+one residual token per other frame (its features minus the key frame's, pooled over space).
+"""
+from vtok_kernels import reference
+from vtok_kernels.api import (
+    EncodeOutput,
+    EncodeVarlenOutput,
+    available_backends,
+    encode,
+    encode_varlen,
+    expand,
+)
+from vtok_kernels.info import info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EncodeOutput",
+    "EncodeVarlenOutput",
+    "available_backends",
+    "encode",
+    "encode_varlen",
+    "expand",
+    "info",
+    "reference",
+]
