@@ -154,5 +154,19 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return [n for n in KNOWN_BACKENDS if unavailable_reason(n, device_type) is None]
 
 
+# Tests set this so that every output a backend allocates starts as NaN (integers as -1): an
+# element a kernel forgot to write shows up instead of passing as stale memory.
+POISON_OUTPUTS = False
+
+
+def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocates a kernel output (sequence, lse, gradients, workspace). Every backend allocates
+    through this, never torch.empty directly, so the tests can poison what kernels must write."""
+    if POISON_OUTPUTS:
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
