@@ -1,0 +1,221 @@
+#pragma once
+// Device helpers shared by every CUDA kernel: storage types, conversions, vector access, the
+// per-video view of the params, and the row plan that maps a channel segment onto lanes.
+// Compiled by nvcc (the extension) and by NVRTC (CuPy) from this same text: no CUDA headers.
+#include "vtok/index_math.h"
+#include "vtok/params.h"
+
+namespace vtok {
+namespace cuda {
+
+constexpr int kThreads = 256;  // every kernel; launch bounds and shared arrays depend on it
+constexpr int kWarps = kThreads / 32;
+// Channels one lane holds per row (K vectors of V): bounds registers (forward: acc, key, d;
+// backward also key_grad, dq, grad_r) and the widest head a block can pool: 32 * 16 = 512.
+constexpr int kLaneElems = 16;
+constexpr int kSegMax = 32 * kLaneElems;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// 16-bit storage types, converted with PTX so NVRTC needs no cuda_fp16.h / cuda_bf16.h.
+struct half_t {
+  unsigned short bits;
+};
+struct bf16_t {
+  unsigned short bits;
+};
+
+// Elements per 16-byte access.
+template <typename T>
+struct VecWidth {
+  static constexpr int value = 16 / sizeof(T);
+};
+
+// How one channel segment (a head for attn, a slice of C for mean) is spread over threads:
+// `lanes` consecutive threads share a patch row, each holding `vecs_per_lane` vectors of V
+// elements; kThreads / lanes rows are in flight per block. Chosen on the host (plan_rows) and
+// mirrored by vtok_kernels/backends/cuda_plan.py for the CuPy loader.
+struct RowPlan {
+  int32_t lanes = 0;          // power of two in [1, 32]; 0 means unsupported
+  int32_t vecs_per_lane = 0;  // K <= kLaneElems / V
+  int32_t seg_vecs = 0;       // vectors of V elements per segment
+  int32_t num_segments = 0;
+};
+
+#if !defined(__CUDACC_RTC__)
+// Lanes per row minimising idle lanes for a segment of seg_vecs vectors, ties to more lanes.
+inline RowPlan plan_rows(int64_t seg_vecs, int64_t num_segments, int vec) {
+  RowPlan plan;
+  const int max_k = kLaneElems / vec;
+  int64_t best_waste = -1;
+  for (int lanes = 32; lanes >= 1; lanes /= 2) {
+    const int64_t k = (seg_vecs + lanes - 1) / lanes;
+    if (k > max_k) continue;
+    const int64_t waste = lanes * k - seg_vecs;
+    if (best_waste < 0 || waste < best_waste) {
+      best_waste = waste;
+      plan.lanes = lanes;
+      plan.vecs_per_lane = static_cast<int32_t>(k);
+    }
+  }
+  plan.seg_vecs = static_cast<int32_t>(seg_vecs);
+  plan.num_segments = static_cast<int32_t>(num_segments);
+  return plan;
+}
+
+// Mean / sum pooling: C is cut into segments of at most 64 vectors (fewer lanes idle than
+// with 32 * K) (enough blocks to fill the
+// device at B*G ~ 100); attn: one segment per head (the score needs the whole head).
+inline RowPlan plan_segments(int64_t channels, int vec, bool attn, int64_t num_heads) {
+  const int64_t total_vecs = channels / vec;
+  if (attn) return plan_rows(total_vecs / num_heads, num_heads, vec);
+  const int64_t segments = (total_vecs + 63) / 64;
+  return plan_rows((total_vecs + segments - 1) / segments, segments, vec);
+}
+#endif
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(half_t v) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+  return f;
+}
+__device__ __forceinline__ float to_float(bf16_t v) {
+  return __uint_as_float(static_cast<unsigned int>(v.bits) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ half_t from_float<half_t>(float v) {
+  half_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+  return h;
+}
+template <>
+__device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
+  bf16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+  return h;
+}
+
+// A 32-bit word holds 4 / sizeof(T) elements; going through words (not a union with uint4)
+// keeps 128-bit accesses in registers.
+__device__ __forceinline__ void unpack_word(unsigned w, float* out, float) { out[0] = __uint_as_float(w); }
+__device__ __forceinline__ void unpack_word(unsigned w, float* out, half_t) {
+  out[0] = to_float(half_t{static_cast<unsigned short>(w & 0xffffu)});
+  out[1] = to_float(half_t{static_cast<unsigned short>(w >> 16)});
+}
+__device__ __forceinline__ void unpack_word(unsigned w, float* out, bf16_t) {
+  out[0] = to_float(bf16_t{static_cast<unsigned short>(w & 0xffffu)});
+  out[1] = to_float(bf16_t{static_cast<unsigned short>(w >> 16)});
+}
+__device__ __forceinline__ unsigned pack_word(const float* in, float) { return __float_as_uint(in[0]); }
+__device__ __forceinline__ unsigned pack_word(const float* in, half_t) {
+  return static_cast<unsigned>(from_float<half_t>(in[0]).bits) |
+         (static_cast<unsigned>(from_float<half_t>(in[1]).bits) << 16);
+}
+__device__ __forceinline__ unsigned pack_word(const float* in, bf16_t) {
+  return static_cast<unsigned>(from_float<bf16_t>(in[0]).bits) |
+         (static_cast<unsigned>(from_float<bf16_t>(in[1]).bits) << 16);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void unpack16(const uint4 raw, float (&out)[V]) {
+  constexpr int kPerWord = 4 / sizeof(T);
+  unpack_word(raw.x, out + 0 * kPerWord, T{});
+  unpack_word(raw.y, out + 1 * kPerWord, T{});
+  unpack_word(raw.z, out + 2 * kPerWord, T{});
+  unpack_word(raw.w, out + 3 * kPerWord, T{});
+}
+
+// Loads V elements as floats; V * sizeof(T) is 16 (one 128-bit access) or V is 1.
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    unpack16<T, V>(*reinterpret_cast<const uint4*>(ptr), out);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = to_float(ptr[e]);
+  }
+}
+
+// Same, for data read exactly once (non-key frames): evict-first keeps the key frame and the
+// small per-group vectors resident in L2 instead.
+template <typename T, int V>
+__device__ __forceinline__ void load_vec_stream(const T* ptr, float (&out)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    unpack16<T, V>(__ldcs(reinterpret_cast<const uint4*>(ptr)), out);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = to_float(ptr[e]);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    constexpr int kPerWord = 4 / sizeof(T);
+    uint4 raw;
+    raw.x = pack_word(in + 0 * kPerWord, T{});
+    raw.y = pack_word(in + 1 * kPerWord, T{});
+    raw.z = pack_word(in + 2 * kPerWord, T{});
+    raw.w = pack_word(in + 3 * kPerWord, T{});
+    *reinterpret_cast<uint4*>(ptr) = raw;
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) ptr[e] = from_float<T>(in[e]);
+  }
+}
+
+// Sum over the `lanes` consecutive threads of a row (lanes is a power of two dividing 32; every
+// lane of the warp must call it).
+__device__ __forceinline__ float row_sum(float v, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// One video as the kernels see it, batched or varlen.
+struct VideoSpan {
+  int64_t frame0;    // first frame in the packed / flattened [*, N, C] frame index space
+  int64_t frames;    // T_b
+  int64_t key;       // k_b in [0, T_b)
+  int64_t groups;    // G_b
+  int64_t seq_row0;  // first output row of the video (key tokens, then residual tokens)
+  int64_t lse_row0;  // first lse row of the video (one row per group)
+  int64_t x_offset;  // element offset of the video's frame 0 in x
+};
+
+__device__ __forceinline__ VideoSpan video_span(const EncodeParams& p, int64_t b) {
+  VideoSpan v;
+  v.key = p.key_index[b];
+  if (p.cu_frames == nullptr) {
+    v.frames = p.num_frames;
+    v.frame0 = b * p.num_frames;
+    v.groups = p.num_groups;
+    v.seq_row0 = b * (p.num_key_tokens + p.num_groups);
+    v.lse_row0 = b * p.num_groups;
+    v.x_offset = b * p.x_stride_b;
+  } else {
+    v.frame0 = p.cu_frames[b];
+    v.frames = p.cu_frames[b + 1] - v.frame0;
+    v.groups = num_groups(v.frames, p.frames_per_token);
+    v.seq_row0 = p.cu_tokens[b];
+    v.lse_row0 = varlen_group_offset(p.cu_tokens, b, p.num_key_tokens);
+    v.x_offset = v.frame0 * p.x_stride_t;
+  }
+  return v;
+}
+
+// Rows [0, dq_partial_rows(p)) of the backward workspace hold per-block partial grad_query
+// rows of C floats; the per-(group, head) <grad r, r> terms follow. The bound does not depend
+// on the row plan (kThreads / lanes >= 8 rows per block), so Python can size the workspace.
+VTOK_HOST_DEVICE int64_t dq_partial_rows(int64_t batch, int64_t num_patches) {
+  return batch * ((num_patches + kWarps - 1) / kWarps);
+}
+
+}  // namespace cuda
+}  // namespace vtok

@@ -1,0 +1,139 @@
+// Launchers of the encode kernels: choose the vector width and row plan, dispatch on dtype,
+// enqueue on the caller's stream.
+#include <type_traits>
+
+#include "encode.cuh"
+#include "launch_utils.cuh"
+
+namespace vtok {
+namespace cuda {
+
+namespace {
+
+// 16-byte accesses need every row the kernels touch to start on a 16-byte boundary: aligned
+// base pointers, strides and (attn) head starts that are multiples of the vector width.
+int encode_vector_width(const EncodeParams& p, const void* grad_sequence, const void* grad_x) {
+  const int vec = 16 / element_size(p.dtype);
+  const bool attn = p.pool == Pool::kAttn;
+  bool ok = p.channels % vec == 0 && (!attn || (p.channels / p.num_heads) % vec == 0) &&
+            aligned16(p.x) && aligned16(p.sequence) && p.x_stride_t % vec == 0 &&
+            p.x_stride_n % vec == 0 && (p.cu_frames != nullptr || p.x_stride_b % vec == 0);
+  if (grad_sequence != nullptr) ok = ok && aligned16(grad_sequence);
+  if (grad_x != nullptr) ok = ok && aligned16(grad_x);
+  return ok ? vec : 1;
+}
+
+int64_t max_groups(const EncodeParams& p) {
+  return p.cu_frames != nullptr ? num_groups(p.num_frames, p.frames_per_token) : p.num_groups;
+}
+
+void check_encode(const EncodeParams& p, const PlanInfo& info) {
+  if (p.batch > 65535) throw std::invalid_argument("vtok cuda: at most 65535 videos per call");
+  if (max_groups(p) > 65535) throw std::invalid_argument("vtok cuda: at most 65535 residual tokens per video");
+  if (info.lanes == 0)
+    throw std::invalid_argument("vtok cuda: attention heads of " + std::to_string(p.channels / p.num_heads) +
+                                " channels exceed the " + std::to_string(kMaxHeadDim) +
+                                " a block pools (use more heads or another backend)");
+}
+
+RowPlan to_row_plan(const PlanInfo& info) {
+  RowPlan plan;
+  plan.lanes = info.lanes;
+  plan.vecs_per_lane = info.vecs_per_lane;
+  plan.seg_vecs = info.seg_vecs;
+  plan.num_segments = info.num_segments;
+  return plan;
+}
+
+}  // namespace
+
+PlanInfo encode_plan(const EncodeParams& p, bool backward, const void* grad_sequence, const void* grad_x) {
+  const int vec = backward ? encode_vector_width(p, grad_sequence, grad_x) : encode_vector_width(p, nullptr, nullptr);
+  const RowPlan plan = plan_segments(p.channels, vec, p.pool == Pool::kAttn, p.num_heads);
+  return {vec, plan.lanes, plan.vecs_per_lane, plan.seg_vecs, plan.num_segments};
+}
+
+int64_t encode_bwd_workspace_elems(int64_t batch, int64_t num_patches, int64_t channels, int64_t lse_elems) {
+  return dq_partial_rows(batch, num_patches) * channels + lse_elems;
+}
+
+void encode_fwd(const EncodeParams& p, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  const PlanInfo info = encode_plan(p, false, nullptr, nullptr);
+  check_encode(p, info);
+  const RowPlan plan = to_row_plan(info);
+  const bool attn = p.pool == Pool::kAttn;
+  const int64_t groups = max_groups(p);
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      if (p.num_key_tokens > 0) {
+        const dim3 grid(flat_blocks_per_video(p.num_key_tokens * p.channels / V, p.batch),
+                        static_cast<unsigned>(p.batch));
+        key_tokens_kernel<T, V><<<grid, kThreads, 0, s>>>(p);
+        check_launch("key_tokens_kernel");
+      }
+      if (groups > 0) {
+        const dim3 grid(plan.num_segments, static_cast<unsigned>(groups), static_cast<unsigned>(p.batch));
+        if (attn)
+          residual_fwd_kernel<T, V, kAttnPool><<<grid, kThreads, 0, s>>>(p, plan);
+        else
+          residual_fwd_kernel<T, V, kMeanPool><<<grid, kThreads, 0, s>>>(p, plan);
+        check_launch("residual_fwd_kernel");
+      }
+    };
+    if (info.vec == VecWidth<T>::value)
+      run(std::integral_constant<int, VecWidth<T>::value>{});
+    else
+      run(std::integral_constant<int, 1>{});
+  });
+}
+
+void encode_bwd(const EncodeBwdParams& bp, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  const EncodeParams& p = bp.fwd;
+  const PlanInfo info = encode_plan(p, true, bp.grad_sequence, bp.grad_x);
+  check_encode(p, info);
+  const RowPlan plan = to_row_plan(info);
+  const bool attn = p.pool == Pool::kAttn;
+  const int64_t groups = max_groups(p);
+  const int64_t tiles = (p.num_patches + kThreads / plan.lanes - 1) / (kThreads / plan.lanes);
+  if (tiles > 65535) throw std::invalid_argument("vtok cuda: too many patches per frame");
+  if (attn) {
+    // Varlen: sum_b G_b is known to the caller only (cu_tokens lives on the device).
+    const int64_t lse_elems = p.cu_frames != nullptr ? 0 : p.batch * p.num_groups * p.num_heads;
+    if (bp.workspace == nullptr || bp.grad_query == nullptr ||
+        bp.workspace_elems < encode_bwd_workspace_elems(p.batch, p.num_patches, p.channels, lse_elems))
+      throw std::invalid_argument("vtok cuda: the attn backward needs grad_query and a workspace of "
+                                  "encode_bwd_workspace_elems floats");
+  }
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const dim3 grid(plan.num_segments, static_cast<unsigned>(tiles), static_cast<unsigned>(p.batch));
+      if (attn) {
+        if (groups > 0) {
+          attn_delta_kernel<T><<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(p.batch)), kThreads, 0, s>>>(bp);
+          check_launch("attn_delta_kernel");
+        }
+        encode_bwd_kernel<T, V, true><<<grid, kThreads, 0, s>>>(bp, plan);
+        check_launch("encode_bwd_kernel");
+        grad_query_reduce_kernel<<<static_cast<unsigned>((p.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(
+            bp, p.batch * tiles);
+        check_launch("grad_query_reduce_kernel");
+      } else {
+        encode_bwd_kernel<T, V, false><<<grid, kThreads, 0, s>>>(bp, plan);
+        check_launch("encode_bwd_kernel");
+      }
+    };
+    if (info.vec == VecWidth<T>::value)
+      run(std::integral_constant<int, VecWidth<T>::value>{});
+    else
+      run(std::integral_constant<int, 1>{});
+  });
+}
+
+}  // namespace cuda
+}  // namespace vtok

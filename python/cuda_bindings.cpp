@@ -1,0 +1,216 @@
+// pybind11 bindings of the CUDA launchers (csrc/cuda/launch.h), compiled when the extension is
+// built with nvcc. The params structs are bound in bindings.cpp; here each launcher takes one of
+// them and the caller's stream as an integer (torch.cuda.current_stream().cuda_stream).
+// Arguments are checked here, before anything reaches the device: a bad call is a ValueError,
+// never a fault.
+#include <pybind11/pybind11.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/launch.h"
+#include "vtok/index_math.h"
+#include "vtok/params.h"
+
+namespace py = pybind11;
+using namespace vtok;
+
+namespace {
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument("vtok cuda: " + message);
+}
+
+void check_dtype(DType dtype) {
+  require(dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16,
+          "dtype must be float32, float16 or bfloat16 (float64 runs on the cpu and torch backends)");
+}
+
+void check_encode(const EncodeParams& p) {
+  check_dtype(p.dtype);
+  require(p.x != nullptr && p.sequence != nullptr && p.key_index != nullptr,
+          "x, sequence and key_index must be device pointers, got 0");
+  require(p.batch >= 1 && p.num_frames >= 1 && p.num_patches >= 1 && p.channels >= 1,
+          "batch, num_frames, num_patches and channels must be >= 1");
+  require(p.frames_per_token >= 1, "frames_per_token must be >= 1");
+  require(p.num_heads >= 1 && p.channels % p.num_heads == 0, "num_heads must divide channels");
+  require((p.cu_frames == nullptr) == (p.cu_tokens == nullptr),
+          "cu_frames and cu_tokens must both be set (varlen) or both be 0 (batched)");
+  if (p.cu_frames == nullptr)
+    require(p.num_groups == num_groups(p.num_frames, p.frames_per_token),
+            "num_groups must be ceil((num_frames - 1) / frames_per_token)");
+  if (p.pool == Pool::kAttn) {
+    require(p.query != nullptr, "attn pooling needs query");
+    require(p.lse != nullptr || (p.cu_frames == nullptr && p.num_groups == 0), "attn pooling needs lse");
+    require(p.channels / p.num_heads <= cuda::kMaxHeadDim,
+            "attention heads wider than " + std::to_string(cuda::kMaxHeadDim) + " channels are not supported");
+  } else {
+    require(p.pool == Pool::kMean, "pool must be mean or attn");
+    require(p.num_heads == 1, "mean pooling takes num_heads == 1");
+  }
+  if (p.spatial) {
+    require(p.grid_h >= 1 && p.grid_w >= 1 && p.grid_h * p.grid_w == p.num_patches,
+            "grid_h * grid_w must equal num_patches");
+    require(p.out_h >= 1 && p.out_w >= 1 && p.out_h <= p.grid_h && p.out_w <= p.grid_w,
+            "spatial (out_h, out_w) must fit in the grid");
+    require(p.num_key_tokens == p.out_h * p.out_w, "num_key_tokens must be out_h * out_w");
+  } else {
+    require(p.num_key_tokens == p.num_patches, "num_key_tokens must be num_patches without spatial");
+  }
+}
+
+void check_expand_sizes(int64_t batch, int64_t frames, int64_t patches, int64_t channels, int64_t groups,
+                        int64_t frames_per_token) {
+  require(batch >= 1 && frames >= 1 && patches >= 1 && channels >= 1,
+          "batch, num_frames, num_patches and channels must be >= 1");
+  require(frames_per_token >= 1, "frames_per_token must be >= 1");
+  require(groups == num_groups(frames, frames_per_token), "num_groups must be ceil((num_frames - 1) / frames_per_token)");
+}
+
+void* as_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+#define VTOK_OFFSET(dict, cls, field) dict[#field] = offsetof(cls, field)
+
+py::dict params_layout() {
+  py::dict layout;
+  {
+    py::dict f;
+    VTOK_OFFSET(f, EncodeParams, x);
+    VTOK_OFFSET(f, EncodeParams, x_stride_b);
+    VTOK_OFFSET(f, EncodeParams, x_stride_t);
+    VTOK_OFFSET(f, EncodeParams, x_stride_n);
+    VTOK_OFFSET(f, EncodeParams, batch);
+    VTOK_OFFSET(f, EncodeParams, num_frames);
+    VTOK_OFFSET(f, EncodeParams, num_patches);
+    VTOK_OFFSET(f, EncodeParams, channels);
+    VTOK_OFFSET(f, EncodeParams, dtype);
+    VTOK_OFFSET(f, EncodeParams, key_index);
+    VTOK_OFFSET(f, EncodeParams, cu_frames);
+    VTOK_OFFSET(f, EncodeParams, cu_tokens);
+    VTOK_OFFSET(f, EncodeParams, pool);
+    VTOK_OFFSET(f, EncodeParams, query);
+    VTOK_OFFSET(f, EncodeParams, num_heads);
+    VTOK_OFFSET(f, EncodeParams, frames_per_token);
+    VTOK_OFFSET(f, EncodeParams, spatial);
+    VTOK_OFFSET(f, EncodeParams, grid_h);
+    VTOK_OFFSET(f, EncodeParams, grid_w);
+    VTOK_OFFSET(f, EncodeParams, out_h);
+    VTOK_OFFSET(f, EncodeParams, out_w);
+    VTOK_OFFSET(f, EncodeParams, num_key_tokens);
+    VTOK_OFFSET(f, EncodeParams, num_groups);
+    VTOK_OFFSET(f, EncodeParams, sequence);
+    VTOK_OFFSET(f, EncodeParams, lse);
+    layout["EncodeParams"] = py::make_tuple(sizeof(EncodeParams), f);
+  }
+  {
+    py::dict f;
+    VTOK_OFFSET(f, EncodeBwdParams, fwd);
+    VTOK_OFFSET(f, EncodeBwdParams, grad_sequence);
+    VTOK_OFFSET(f, EncodeBwdParams, grad_x);
+    VTOK_OFFSET(f, EncodeBwdParams, grad_query);
+    VTOK_OFFSET(f, EncodeBwdParams, workspace);
+    VTOK_OFFSET(f, EncodeBwdParams, workspace_elems);
+    layout["EncodeBwdParams"] = py::make_tuple(sizeof(EncodeBwdParams), f);
+  }
+  {
+    py::dict f;
+    VTOK_OFFSET(f, ExpandParams, key_tokens);
+    VTOK_OFFSET(f, ExpandParams, key_stride_b);
+    VTOK_OFFSET(f, ExpandParams, key_stride_n);
+    VTOK_OFFSET(f, ExpandParams, residual_tokens);
+    VTOK_OFFSET(f, ExpandParams, res_stride_b);
+    VTOK_OFFSET(f, ExpandParams, res_stride_g);
+    VTOK_OFFSET(f, ExpandParams, batch);
+    VTOK_OFFSET(f, ExpandParams, num_frames);
+    VTOK_OFFSET(f, ExpandParams, num_patches);
+    VTOK_OFFSET(f, ExpandParams, channels);
+    VTOK_OFFSET(f, ExpandParams, num_groups);
+    VTOK_OFFSET(f, ExpandParams, frames_per_token);
+    VTOK_OFFSET(f, ExpandParams, key_index);
+    VTOK_OFFSET(f, ExpandParams, dtype);
+    VTOK_OFFSET(f, ExpandParams, frames);
+    layout["ExpandParams"] = py::make_tuple(sizeof(ExpandParams), f);
+  }
+  {
+    py::dict f;
+    VTOK_OFFSET(f, ExpandBwdParams, grad_frames);
+    VTOK_OFFSET(f, ExpandBwdParams, batch);
+    VTOK_OFFSET(f, ExpandBwdParams, num_frames);
+    VTOK_OFFSET(f, ExpandBwdParams, num_patches);
+    VTOK_OFFSET(f, ExpandBwdParams, channels);
+    VTOK_OFFSET(f, ExpandBwdParams, num_groups);
+    VTOK_OFFSET(f, ExpandBwdParams, frames_per_token);
+    VTOK_OFFSET(f, ExpandBwdParams, key_index);
+    VTOK_OFFSET(f, ExpandBwdParams, dtype);
+    VTOK_OFFSET(f, ExpandBwdParams, grad_key_tokens);
+    VTOK_OFFSET(f, ExpandBwdParams, grad_residual_tokens);
+    layout["ExpandBwdParams"] = py::make_tuple(sizeof(ExpandBwdParams), f);
+  }
+  return layout;
+}
+
+}  // namespace
+
+void bind_cuda(py::module_& m) {
+  m.def(
+      "cuda_encode_fwd",
+      [](const EncodeParams& p, std::uintptr_t stream) {
+        check_encode(p);
+        py::gil_scoped_release release;
+        cuda::encode_fwd(p, as_stream(stream));
+      },
+      py::arg("params"), py::arg("stream"),
+      "encode forward on the GPU (varlen when params.cu_frames != 0), enqueued on `stream`");
+  m.def(
+      "cuda_encode_bwd",
+      [](const EncodeBwdParams& bp, std::uintptr_t stream) {
+        check_encode(bp.fwd);
+        require(bp.grad_sequence != nullptr && bp.grad_x != nullptr, "grad_sequence and grad_x must be set");
+        if (bp.fwd.pool == Pool::kAttn)
+          require(bp.grad_query != nullptr && bp.workspace != nullptr,
+                  "attn backward needs grad_query and workspace (cuda_encode_bwd_workspace_elems floats)");
+        py::gil_scoped_release release;
+        cuda::encode_bwd(bp, as_stream(stream));
+      },
+      py::arg("params"), py::arg("stream"), "encode backward on the GPU, enqueued on `stream`");
+  m.def(
+      "cuda_expand_fwd",
+      [](const ExpandParams& p, std::uintptr_t stream) {
+        check_dtype(p.dtype);
+        check_expand_sizes(p.batch, p.num_frames, p.num_patches, p.channels, p.num_groups, p.frames_per_token);
+        require(p.key_tokens != nullptr && p.frames != nullptr && p.key_index != nullptr &&
+                    (p.num_groups == 0 || p.residual_tokens != nullptr),
+                "key_tokens, residual_tokens, key_index and frames must be device pointers");
+        py::gil_scoped_release release;
+        cuda::expand_fwd(p, as_stream(stream));
+      },
+      py::arg("params"), py::arg("stream"));
+  m.def(
+      "cuda_expand_bwd",
+      [](const ExpandBwdParams& p, std::uintptr_t stream) {
+        check_dtype(p.dtype);
+        check_expand_sizes(p.batch, p.num_frames, p.num_patches, p.channels, p.num_groups, p.frames_per_token);
+        require(p.grad_frames != nullptr && p.grad_key_tokens != nullptr && p.key_index != nullptr &&
+                    (p.num_groups == 0 || p.grad_residual_tokens != nullptr),
+                "grad_frames, grad_key_tokens, grad_residual_tokens and key_index must be device pointers");
+        py::gil_scoped_release release;
+        cuda::expand_bwd(p, as_stream(stream));
+      },
+      py::arg("params"), py::arg("stream"));
+  m.def("cuda_encode_bwd_workspace_elems", &cuda::encode_bwd_workspace_elems, py::arg("batch"),
+        py::arg("num_patches"), py::arg("channels"), py::arg("lse_elems"),
+        "floats of workspace the attn backward needs");
+  m.def(
+      "cuda_encode_plan",
+      [](const EncodeParams& p, bool backward, std::uintptr_t grad_sequence, std::uintptr_t grad_x) {
+        const cuda::PlanInfo info = cuda::encode_plan(p, backward, reinterpret_cast<const void*>(grad_sequence),
+                                                      reinterpret_cast<const void*>(grad_x));
+        return py::make_tuple(info.vec, info.lanes, info.vecs_per_lane, info.seg_vecs, info.num_segments);
+      },
+      py::arg("params"), py::arg("backward") = false, py::arg("grad_sequence") = 0, py::arg("grad_x") = 0,
+      "(vector width, lanes, vecs_per_lane, seg_vecs, num_segments) the launchers use");
+  m.def("cuda_params_layout", &params_layout, "{struct: (sizeof, {field: offsetof})} of the params structs");
+  m.attr("cuda_max_head_dim") = cuda::kMaxHeadDim;
+}
