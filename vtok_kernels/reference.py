@@ -94,7 +94,8 @@ def encode_video(
     others = torch.cat([frames[:key], frames[key + 1 :]])  # the non-key frames, in order of t
     residual = others - key_frame  # [T-1, N, C]: the tensor the fused kernels never write
     tokens, lses = [key_tokens(key_frame, spatial, grid)], []
-    for group in residual.split(frames_per_token):
+    groups = residual.split(frames_per_token) if len(residual) else ()  # T = 1: no group
+    for group in groups:
         token, lse = pool_group(group, pool, query, num_heads)
         tokens.append(token[None])
         lses.append(lse[None])

@@ -38,7 +38,11 @@ def _autograd_inside_op():
 def _grads(outputs, inputs, grad_outputs):
     needed = [t for t in inputs if t is not None]
     grads = iter(torch.autograd.grad(outputs, needed, grad_outputs, allow_unused=True))
-    return [next(grads) if t is not None else None for t in inputs]
+    # An input the output does not depend on (the query when T = 1) gets a zero gradient.
+    return [
+        None if t is None else (g if (g := next(grads)) is not None else torch.zeros_like(t))
+        for t in inputs
+    ]
 
 
 def _leaf(t):
@@ -89,7 +93,7 @@ def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
         key = grad_frames.new_zeros(B, N, C, requires_grad=True)
         res = grad_frames.new_zeros(B, num_residual, C, requires_grad=True)
         out = reference.expand(key, res, key_index, T, frames_per_token)
-        grad_key, grad_res = torch.autograd.grad(out, [key, res], grad_frames)
+        grad_key, grad_res = _grads(out, [key, res], grad_frames)
     return grad_key.contiguous(), grad_res.contiguous()
 
 
