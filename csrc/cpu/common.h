@@ -1,0 +1,137 @@
+#pragma once
+// Helpers shared by the CPU kernel sources: per-video geometry, dtype dispatch, and the
+// vector loops the compiler turns into SIMD.
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/dtype.h"
+#include "vtok/index_math.h"
+#include "vtok/params.h"
+
+#if defined(__GNUC__)
+#define VTOK_RESTRICT __restrict__
+#else
+#define VTOK_RESTRICT
+#endif
+
+// `omp simd` needs only -fopenmp-simd, so these loops vectorise with or without OpenMP threads.
+#if defined(__GNUC__) || defined(__clang__)
+#define VTOK_PRAGMA(x) _Pragma(#x)
+#define VTOK_SIMD _Pragma("omp simd")
+#define VTOK_SIMD_SUM(var) VTOK_PRAGMA(omp simd reduction(+ : var))
+#else
+#define VTOK_SIMD
+#define VTOK_SIMD_SUM(var)
+#endif
+
+namespace vtok {
+namespace cpu {
+// Internal linkage: each instruction-set variant keeps its own copy of these helpers instead of
+// the linker picking one variant's code for all of them.
+namespace {
+
+// Patches per task or block. Fixed (never derived from the thread count) so that the order of
+// every floating-point sum, and hence every bit of the result, is the same for any thread count.
+constexpr int64_t kPatchBlock = 16;
+
+// One video of a batched or varlen encode: where its frames, tokens and groups live.
+struct Video {
+  int64_t x_offset;   // elements from x to this video's frame 0
+  int64_t frame0;     // this video's frame 0 in grad_x's packed frame dimension
+  int64_t frames;     // T_b
+  int64_t key;        // key frame, in [0, T_b)
+  int64_t groups;     // G_b
+  int64_t seq_row;    // first output row (key tokens, then residual tokens)
+  int64_t group_row;  // first row of this video's groups in lse
+};
+
+inline Video video_of(const EncodeParams& p, int64_t b) {
+  Video v;
+  if (p.cu_frames != nullptr) {
+    v.frame0 = p.cu_frames[b];
+    v.frames = p.cu_frames[b + 1] - v.frame0;
+    v.x_offset = v.frame0 * p.x_stride_t;
+    v.groups = num_groups(v.frames, p.frames_per_token);
+    v.seq_row = p.cu_tokens[b];
+    v.group_row = varlen_group_offset(p.cu_tokens, b, p.num_key_tokens);
+  } else {
+    v.frame0 = b * p.num_frames;
+    v.frames = p.num_frames;
+    v.x_offset = b * p.x_stride_b;
+    v.groups = p.num_groups;
+    v.seq_row = b * (p.num_key_tokens + p.num_groups);
+    v.group_row = b * p.num_groups;
+  }
+  v.key = p.key_index[b];
+  return v;
+}
+
+inline std::vector<Video> videos_of(const EncodeParams& p) {
+  std::vector<Video> videos(static_cast<size_t>(p.batch));
+  for (int64_t b = 0; b < p.batch; ++b) videos[b] = video_of(p, b);
+  return videos;
+}
+
+// Flat index of the first group of each video, plus the total at the end.
+inline std::vector<int64_t> group_starts(const std::vector<Video>& videos) {
+  std::vector<int64_t> starts(videos.size() + 1, 0);
+  for (size_t b = 0; b < videos.size(); ++b) starts[b + 1] = starts[b] + videos[b].groups;
+  return starts;
+}
+
+// The video owning flat group `task` (videos without groups are skipped).
+inline int64_t video_of_task(const std::vector<int64_t>& starts, int64_t task) {
+  return static_cast<int64_t>(std::upper_bound(starts.begin(), starts.end(), task) -
+                              starts.begin()) - 1;
+}
+
+template <typename T>
+inline const T* x_row(const EncodeParams& p, const Video& v, int64_t t, int64_t n) {
+  return static_cast<const T*>(p.x) + v.x_offset + t * p.x_stride_t + n * p.x_stride_n;
+}
+
+template <typename Acc>
+inline Acc dot(const Acc* VTOK_RESTRICT a, const Acc* VTOK_RESTRICT b, int64_t n) {
+  Acc sum = 0;
+  VTOK_SIMD_SUM(sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <typename Acc>
+inline void axpy(Acc* VTOK_RESTRICT y, Acc alpha, const Acc* VTOK_RESTRICT x, int64_t n) {
+  VTOK_SIMD
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename T, typename Acc>
+inline void load_row(Acc* VTOK_RESTRICT dst, const T* VTOK_RESTRICT src, int64_t n) {
+  VTOK_SIMD
+  for (int64_t i = 0; i < n; ++i) dst[i] = load(src[i]);
+}
+
+template <typename T, typename Acc>
+inline void store_row(T* VTOK_RESTRICT dst, const Acc* VTOK_RESTRICT src, int64_t n) {
+  VTOK_SIMD
+  for (int64_t i = 0; i < n; ++i) dst[i] = store<T>(src[i]);
+}
+
+template <typename F>
+inline void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat64: f(double{}); break;
+    case DType::kFloat16: f(Half{}); break;
+    case DType::kBFloat16: f(BFloat16{}); break;
+    default: throw std::invalid_argument("dtype: unsupported by the cpu kernels");
+  }
+}
+
+inline int thread_count(int num_threads) { return num_threads < 1 ? 1 : num_threads; }
+
+}  // namespace
+}  // namespace cpu
+}  // namespace vtok

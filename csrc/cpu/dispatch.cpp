@@ -1,0 +1,168 @@
+// Picks the widest instruction-set variant of the CPU kernels that this CPU runs, and checks
+// the arguments every variant relies on.
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernels.h"
+#include "vtok/index_math.h"
+
+namespace vtok {
+namespace cpu {
+namespace {
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa detect_hardware() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(VTOK_CPU_HAS_AVX512)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::kAvx512;
+#endif
+#if defined(VTOK_CPU_HAS_AVX2)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
+#endif
+#endif
+  return Isa::kBaseline;
+}
+
+// VTOK_CPU_ISA=baseline|avx2 caps the choice (to compare variants, or to rule one out).
+Isa detect() {
+  const Isa hardware = detect_hardware();
+  const char* cap = std::getenv("VTOK_CPU_ISA");
+  if (cap == nullptr) return hardware;
+  const std::string name(cap);
+  if (name == "baseline") return Isa::kBaseline;
+  if (name == "avx2" && hardware != Isa::kBaseline) return Isa::kAvx2;
+  return hardware;
+}
+
+Isa isa() {
+  static const Isa chosen = detect();
+  return chosen;
+}
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+}  // namespace
+
+#if defined(VTOK_CPU_HAS_AVX512)
+#define VTOK_CASE_AVX512(call) \
+  case Isa::kAvx512: return avx512::call;
+#else
+#define VTOK_CASE_AVX512(call)
+#endif
+#if defined(VTOK_CPU_HAS_AVX2)
+#define VTOK_CASE_AVX2(call) \
+  case Isa::kAvx2: return avx2::call;
+#else
+#define VTOK_CASE_AVX2(call)
+#endif
+#define VTOK_DISPATCH(call)        \
+  switch (isa()) {                 \
+    VTOK_CASE_AVX512(call)         \
+    VTOK_CASE_AVX2(call)           \
+    default: return baseline::call; \
+  }
+
+void check(const EncodeParams& p) {
+  require(p.x != nullptr && p.sequence != nullptr && p.key_index != nullptr,
+          "encode: x, sequence and key_index must be set");
+  require(p.batch >= 1 && p.num_patches >= 1 && p.channels >= 1 && p.num_frames >= 1,
+          "encode: batch, num_frames, num_patches and channels must be >= 1");
+  require(p.frames_per_token >= 1, "encode: frames_per_token must be >= 1");
+  require(p.num_heads >= 1 && p.channels % p.num_heads == 0,
+          "encode: num_heads must be >= 1 and divide channels");
+  require((p.cu_frames == nullptr) == (p.cu_tokens == nullptr),
+          "encode: cu_frames and cu_tokens are set together (varlen) or not at all");
+  if (p.pool == Pool::kAttn)
+    require(p.query != nullptr && p.lse != nullptr, "encode: attn pooling needs query and lse");
+  if (p.spatial) {
+    require(p.grid_h >= 1 && p.grid_w >= 1 && p.grid_h * p.grid_w == p.num_patches,
+            "encode: grid must satisfy grid_h * grid_w == num_patches");
+    require(p.out_h >= 1 && p.out_w >= 1 && p.out_h <= p.grid_h && p.out_w <= p.grid_w,
+            "encode: spatial must be within the grid");
+    require(p.num_key_tokens == p.out_h * p.out_w, "encode: num_key_tokens must be out_h * out_w");
+  } else {
+    require(p.num_key_tokens == p.num_patches, "encode: num_key_tokens must equal num_patches");
+  }
+  if (p.cu_frames == nullptr)
+    require(p.num_groups == num_groups(p.num_frames, p.frames_per_token),
+            "encode: num_groups must be ceil((num_frames - 1) / frames_per_token)");
+}
+
+void check(const EncodeBwdParams& p) {
+  check(p.fwd);
+  require(p.grad_sequence != nullptr && p.grad_x != nullptr,
+          "encode backward: grad_sequence and grad_x must be set");
+  if (p.fwd.pool == Pool::kAttn)
+    require(p.grad_query != nullptr, "encode backward: attn pooling needs grad_query");
+}
+
+void check(const ExpandParams& p) {
+  require(p.key_tokens != nullptr && p.frames != nullptr && p.key_index != nullptr,
+          "expand: key_tokens, frames and key_index must be set");
+  require(p.frames_per_token >= 1, "expand: frames_per_token must be >= 1");
+  require(p.num_groups == num_groups(p.num_frames, p.frames_per_token),
+          "expand: num_groups must be ceil((num_frames - 1) / frames_per_token)");
+  require(p.num_groups == 0 || p.residual_tokens != nullptr,
+          "expand: residual_tokens must be set");
+}
+
+void check(const ExpandBwdParams& p) {
+  require(p.grad_frames != nullptr && p.grad_key_tokens != nullptr && p.key_index != nullptr,
+          "expand backward: grad_frames, grad_key_tokens and key_index must be set");
+  require(p.frames_per_token >= 1, "expand backward: frames_per_token must be >= 1");
+  require(p.num_groups == num_groups(p.num_frames, p.frames_per_token),
+          "expand backward: num_groups must be ceil((num_frames - 1) / frames_per_token)");
+  require(p.num_groups == 0 || p.grad_residual_tokens != nullptr,
+          "expand backward: grad_residual_tokens must be set");
+}
+
+void encode_fwd(const EncodeParams& params, int num_threads) {
+  check(params);
+  VTOK_DISPATCH(encode_fwd(params, num_threads))
+}
+
+void encode_bwd(const EncodeBwdParams& params, int num_threads) {
+  check(params);
+  VTOK_DISPATCH(encode_bwd(params, num_threads))
+}
+
+void expand_fwd(const ExpandParams& params, int num_threads) {
+  check(params);
+  VTOK_DISPATCH(expand_fwd(params, num_threads))
+}
+
+void expand_bwd(const ExpandBwdParams& params, int num_threads) {
+  check(params);
+  VTOK_DISPATCH(expand_bwd(params, num_threads))
+}
+
+const char* selected_isa() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+const char* compiled_isas() {
+  return "baseline"
+#if defined(VTOK_CPU_HAS_AVX2)
+         ",avx2"
+#endif
+#if defined(VTOK_CPU_HAS_AVX512)
+         ",avx512"
+#endif
+      ;
+}
+
+}  // namespace cpu
+}  // namespace vtok
