@@ -29,6 +29,8 @@ int64_t max_groups(const EncodeParams& p) {
 
 void check_encode(const EncodeParams& p, const PlanInfo& info) {
   if (p.batch > 65535) throw std::invalid_argument("vtok cuda: at most 65535 videos per call");
+  if (p.num_key_tokens * p.channels >= (int64_t{1} << 31))
+    throw std::invalid_argument("vtok cuda: key tokens of more than 2^31 elements per video");
   if (max_groups(p) > 65535) throw std::invalid_argument("vtok cuda: at most 65535 residual tokens per video");
   if (info.lanes == 0)
     throw std::invalid_argument("vtok cuda: attention heads of " + std::to_string(p.channels / p.num_heads) +
@@ -120,7 +122,7 @@ void encode_bwd(const EncodeBwdParams& bp, void* stream) {
         }
         encode_bwd_kernel<T, V, true><<<grid, kThreads, 0, s>>>(bp, plan);
         check_launch("encode_bwd_kernel");
-        grad_query_reduce_kernel<<<static_cast<unsigned>((p.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(
+        grad_query_reduce_kernel<kThreads><<<static_cast<unsigned>((p.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(
             bp, p.batch * tiles);
         check_launch("grad_query_reduce_kernel");
       } else {

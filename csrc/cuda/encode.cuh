@@ -171,29 +171,32 @@ __global__ void __launch_bounds__(kThreads) key_tokens_kernel(const EncodeParams
   const VideoSpan video = video_span(p, b);
   const T* key_frame = static_cast<const T*>(p.x) + video.x_offset + video.key * p.x_stride_t;
   T* out = static_cast<T*>(p.sequence) + video.seq_row0 * p.channels;
-  const int64_t vecs_per_row = p.channels / V;
-  const int64_t total = p.num_key_tokens * vecs_per_row;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+  // 32-bit index math (the launcher checks S * C / V < 2^31): a 64-bit division is a call
+  // whose ABI costs spills.
+  const unsigned vecs_per_row = static_cast<unsigned>(p.channels / V);
+  const unsigned total = static_cast<unsigned>(p.num_key_tokens) * vecs_per_row;
+  for (unsigned i = blockIdx.x * kThreads + threadIdx.x; i < total; i += gridDim.x * kThreads) {
     const int64_t token = i / vecs_per_row;
-    const int64_t c = (i % vecs_per_row) * V;
+    const int64_t c = static_cast<int64_t>(i % vecs_per_row) * V;
     float value[V];
     if (!p.spatial) {
       load_vec<T, V>(key_frame + token * p.x_stride_n + c, value);
     } else {
       const Bin rows = adaptive_bin(token / p.out_w, p.grid_h, p.out_h);
       const Bin cols = adaptive_bin(token % p.out_w, p.grid_w, p.out_w);
-      float sum[V] = {};
-      for (int64_t h = rows.start; h < rows.end; ++h)
+#pragma unroll
+      for (int e = 0; e < V; ++e) value[e] = 0.0f;
+      for (int64_t h = rows.start; h < rows.end; ++h) {
         for (int64_t w = cols.start; w < cols.end; ++w) {
           float v[V];
           load_vec<T, V>(key_frame + (h * p.grid_w + w) * p.x_stride_n + c, v);
 #pragma unroll
-          for (int e = 0; e < V; ++e) sum[e] += v[e];
+          for (int e = 0; e < V; ++e) value[e] += v[e];
         }
+      }
       const float area = static_cast<float>((rows.end - rows.start) * (cols.end - cols.start));
 #pragma unroll
-      for (int e = 0; e < V; ++e) value[e] = sum[e] / area;
+      for (int e = 0; e < V; ++e) value[e] /= area;
     }
     store_vec<T, V>(out + token * p.channels + c, value);
   }
@@ -407,11 +410,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_query[c] = scale * sum of the partial rows, in a fixed order.
-__global__ void __launch_bounds__(kThreads)
+// grad_query[c] = scale * sum of the partial rows, in a fixed order. (A template, like every
+// kernel here, so that each translation unit including this header may instantiate it.)
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock)
     grad_query_reduce_kernel(const EncodeBwdParams bp, const int64_t num_partials) {
   const EncodeParams& p = bp.fwd;
-  const int64_t c = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kBlock) + threadIdx.x;
   if (c >= p.channels) return;
   float sum = 0.0f;
   for (int64_t i = 0; i < num_partials; ++i) sum += bp.workspace[i * p.channels + c];
