@@ -35,17 +35,16 @@ STREAM_CONFIGS = [
 # Attention pooling: the channel block is one head (BLOCK_D = next power of two of the head
 # size, set by the launcher), so only the patch block and the warps are tuned.
 ATTN_FWD_CONFIGS = [
-    _config(4, BLOCK_N=16),
     _config(4, BLOCK_N=8),
+    _config(4, BLOCK_N=16),
     _config(4, BLOCK_N=32),
-    _config(8, BLOCK_N=32),
     _config(8, BLOCK_N=64),
 ]
 
 # The backward holds two more tiles (the key frame's gradient and the residual's gradient)
-# than the forward, hence smaller patch blocks per warp.
+# than the forward, hence smaller patch blocks per thread. (BLOCK_N=16 with 8 warps spills on
+# sm_80 at a 128-channel head: ptxas caps it at 128 registers.)
 ATTN_BWD_CONFIGS = [
-    _config(8, BLOCK_N=16),
     _config(4, BLOCK_N=8),
     _config(4, BLOCK_N=16),
     _config(8, BLOCK_N=32),
@@ -61,6 +60,45 @@ CONFIG_LISTS = {
     "attn_fwd": ATTN_FWD_CONFIGS,
     "attn_bwd": ATTN_BWD_CONFIGS,
 }
+
+
+# Attention pooling: the most tile elements (BLOCK_N x head block) per thread that fit in
+# registers without spilling, from the compile-check report (a head block of 256, i.e. SigLIP's
+# 144-channel heads, spills at 32 per thread in the backward).
+ATTN_ELEMENTS_PER_THREAD = {"attn_fwd": 32, "attn_bwd": 16}
+
+
+def fits(kind: str, config: triton.Config, block_d: int) -> bool:
+    """Whether ``config`` keeps the tiles of a ``kind`` kernel with channel block ``block_d`` in
+    registers; only the attention kernels, whose channel block is fixed by the head size, need
+    the check."""
+    if kind not in ATTN_ELEMENTS_PER_THREAD:
+        return True
+    per_thread = config.kwargs["BLOCK_N"] * block_d // (32 * config.num_warps)
+    return per_thread <= ATTN_ELEMENTS_PER_THREAD[kind]
+
+
+def usable(kind: str, block_d: int) -> list[triton.Config]:
+    """The configs of ``kind`` that fit a channel block of ``block_d``; never empty: the
+    smallest tile is kept when none fits."""
+    candidates = active(kind)
+    chosen = [c for c in candidates if fits(kind, c, block_d)]
+    if chosen:
+        return chosen
+    return [min(candidates, key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)]
+
+
+def pruner(kind: str):
+    """``early_config_prune`` hook of triton.autotune for kernels of family ``kind``."""
+
+    def prune(config_list, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        if block_d is None:
+            return config_list
+        chosen = [c for c in config_list if fits(kind, c, block_d)]
+        return chosen or config_list[:1]
+
+    return prune
 
 
 def active(kind: str) -> list[triton.Config]:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton import configs
 from vtok_kernels.backends.triton.launch import autotuned, launch
 
@@ -81,11 +82,12 @@ def encode_fwd_kernel(
     mask = mask_n[:, None] & mask_d[None, :]
 
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-    tile = offs_n[:, None].to(tl.int64) * stride_xn + (c0 + offs_d)[None, :]
+    # Offsets inside one frame stay 32-bit (a frame is far below 2**31 elements); the frame's
+    # base pointer carries the 64-bit part. Halves the registers of the tile's addresses.
+    tile = offs_n[:, None] * stride_xn + (c0 + offs_d)[None, :]
     key_tile = tl.load(x_video + key * stride_xt + tile, mask=mask, other=0.0).to(tl.float32)
     if WRITE_KEY:
-        rows = token0 + offs_n
-        tl.store(seq_ptr + rows[:, None] * C + (c0 + offs_d)[None, :],
+        tl.store(seq_ptr + token0 * C + offs_n[:, None] * C + (c0 + offs_d)[None, :],
                  key_tile.to(seq_ptr.dtype.element_ty), mask=mask)
     if POOL_ATTN:
         # The 1/sqrt(head size) is folded into the query once instead of into every score.
@@ -172,7 +174,8 @@ def combine_kernel(
         if DIVIDE:
             first = g * FRAMES_PER_TOKEN
             count = (tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1) - first) * N
-            result = acc / count.to(tl.float32)
+            # Programs past a short video's last group store nothing; keep them finite anyway.
+            result = acc / tl.maximum(count, 1).to(tl.float32)
         else:
             result = acc
     out_row = token0 + S + g
@@ -215,9 +218,9 @@ def spatial_key_fwd_kernel(
 @triton.jit
 def encode_bwd_kernel(
     grad_seq_ptr, x_ptr, key_ptr, query_ptr, seq_ptr, lse_ptr, cu_frames_ptr, cu_tokens_ptr,
-    grad_x_ptr, part_dq_ptr,
+    grad_x_ptr, part_dq_ptr, part_r_ptr, part_delta_ptr,
     stride_xb, stride_xt, stride_xn,
-    T, N, C, S, G, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN, DQ_PARTS, scale,
+    T, N, C, S, G, NUM_ROWS, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN, DQ_PARTS, scale,
     GRID_H, GRID_W, OUT_H, OUT_W,
     POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr, SPATIAL: tl.constexpr,
     BINS_PER_ROW: tl.constexpr, BINS_PER_COL: tl.constexpr,
@@ -239,9 +242,9 @@ def encode_bwd_kernel(
         grad_video = grad_x_ptr + frame0 * N * C
     else:
         grad_video = grad_x_ptr + video.to(tl.int64) * T * N * C
-    grad_tile = offs_n[:, None].to(tl.int64) * C + chans[None, :]
+    grad_tile = offs_n[:, None] * C + chans[None, :]
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-    x_tile_offs = offs_n[:, None].to(tl.int64) * stride_xn + chans[None, :]
+    x_tile_offs = offs_n[:, None] * stride_xn + chans[None, :]
 
     grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if POOL_ATTN:
@@ -259,19 +262,32 @@ def encode_bwd_kernel(
             r = tl.load(seq_ptr + token_row + chans, mask=mask_d, other=0.0).to(tl.float32)
             grad_r_dot_r = tl.sum(grad_r * r, axis=0)
             lse = tl.load(lse_ptr + (group0 + g) * NUM_HEADS + pid_c)
+            # This group's share, over this patch block, of r = sum p d and of
+            # <grad_r, r> = sum p <grad_r, d>, both exact in float32: grad_query is
+            # sum p <grad_r, d> d - <grad_r, r> r, a difference of near-equal terms that the
+            # rounded r of the sequence would swamp.
+            r_part = tl.zeros([BLOCK_D], dtype=tl.float32)
+            delta_part = tl.zeros([BLOCK_D], dtype=tl.float32)
             for rank in range(first, last):
                 frame = tl.where(rank < key, rank, rank + 1)
                 x_tile = tl.load(x_video + frame * stride_xt + x_tile_offs, mask=mask, other=0.0)
                 residual = x_tile.to(tl.float32) - key_tile
                 prob = tl.exp(tl.sum(residual * q[None, :], axis=1) - lse)
                 prob = tl.where(mask_n, prob, 0.0)
+                prob_grad = prob * tl.sum(residual * grad_r[None, :], axis=1)
                 # d score = p * (<grad_r, d> - <grad_r, r>); q already carries 1/sqrt(c).
-                grad_score = prob * (tl.sum(residual * grad_r[None, :], axis=1) - grad_r_dot_r)
+                grad_score = prob_grad - prob * grad_r_dot_r
                 grad_residual = prob[:, None] * grad_r[None, :] + grad_score[:, None] * q[None, :]
                 tl.store(grad_video + frame * N * C + grad_tile,
                          grad_residual.to(grad_x_ptr.dtype.element_ty), mask=mask)
                 grad_key -= grad_residual
-                grad_q += tl.sum(grad_score[:, None] * residual, axis=0)
+                grad_q += tl.sum(prob_grad[:, None] * residual, axis=0)
+                r_part += tl.sum(prob[:, None] * residual, axis=0)
+                delta_part += tl.sum(prob_grad, axis=0)
+            part = pid_n.to(tl.int64) * NUM_ROWS + group0 + g
+            tl.store(part_r_ptr + part * C + chans, r_part, mask=mask_d)
+            tl.store(part_delta_ptr + part * NUM_HEADS + pid_c + offs_d, delta_part,
+                     mask=offs_d == 0)
         else:
             count = last - first
             grad_residual = grad_r / (count * N).to(tl.float32)
@@ -288,30 +304,32 @@ def encode_bwd_kernel(
         # the first of them being floor(row * OUT_H / GRID_H).
         patch_row = offs_n // GRID_W
         patch_col = offs_n % GRID_W
-        for di in tl.static_range(BINS_PER_ROW):
+        # Runtime loops, not unrolled: unrolled, the compiler hoists every bin's gather and
+        # its 64-bit addresses at once and the attention backward spills.
+        for di in range(0, BINS_PER_ROW):
             bin_i = (patch_row * OUT_H) // GRID_H + di
             row_start = (bin_i * GRID_H) // OUT_H
             row_end = ((bin_i + 1) * GRID_H + OUT_H - 1) // OUT_H
             in_row = (bin_i < OUT_H) & (row_start <= patch_row)
-            for dj in tl.static_range(BINS_PER_COL):
+            for dj in range(0, BINS_PER_COL):
                 bin_j = (patch_col * OUT_W) // GRID_W + dj
                 col_start = (bin_j * GRID_W) // OUT_W
                 col_end = ((bin_j + 1) * GRID_W + OUT_W - 1) // OUT_W
                 inside = in_row & (bin_j < OUT_W) & (col_start <= patch_col) & mask_n
                 area = ((row_end - row_start) * (col_end - col_start)).to(tl.float32)
                 area = tl.where(inside, area, 1.0)
-                bin_rows = token0 + bin_i * OUT_W + bin_j
-                grad_bin = tl.load(grad_seq_ptr + bin_rows[:, None] * C + chans[None, :],
+                bin_rows = bin_i * OUT_W + bin_j
+                grad_bin = tl.load(grad_seq_ptr + token0 * C + bin_rows[:, None] * C + chans[None, :],
                                    mask=inside[:, None] & mask_d[None, :], other=0.0)
                 grad_key += grad_bin.to(tl.float32) / area[:, None]
     else:
-        grad_key += tl.load(grad_seq_ptr + (token0 + offs_n)[:, None] * C + chans[None, :],
+        grad_key += tl.load(grad_seq_ptr + token0 * C + offs_n[:, None] * C + chans[None, :],
                             mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_video + key * N * C + grad_tile, grad_key.to(grad_x_ptr.dtype.element_ty),
              mask=mask)
     if POOL_ATTN:
         part = video.to(tl.int64) * DQ_PARTS + pid_n
-        tl.store(part_dq_ptr + part * C + chans, grad_q * scale, mask=mask_d)
+        tl.store(part_dq_ptr + part * C + chans, grad_q, mask=mask_d)
 
 
 _fwd_stream = autotuned(encode_fwd_kernel, "stream")
@@ -384,12 +402,10 @@ class _Layout:
 def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequence, lse):
     kind = "attn_fwd" if layout.attn else "stream"
     num_parts_max = triton.cdiv(layout.N, _min_block_n(kind))
-    part_acc = torch.empty((num_parts_max, layout.num_rows, layout.C), device=x.device,
-                           dtype=torch.float32)
+    part_acc = empty_output((num_parts_max, layout.num_rows, layout.C), torch.float32, x.device)
     if layout.attn:
-        part_max = torch.empty((num_parts_max, layout.num_rows, layout.num_heads),
-                               device=x.device, dtype=torch.float32)
-        part_sum = torch.empty_like(part_max)
+        part_max = empty_output((num_parts_max, layout.num_rows, layout.num_heads), torch.float32, x.device)
+        part_sum = empty_output(part_max.shape, torch.float32, x.device)
     else:
         part_max = part_sum = part_acc
     query_arg = query if query is not None else part_acc
@@ -434,10 +450,13 @@ def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_t
     num_parts_max = triton.cdiv(layout.N, _min_block_n(kind))
     grad_sequence = grad_sequence.contiguous()
     if layout.attn:
-        part_dq = torch.empty((layout.batch, num_parts_max, layout.C), device=x.device,
-                              dtype=torch.float32)
+        part_dq = empty_output((layout.batch, num_parts_max, layout.C), torch.float32, x.device)
+        part_r = empty_output((num_parts_max, layout.num_rows, layout.C), torch.float32,
+                              x.device)
+        part_delta = empty_output((num_parts_max, layout.num_rows, layout.num_heads),
+                                  torch.float32, x.device)
     else:
-        part_dq = grad_x
+        part_dq = part_r = part_delta = grad_x
     cu_frames_arg = cu_frames if cu_frames is not None else key_index
     cu_tokens_arg = cu_tokens if cu_tokens is not None else key_index
     bins = ((bins_per_cell(layout.grid[0], layout.spatial[0]),
@@ -451,9 +470,10 @@ def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_t
         encode_bwd_kernel, _bwd_attn if layout.attn else _bwd_stream, kind, grid,
         grad_sequence, x, key_index, query if query is not None else grad_sequence,
         sequence, lse if layout.attn else grad_sequence, cu_frames_arg, cu_tokens_arg,
-        grad_x, part_dq,
+        grad_x, part_dq, part_r, part_delta,
         *layout.strides,
-        layout.T, layout.N, layout.C, layout.S, layout.G, layout.head_dim, layout.num_heads,
+        layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows, layout.head_dim,
+        layout.num_heads,
         layout.frames_per_token, num_parts_max, layout.scale, *layout.spatial_args(),
         POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, SPATIAL=bool(layout.spatial),
         BINS_PER_ROW=bins[0], BINS_PER_COL=bins[1], **extra,
@@ -461,20 +481,22 @@ def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_t
     if not layout.attn:
         return None
     num_parts = triton.cdiv(layout.N, meta["BLOCK_N"])
-    # A fixed-order sum over (video, patch block): the same bits on every run.
-    return part_dq[:, :num_parts].sum(dim=(0, 1))
+    # grad_query = scale * (sum_i p_i <grad_r, d_i> d_i - sum_groups <grad_r, r> r), every sum
+    # over (video, patch block) in a fixed order: the same bits on every run.
+    weighted = part_dq[:, :num_parts].sum(dim=(0, 1))
+    r = part_r[:num_parts].sum(dim=0)
+    delta = part_delta[:num_parts].sum(dim=0).repeat_interleave(layout.head_dim, dim=1)
+    return (weighted - (delta * r).sum(dim=0)) * layout.scale
 
 
 def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid):
     """x: [B, T, N, C] -> (sequence [B, S+G, C], lse [B, G, heads] float32 or empty)."""
     layout = _Layout(x, False, num_heads, pool, spatial, grid, frames_per_token, 0, None, None)
-    sequence = torch.empty((layout.batch, layout.S + layout.G, layout.C), device=x.device,
-                           dtype=x.dtype)
+    sequence = empty_output((layout.batch, layout.S + layout.G, layout.C), x.dtype, x.device)
     if layout.attn:
-        lse = torch.empty((layout.batch, layout.G, layout.num_heads), device=x.device,
-                          dtype=torch.float32)
+        lse = empty_output((layout.batch, layout.G, layout.num_heads), torch.float32, x.device)
     else:
-        lse = torch.empty((0,), device=x.device, dtype=torch.float32)
+        lse = empty_output((0,), torch.float32, x.device)
     _forward(x, key_index, query, None, None, layout, sequence, lse)
     return sequence, lse
 
@@ -483,7 +505,7 @@ def encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_head
                frames_per_token, spatial, grid):
     """-> (grad_x [B, T, N, C] contiguous in x's dtype, grad_query float32 [C] or None)."""
     layout = _Layout(x, False, num_heads, pool, spatial, grid, frames_per_token, 0, None, None)
-    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    grad_x = empty_output(x.shape, x.dtype, x.device)
     grad_query = _backward(grad_sequence, x, key_index, query, sequence, lse, None, None,
                            layout, grad_x)
     return grad_x, grad_query
@@ -497,11 +519,11 @@ def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads
     num_rows = total_tokens - batch * S
     layout = _Layout(x, True, num_heads, pool, spatial, grid, frames_per_token, max_frames,
                      num_rows, batch)
-    sequence = torch.empty((total_tokens, layout.C), device=x.device, dtype=x.dtype)
+    sequence = empty_output((total_tokens, layout.C), x.dtype, x.device)
     if layout.attn:
-        lse = torch.empty((num_rows, layout.num_heads), device=x.device, dtype=torch.float32)
+        lse = empty_output((num_rows, layout.num_heads), torch.float32, x.device)
     else:
-        lse = torch.empty((0,), device=x.device, dtype=torch.float32)
+        lse = empty_output((0,), torch.float32, x.device)
     if batch > 0:
         _forward(x, key_index, query, cu_frames, cu_tokens, layout, sequence, lse)
     return sequence, lse
@@ -515,7 +537,7 @@ def encode_varlen_bwd(grad_sequence, x, cu_frames, cu_tokens, key_index, query, 
     num_rows = sequence.shape[0] - batch * S
     layout = _Layout(x, True, num_heads, pool, spatial, grid, frames_per_token, max_frames,
                      num_rows, batch)
-    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    grad_x = empty_output(x.shape, x.dtype, x.device)
     if batch == 0:
         grad_query = torch.zeros_like(query) if layout.attn else None
         return grad_x, grad_query

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton import configs
 from vtok_kernels.backends.triton.encode import combine_kernel, _combine_block, _num_groups
 from vtok_kernels.backends.triton.launch import autotuned, launch
@@ -36,9 +37,9 @@ def expand_fwd_kernel(
     mask_d = offs_d < C
     mask = mask_n[:, None] & mask_d[None, :]
     key = tl.load(key_ptr + video).to(tl.int64)
-    key_tile = tl.load(key_tokens_ptr + video * stride_kb + offs_n[:, None].to(tl.int64) * stride_kn
+    key_tile = tl.load(key_tokens_ptr + video * stride_kb + offs_n[:, None] * stride_kn
                        + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    out_tile = offs_n[:, None].to(tl.int64) * C + offs_d[None, :]
+    out_tile = offs_n[:, None] * C + offs_d[None, :]
     frames_video = frames_ptr + video * T * N * C
     for frame in range(0, T):
         group = tl.where(frame < key, frame, frame - 1) // FRAMES_PER_TOKEN
@@ -65,7 +66,7 @@ def expand_bwd_kernel(
     mask_d = offs_d < C
     mask = mask_n[:, None] & mask_d[None, :]
     key = tl.load(key_ptr + video).to(tl.int64)
-    tile = offs_n[:, None].to(tl.int64) * C + offs_d[None, :]
+    tile = offs_n[:, None] * C + offs_d[None, :]
     grad_video = grad_frames_ptr + video * T * N * C
     grad_key = tl.load(grad_video + key * N * C + tile, mask=mask, other=0.0).to(tl.float32)
     for g in range(0, G):
@@ -95,7 +96,7 @@ def _grid(batch: int, N: int, C: int):
 def expand_fwd(key_tokens, residual_tokens, key_index, num_frames, frames_per_token):
     """key_tokens [B, N, C], residual_tokens [B, G, C] -> frames [B, T, N, C] contiguous."""
     B, N, C = key_tokens.shape
-    frames = torch.empty((B, num_frames, N, C), device=key_tokens.device, dtype=key_tokens.dtype)
+    frames = empty_output((B, num_frames, N, C), key_tokens.dtype, key_tokens.device)
     launch(expand_fwd_kernel, _expand_fwd, "stream", _grid(B, N, C),
            key_tokens, residual_tokens, key_index, frames,
            key_tokens.stride(0), key_tokens.stride(1),
@@ -112,12 +113,11 @@ def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
     if G != _num_groups(T, frames_per_token):
         raise ValueError(f"num_residual: expected {_num_groups(T, frames_per_token)} groups "
                          f"for {T} frames, got {G}")
-    grad_key_tokens = torch.empty((B, N, C), device=grad_frames.device, dtype=grad_frames.dtype)
-    grad_residual = torch.empty((B, G, C), device=grad_frames.device, dtype=grad_frames.dtype)
+    grad_key_tokens = empty_output((B, N, C), grad_frames.dtype, grad_frames.device)
+    grad_residual = empty_output((B, G, C), grad_frames.dtype, grad_frames.device)
     pool = [configs.pinned("stream")] if configs.pinned("stream") else configs.active("stream")
     num_parts_max = triton.cdiv(N, min(c.kwargs["BLOCK_N"] for c in pool))
-    part_acc = torch.empty((num_parts_max, B * G, C), device=grad_frames.device,
-                           dtype=torch.float32)
+    part_acc = empty_output((num_parts_max, B * G, C), torch.float32, grad_frames.device)
     meta = launch(expand_bwd_kernel, _expand_bwd, "stream", _grid(B, N, C),
                   grad_frames, key_index, grad_key_tokens, part_acc,
                   T, N, C, G, B * G, frames_per_token, 1)

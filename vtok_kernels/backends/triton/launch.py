@@ -11,7 +11,8 @@ AUTOTUNE_KEY = ["N", "C", "NUM_HEADS"]
 
 
 def autotuned(kernel, kind: str):
-    return triton.autotune(configs=configs.active(kind), key=AUTOTUNE_KEY)(kernel)
+    return triton.autotune(configs=configs.active(kind), key=AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": configs.pruner(kind)})(kernel)
 
 
 def launch(kernel, tuner, kind: str, grid: Callable[[dict], tuple], *args, **kwargs) -> dict:
