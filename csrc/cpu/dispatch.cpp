@@ -81,8 +81,13 @@ void check(const EncodeParams& p) {
           "encode: num_heads must be >= 1 and divide channels");
   require((p.cu_frames == nullptr) == (p.cu_tokens == nullptr),
           "encode: cu_frames and cu_tokens are set together (varlen) or not at all");
-  if (p.pool == Pool::kAttn)
-    require(p.query != nullptr && p.lse != nullptr, "encode: attn pooling needs query and lse");
+  if (p.pool == Pool::kAttn) {
+    const bool has_groups = p.cu_frames != nullptr
+                                ? p.cu_tokens[p.batch] > p.batch * p.num_key_tokens
+                                : p.num_groups > 0;
+    require(p.query != nullptr && (p.lse != nullptr || !has_groups),
+            "encode: attn pooling needs query and lse");
+  }
   if (p.spatial) {
     require(p.grid_h >= 1 && p.grid_w >= 1 && p.grid_h * p.grid_w == p.num_patches,
             "encode: grid must satisfy grid_h * grid_w == num_patches");

@@ -7,6 +7,7 @@
 // key frame's gradient (minus the sum over frames) is a private, ordered sum: no atomics, and
 // the same bits for any thread count. grad_query is reduced from per-task partials in task order.
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"
@@ -211,19 +212,66 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
   std::vector<Acc> query(attn ? C : 0);
   for (size_t c = 0; c < query.size(); ++c) query[c] = static_cast<Acc>(p.query[c]);
 
-  // Per group and head: <grad r, r> (r as the forward saved it in the sequence) and lse.
+  // Per group and head: lse and <grad r, r>. float32 / float64 sequences hold r exactly as the
+  // forward accumulated it; a 16-bit sequence holds r rounded, and <grad r, r> of the rounded r
+  // leaves an error in grad_query as large as the rounding (it no longer cancels against
+  // sum_i p_i <grad r, d_i>), so for those it is recomputed as sum_i p_i <grad r, d_i>, one more
+  // pass over the group's frames. The saved lse is float32; float64 recomputes it in double in
+  // the same kind of pass, so that its gradients are exact to double precision (gradcheck).
+  constexpr bool kRecomputeGradDotR = sizeof(T) == 2;
+  constexpr bool kRecomputeLse = std::is_same<T, double>::value;
   std::vector<Acc> grad_dot_r(attn ? starts.back() * H : 0), lse(attn ? starts.back() * H : 0);
   if (attn) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t task = 0; task < starts.back(); ++task) {
-      const int64_t b = video_of_task(starts, task);
-      const int64_t row = videos[b].seq_row + S + (task - starts[b]);
-      for (int64_t h = 0; h < H; ++h) {
-        Acc sum = 0;
-        for (int64_t c = h * hc; c < (h + 1) * hc; ++c)
-          sum += load(grad_seq[row * C + c]) * load(seq[row * C + c]);
-        grad_dot_r[task * H + h] = sum;
-        lse[task * H + h] = static_cast<Acc>(p.lse[task * H + h]);
+#pragma omp parallel num_threads(num_threads)
+    {
+      std::vector<Acc> key(C), d(C), gr(C);
+      std::vector<SoftmaxStateT<Acc>> state(H);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < starts.back(); ++task) {
+        const int64_t b = video_of_task(starts, task), g = task - starts[b];
+        const Video& v = videos[b];
+        const int64_t row = v.seq_row + S + g;
+        Acc* VTOK_RESTRICT sums = grad_dot_r.data() + task * H;
+        for (int64_t h = 0; h < H; ++h) lse[task * H + h] = static_cast<Acc>(p.lse[task * H + h]);
+        const GroupBounds bounds = group_bounds(g, v.frames, p.frames_per_token);
+        if (kRecomputeLse) {
+          std::fill(state.begin(), state.end(), softmax_init_t<Acc>());
+          for (int64_t n = 0; n < N; ++n) {
+            load_row(key.data(), x_row<T>(p, v, v.key, n), C);
+            for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
+              const T* VTOK_RESTRICT xt = x_row<T>(p, v, nonkey_frame(rank, v.key), n);
+              Acc* VTOK_RESTRICT dv = d.data();
+              const Acc* VTOK_RESTRICT kv = key.data();
+              VTOK_SIMD
+              for (int64_t c = 0; c < C; ++c) dv[c] = load(xt[c]) - kv[c];
+              for (int64_t h = 0; h < H; ++h)
+                softmax_merge_t(state[h], {scale * dot(query.data() + h * hc, dv + h * hc, hc), Acc(1)});
+            }
+          }
+          for (int64_t h = 0; h < H; ++h) lse[task * H + h] = softmax_lse_t(state[h]);
+        }
+        load_row(gr.data(), grad_seq + row * C, C);
+        if (!kRecomputeGradDotR) {
+          load_row(d.data(), seq + row * C, C);
+          for (int64_t h = 0; h < H; ++h) sums[h] = dot(gr.data() + h * hc, d.data() + h * hc, hc);
+          continue;
+        }
+        std::fill(sums, sums + H, Acc(0));
+        for (int64_t n = 0; n < N; ++n) {
+          load_row(key.data(), x_row<T>(p, v, v.key, n), C);
+          for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
+            const T* VTOK_RESTRICT xt = x_row<T>(p, v, nonkey_frame(rank, v.key), n);
+            Acc* VTOK_RESTRICT dv = d.data();
+            const Acc* VTOK_RESTRICT kv = key.data();
+            VTOK_SIMD
+            for (int64_t c = 0; c < C; ++c) dv[c] = load(xt[c]) - kv[c];
+            for (int64_t h = 0; h < H; ++h) {
+              const int64_t o = h * hc;
+              const Acc s = scale * dot(query.data() + o, dv + o, hc);
+              sums[h] += exp_acc(s - lse[task * H + h]) * dot(gr.data() + o, dv + o, hc);
+            }
+          }
+        }
       }
     }
   }
