@@ -43,7 +43,8 @@ void check_encode(const EncodeParams& p) {
             "num_groups must be ceil((num_frames - 1) / frames_per_token)");
   if (p.pool == Pool::kAttn) {
     require(p.query != nullptr, "attn pooling needs query");
-    require(p.lse != nullptr || (p.cu_frames == nullptr && p.num_groups == 0), "attn pooling needs lse");
+    // Varlen: whether any video has a residual token is known on the device only.
+    require(p.lse != nullptr || p.cu_frames != nullptr || p.num_groups == 0, "attn pooling needs lse");
     require(p.channels / p.num_heads <= cuda::kMaxHeadDim,
             "attention heads wider than " + std::to_string(cuda::kMaxHeadDim) + " channels are not supported");
   } else {

@@ -15,8 +15,8 @@ namespace cuda {
 constexpr int kThreads = 256;  // every kernel; launch bounds and shared arrays depend on it
 constexpr int kWarps = kThreads / 32;
 // Channels one lane holds per row (K vectors of V): bounds registers (forward: acc, key, d;
-// backward also key_grad, dq, grad_r) and the widest head a block can pool: 32 * 16 = 512.
-constexpr int kLaneElems = 16;
+// backward also key_grad, dq, grad_r) and the widest head a block can pool: 32 * 24 = 768 (K = 3 fits SigLIP heads of 144 bf16 channels).
+constexpr int kLaneElems = 24;
 constexpr int kSegMax = 32 * kLaneElems;
 constexpr unsigned kFullMask = 0xffffffffu;
 

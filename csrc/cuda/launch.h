@@ -12,7 +12,7 @@ namespace vtok {
 namespace cuda {
 
 // The largest attention head (channels per head) the kernels pool in one block.
-constexpr int64_t kMaxHeadDim = 512;
+constexpr int64_t kMaxHeadDim = 768;
 
 void encode_fwd(const EncodeParams& p, void* stream);
 // Needs bp.workspace of encode_bwd_workspace_elems(...) floats for attn (unused for mean).

@@ -1,0 +1,488 @@
+"""The cuda backend: what the CPU can prove (the params layout the CuPy loader passes, the launch
+plan both loaders share, the binding's argument checks, that the sources compile with nvcc and
+NVRTC, availability messages), and on a GPU (marked ``gpu``) parity at realistic and odd shapes,
+CUDA-graph replay, deterministic backward and bit-equal loaders."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import vtok_kernels as vk
+from vtok_kernels import backends, reference
+from vtok_kernels.backends import cuda_nvrtc
+from tests.utils import LOW_PRECISION, assert_close, features
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPE_ID = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+
+
+def _cuda_extension():
+    from vtok_kernels import _extension
+
+    module = _extension.get()
+    if module is None or not getattr(module, "built_with_cuda", False):
+        pytest.skip("vtok_kernels._C is not built with CUDA here")
+    return module
+
+
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).exists():
+        pytest.skip("nvcc not found")
+    return nvcc
+
+
+# ------------------------------------------------------------------ CPU: layout and plan
+
+def _cpp_layout() -> dict:
+    """sizeof / offsetof of every params struct, from a C++ program compiled against params.h."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    lines = ['#include <cstddef>', '#include <cstdio>', '#include "vtok/params.h"', 'int main() {']
+    for struct, dtype in cuda_nvrtc.STRUCTS.items():
+        lines.append(f'  std::printf("{struct} sizeof %zu\\n", sizeof(vtok::{struct}));')
+        for field in dtype.names:
+            lines.append(f'  std::printf("{struct} {field} %zu\\n", offsetof(vtok::{struct}, {field}));')
+    lines += ['  return 0;', '}']
+    return "\n".join(lines), compiler
+
+
+def test_params_layout_matches_the_cpp_structs(tmp_path):
+    source, compiler = _cpp_layout()
+    (tmp_path / "layout.cpp").write_text(source)
+    subprocess.run([compiler, "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}", "layout.cpp", "-o", "layout"],
+                   cwd=tmp_path, check=True)
+    out = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout
+    cpp = {}
+    for line in out.splitlines():
+        struct, field, value = line.split()
+        cpp[(struct, field)] = int(value)
+    for struct, dtype in cuda_nvrtc.STRUCTS.items():
+        size, offsets = cuda_nvrtc.layout(dtype)
+        assert size == cpp[(struct, "sizeof")], struct
+        for field, offset in offsets.items():
+            assert offset == cpp[(struct, field)], f"{struct}.{field}"
+        assert len(offsets) + 1 == sum(1 for key in cpp if key[0] == struct), f"{struct}: fields missing"
+
+
+def test_params_layout_matches_the_extension():
+    module = _cuda_extension()
+    for struct, (size, offsets) in module.cuda_params_layout().items():
+        assert cuda_nvrtc.layout(cuda_nvrtc.STRUCTS[struct]) == (size, dict(offsets)), struct
+
+
+def test_pack_writes_fields_at_their_offsets():
+    p = cuda_nvrtc.pack(cuda_nvrtc.ENCODE_BWD_PARAMS,
+                        dict(fwd=dict(channels=1152, spatial=True, pool=1, lse=0xdeadbeef00), workspace_elems=7))
+    raw = p.tobytes()
+    fwd_offset = cuda_nvrtc.ENCODE_BWD_PARAMS.fields["fwd"][1]
+    enc = cuda_nvrtc.ENCODE_PARAMS.fields
+
+    def at(offset, size):
+        return int.from_bytes(raw[offset:offset + size], "little")
+
+    assert at(fwd_offset + enc["channels"][1], 8) == 1152
+    assert at(fwd_offset + enc["spatial"][1], 1) == 1
+    assert at(fwd_offset + enc["pool"][1], 4) == 1
+    assert at(fwd_offset + enc["lse"][1], 8) == 0xdeadbeef00
+    assert at(cuda_nvrtc.ENCODE_BWD_PARAMS.fields["workspace_elems"][1], 8) == 7
+
+
+@pytest.mark.parametrize("vec", [1, 2, 4, 8])
+def test_row_plan_covers_each_segment(vec):
+    for seg_vecs in range(1, cuda_nvrtc.LANE_ELEMS * 32 // vec + 1):
+        lanes, k, seg, _ = cuda_nvrtc.plan_rows(seg_vecs, 1, vec)
+        assert lanes in (1, 2, 4, 8, 16, 32) and seg == seg_vecs
+        assert 1 <= k <= cuda_nvrtc.LANE_ELEMS // vec
+        assert lanes * k >= seg_vecs > lanes * (k - 1) or lanes == 32 or k == cuda_nvrtc.LANE_ELEMS // vec
+    assert cuda_nvrtc.plan_rows(cuda_nvrtc.LANE_ELEMS * 32 // vec + 1, 1, vec)[0] == 0
+
+
+def _fake_encode_fields(C=1152, heads=8, pool=1, dtype=2, x=4096, seq=8192, stride_n=None, varlen=False):
+    stride_n = C if stride_n is None else stride_n
+    return dict(x=x, x_stride_b=16 * 729 * stride_n, x_stride_t=729 * stride_n, x_stride_n=stride_n,
+                batch=8, num_frames=16, num_patches=729, channels=C, dtype=dtype, key_index=64,
+                cu_frames=128 if varlen else 0, cu_tokens=256 if varlen else 0, pool=pool, query=512,
+                num_heads=heads, frames_per_token=1, spatial=False, num_key_tokens=729,
+                num_groups=0 if varlen else 15, sequence=seq, lse=1024)
+
+
+PLAN_CASES = [
+    dict(), dict(pool=0, heads=1), dict(C=1024, heads=16, dtype=0), dict(C=12, heads=3, dtype=1),
+    dict(x=4098), dict(stride_n=1160), dict(C=100, heads=1, pool=0, dtype=0), dict(varlen=True),
+]
+
+
+def test_launch_plan_matches_the_extension():
+    module = _cuda_extension()
+    for case in PLAN_CASES:
+        fields = _fake_encode_fields(**case)
+        params = module.EncodeParams()
+        for name, value in fields.items():
+            value = module.DType(value) if name == "dtype" else module.Pool(value) if name == "pool" else value
+            setattr(params, name, value)
+        for backward, grads in ((False, (0, 0)), (True, (4096, 8200))):
+            assert module.cuda_encode_plan(params, backward, *grads) == cuda_nvrtc.encode_plan(fields, backward, *grads), case
+
+
+def test_launch_plan_picks_16_byte_vectors_only_when_aligned():
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields())[0] == 8           # bf16, aligned
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields(x=4098))[0] == 1     # pointer off by 2 bytes
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields(stride_n=1160 + 1))[0] == 1
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields(dtype=0, C=1024, heads=8))[0] == 4
+    # SigLIP heads: 144 channels = 18 vectors of 8 spread over 8 lanes x 3 (6 idle of 24).
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields()) == (8, 8, 3, 18, 8)
+
+
+class _Recorder(cuda_nvrtc.NvrtcLoader):
+    def __init__(self):
+        self.calls = []
+
+    def _launch(self, device_index, stream, kernel, grid, args):
+        self.calls.append((kernel, tuple(grid), args))
+
+
+def test_nvrtc_loader_launches_instantiated_kernels_with_the_cpp_grids():
+    names = set(cuda_nvrtc.kernel_names())
+    loader = _Recorder()
+    fields = _fake_encode_fields()
+    loader.encode_fwd(fields, 0, 0)
+    loader.encode_bwd(dict(fwd=fields, grad_sequence=4096, grad_x=8192, grad_query=64, workspace=128,
+                           workspace_elems=10**9), 0, 0)
+    loader.expand_fwd(dict(key_tokens=4096, key_stride_b=729 * 1152, key_stride_n=1152, residual_tokens=8192,
+                           res_stride_b=15 * 1152, res_stride_g=1152, batch=8, num_frames=16, num_patches=729,
+                           channels=1152, num_groups=15, frames_per_token=1, key_index=64, dtype=2,
+                           frames=16384), 0, 0)
+    loader.expand_bwd(dict(grad_frames=4096, batch=8, num_frames=16, num_patches=729, channels=1152, num_groups=15,
+                           frames_per_token=1, key_index=64, dtype=2, grad_key_tokens=8192,
+                           grad_residual_tokens=16384), 0, 0)
+    kernels = [c[0] for c in loader.calls]
+    assert set(kernels) <= names, set(kernels) - names
+    grids = dict((c[0], c[1]) for c in loader.calls)
+    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 1>"] == (8, 15, 8)
+    assert grids["vtok::cuda::attn_delta_kernel<vtok::cuda::bf16_t>"] == (15, 8)
+    # 256 threads / 8 lanes = 32 patch rows per block: ceil(729 / 32) = 23 tiles.
+    assert grids["vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, true>"] == (8, 23, 8)
+    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 2>"] == (3, 15, 8)
+    reduce_args = [c[2] for c in loader.calls if "grad_query_reduce" in c[0]][0]
+    assert int(reduce_args[1]) == 8 * 23
+    assert 8 * 23 <= cuda_nvrtc.dq_partial_rows(8, 729)
+
+
+# ------------------------------------------------------------------ CPU: binding checks
+
+def _encode_params(module, **overrides):
+    fields = _fake_encode_fields()
+    fields.update(overrides)
+    params = module.EncodeParams()
+    for name, value in fields.items():
+        value = module.DType(value) if name == "dtype" else module.Pool(value) if name == "pool" else value
+        setattr(params, name, value)
+    return params
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dtype=3), "dtype"),
+    (dict(x=0), "device pointers"),
+    (dict(num_heads=7), "num_heads must divide"),
+    (dict(num_groups=14), "num_groups"),
+    (dict(query=0), "query"),
+    (dict(cu_frames=128), "cu_frames and cu_tokens"),
+    (dict(channels=1024, num_heads=1), "wider than"),
+    (dict(spatial=True, grid_h=27, grid_w=27, out_h=28, out_w=2, num_key_tokens=56), "spatial"),
+    (dict(num_key_tokens=5), "num_key_tokens"),
+])
+def test_binding_rejects_bad_params_before_the_device(overrides, message):
+    module = _cuda_extension()
+    with pytest.raises(ValueError, match=message):
+        module.cuda_encode_fwd(_encode_params(module, **overrides), 0)
+
+
+def test_binding_rejects_attn_backward_without_workspace():
+    module = _cuda_extension()
+    bp = module.EncodeBwdParams()
+    bp.fwd = _encode_params(module)
+    bp.grad_sequence, bp.grad_x = 4096, 8192
+    with pytest.raises(ValueError, match="workspace"):
+        module.cuda_encode_bwd(bp, 0)
+
+
+# ------------------------------------------------------------------ CPU: the sources compile
+
+def test_kernels_compile_with_nvcc(tmp_path):
+    """One instantiation of every kernel for sm_90a, with no spill in the 16-byte configs."""
+    nvcc = _nvcc()
+    (tmp_path / "tu.cu").write_text(
+        '#include "encode.cuh"\n#include "expand.cuh"\n'
+        "namespace vtok { namespace cuda {\n"
+        "template __global__ void residual_fwd_kernel<bf16_t, 8, kAttnPool>(const EncodeParams, const RowPlan);\n"
+        "template __global__ void encode_bwd_kernel<bf16_t, 8, true>(const EncodeBwdParams, const RowPlan);\n"
+        "template __global__ void key_tokens_kernel<float, 4>(const EncodeParams);\n"
+        "template __global__ void expand_fwd_kernel<half_t, 8>(const ExpandParams);\n"
+        "}}\n")
+    proc = subprocess.run(
+        [nvcc, "-std=c++17", "-arch=sm_90a", "-Xptxas", "-v", f"-I{ROOT / 'csrc' / 'include'}",
+         f"-I{ROOT / 'csrc' / 'cuda'}", "-c", "tu.cu", "-o", "tu.o"],
+        cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    from vtok_kernels.backends.cuda import parse_ptxas
+
+    rows = parse_ptxas(proc.stderr)
+    assert {r["kernel"] for r in rows} == {"residual_fwd_kernel", "encode_bwd_kernel", "key_tokens_kernel",
+                                           "expand_fwd_kernel"}
+    for row in rows:
+        assert row["default"] and row["registers"] > 0
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+
+
+def _nvrtc_or_skip():
+    reason = cuda_nvrtc.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90a"])
+def test_kernels_compile_with_nvrtc(arch):
+    """The CuPy loader's path: NVRTC alone (no GPU) compiles every instantiation it launches."""
+    _nvrtc_or_skip()
+    ptx, lowered = cuda_nvrtc.compile_ptx(arch)
+    assert len(lowered) == len(cuda_nvrtc.kernel_names())
+    text = ptx.decode(errors="replace")
+    for mangled in lowered.values():
+        assert f".entry {mangled}" in text
+
+
+def test_parse_ptxas_reads_registers_spills_and_shared_memory():
+    from vtok_kernels.backends.cuda import parse_ptxas
+
+    log = (
+        "ptxas info    : Compiling entry function '_ZN4vtok4cuda19residual_fwd_kernelINS0_6bf16_tELi8ELi1EEEvNS_12"
+        "EncodeParamsENS0_7RowPlanE' for 'sm_90a'\n"
+        "ptxas info    : Function properties for _ZN4vtok4cuda19residual_fwd_kernelINS0_6bf16_tELi8ELi1EEEvNS_12"
+        "EncodeParamsENS0_7RowPlanE\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 72 registers, used 1 barriers, 18496 bytes smem, 568 bytes cmem[0]\n"
+    )
+    (row,) = parse_ptxas(log)
+    assert row["arch"] == "sm_90a" and row["registers"] == 72 and row["shared_bytes"] == 18496
+    assert (row["spill_stores"], row["spill_loads"]) == (4, 12)
+    if shutil.which("c++filt"):
+        assert row["kernel"] == "residual_fwd_kernel"
+        assert row["config"] == "T=bf16,V=8,pool=attn" and row["default"]
+
+
+# ------------------------------------------------------------------ CPU: availability
+
+def test_availability_reasons():
+    reason = backends.unavailable_reason("cuda", "cpu")
+    assert reason is not None and "CUDA devices only" in reason
+    if not torch.cuda.is_available():
+        reason = backends.unavailable_reason("cuda", "cuda")
+        assert reason is not None and "torch.cuda.is_available()" in reason
+        assert "cuda" not in vk.available_backends("cuda")
+    assert backends.get("cuda").loader in ("extension", "cupy-nvrtc", "")
+
+
+def test_unknown_loader_is_a_value_error():
+    from vtok_kernels.backends import cuda
+
+    with pytest.raises(ValueError, match="VTOK_CUDA_LOADER"):
+        cuda.loader_reason("nvcc-at-runtime")
+
+
+# ------------------------------------------------------------------ GPU
+
+def _reference_encode(x, key_index, query, grad_seq, **options):
+    x64 = x.detach().double().requires_grad_(True)
+    q64 = query.detach().double().requires_grad_(True) if query is not None else None
+    out = reference.encode(x64, key_index, query=q64, **options)
+    inputs = [x64] + ([q64] if q64 is not None else [])
+    grads = torch.autograd.grad(out, inputs, grad_seq.double(), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+    return out.detach(), grads[0], (grads[1] if q64 is not None else None)
+
+
+def _check_encode(shape, dtype, pool="mean", num_heads=1, frames_per_token=1, key_index=0, spatial=None,
+                  grid=None, offset=0, backward=True):
+    """cuda against the float64 reference; offset > 0 misaligns x (the scalar path)."""
+    C = shape[-1]
+    storage = features(shape[:-1] + (C + offset,), dtype, "cuda")
+    x = storage[..., offset:].requires_grad_(backward) if not backward else storage[..., offset:].detach().requires_grad_(True)
+    query = torch.randn(C, device="cuda", requires_grad=True) if pool == "attn" else None
+    options = dict(pool=pool, num_heads=num_heads, frames_per_token=frames_per_token, spatial=spatial, grid=grid)
+    out = vk.encode(x, key_index, query=query, backend="cuda", **options)
+    grad_seq = torch.randn(out.sequence.shape, device="cuda").to(dtype)
+    ref_seq, ref_gx, ref_gq = _reference_encode(x, key_index, query, grad_seq, **options)
+    assert_close(out.sequence, ref_seq.to(dtype), dtype, "cuda sequence")
+    if backward:
+        out.sequence.backward(grad_seq)
+        assert_close(x.grad, ref_gx, dtype, "cuda grad x")
+        if query is not None:
+            assert_close(query.grad, ref_gq, dtype, "cuda grad query")
+
+
+REALISTIC = [
+    pytest.param(dict(shape=(8, 16, 729, 1152), pool="attn", num_heads=8), id="siglip-attn8"),
+    pytest.param(dict(shape=(8, 16, 729, 1152), pool="mean"), id="siglip-mean"),
+    pytest.param(dict(shape=(8, 16, 27, 27, 1152), pool="mean", spatial=(9, 9), key_index=-1), id="siglip-spatial"),
+    pytest.param(dict(shape=(4, 32, 576, 1024), pool="attn", num_heads=16, frames_per_token=4), id="clip-attn16-fpt4"),
+    pytest.param(dict(shape=(4, 32, 576, 1024), pool="mean", frames_per_token=3, key_index=5), id="clip-mean-fpt3"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_ID)
+@pytest.mark.parametrize("case", REALISTIC)
+def test_realistic_shapes(case, dtype):
+    _check_encode(dtype=dtype, **case)
+
+
+ODD = [
+    pytest.param(dict(shape=(3, 5, 37, 200), pool="attn", num_heads=5), id="attn-N37-head40"),
+    pytest.param(dict(shape=(2, 6, 37, 200), pool="mean", frames_per_token=4, key_index=-1), id="mean-fpt4"),
+    pytest.param(dict(shape=(2, 4, 7, 9, 96), pool="attn", num_heads=3, spatial=(4, 5)), id="attn-spatial-overlap"),
+    pytest.param(dict(shape=(1, 1, 50, 64), pool="attn", num_heads=2), id="attn-T1"),
+    pytest.param(dict(shape=(2, 5, 33, 1000), pool="attn", num_heads=2), id="attn-head500"),
+    pytest.param(dict(shape=(2, 5, 33, 123), pool="attn", num_heads=1), id="attn-C123-scalar"),
+    pytest.param(dict(shape=(2, 5, 33, 128), pool="attn", num_heads=4, offset=1), id="attn-misaligned-scalar"),
+    pytest.param(dict(shape=(2, 5, 33, 136), pool="mean", offset=3), id="mean-misaligned-scalar"),
+    pytest.param(dict(shape=(2, 4, 9, 1024), pool="attn", num_heads=1), id="attn-head1024-falls-back"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)
+@pytest.mark.parametrize("case", ODD)
+def test_odd_shapes(case, dtype):
+    _check_encode(dtype=dtype, **case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)
+@pytest.mark.parametrize("pool", ["mean", "attn"])
+def test_varlen_matches_reference(pool, dtype):
+    lengths, N, C = [1, 9, 4, 16], 49, 256
+    x = features((sum(lengths), N, C), dtype, "cuda").requires_grad_(True)
+    cu_frames = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device="cuda")
+    keys = torch.tensor([0, 8, -2, 3], device="cuda")
+    query = torch.randn(C, device="cuda", requires_grad=True) if pool == "attn" else None
+    options = dict(pool=pool, num_heads=4 if pool == "attn" else 1, frames_per_token=2,
+                   spatial=(3, 2), grid=(7, 7))
+    out = vk.encode_varlen(x, cu_frames, keys, query=query, backend="cuda", **options)
+    grad = torch.randn(out.sequence.shape, device="cuda").to(dtype)
+    out.sequence.backward(grad)
+    x64 = x.detach().double().requires_grad_(True)
+    q64 = query.detach().double().requires_grad_(True) if query is not None else None
+    ref, _ = reference.encode_varlen(x64, cu_frames, keys, query=q64, **options)
+    inputs = [x64] + ([q64] if q64 is not None else [])
+    grads = torch.autograd.grad(ref, inputs, grad.double())
+    assert_close(out.sequence, ref.detach().to(dtype), dtype, "varlen sequence")
+    assert_close(x.grad, grads[0], dtype, "varlen grad x")
+    if query is not None:
+        assert_close(query.grad, grads[1], dtype, "varlen grad query")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)
+@pytest.mark.parametrize("shape", [(8, 16, 729, 1152), (2, 7, 37, 200), (1, 1, 5, 24)], ids=str)
+def test_expand_matches_reference(shape, dtype):
+    B, T, N, C = shape
+    G = reference.num_groups(T, 2)
+    keys = features((B, N, C), dtype, "cuda").requires_grad_(True)
+    residual = features((B, G, C), dtype, "cuda").requires_grad_(True)
+    key_index = torch.randint(0, T, (B,), device="cuda")
+    frames = vk.expand(keys, residual, key_index, T, 2, backend="cuda")
+    grad = torch.randn(frames.shape, device="cuda").to(dtype)
+    frames.backward(grad)
+    k64 = keys.detach().double().requires_grad_(True)
+    r64 = residual.detach().double().requires_grad_(True)
+    ref = reference.expand(k64, r64, key_index, T, 2)
+    gk, gr = torch.autograd.grad(ref, [k64, r64], grad.double(), allow_unused=True)
+    assert_close(frames, ref.detach(), dtype, "expand")
+    assert_close(keys.grad, gk, dtype, "expand grad key")
+    if G:
+        assert_close(residual.grad, gr, dtype, "expand grad residual")
+
+
+def _encode_step(x, query, grad_seq):
+    x = x.detach().requires_grad_(True)
+    query = query.detach().requires_grad_(True)
+    out = vk.encode(x, -1, pool="attn", query=query, num_heads=8, frames_per_token=2, backend="cuda")
+    out.sequence.backward(grad_seq)
+    return out.sequence.detach(), x.grad, query.grad
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic_bitwise():
+    x = features((4, 16, 729, 1152), torch.bfloat16, "cuda")
+    query = torch.randn(1152, device="cuda")
+    grad = torch.randn(4, 729 + 8, 1152, device="cuda").to(torch.bfloat16)
+    first = _encode_step(x, query, grad)
+    for _ in range(2):
+        again = _encode_step(x, query, grad)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_is_bit_equal_to_eager():
+    from vtok_kernels.backends import get
+
+    cuda = get("cuda")
+    x = features((2, 9, 196, 768), torch.bfloat16, "cuda")
+    keys = torch.tensor([0, 4], device="cuda")
+    query = torch.randn(768, device="cuda")
+    args = (keys, query, "attn", 12, 2, [2, 2], [14, 14])
+    eager_seq, eager_lse = cuda.encode_fwd(x, *args)
+    grad = torch.randn_like(eager_seq)
+    eager_gx, eager_gq = cuda.encode_bwd(grad, x, keys, query, eager_seq, eager_lse, "attn", 12, 2, [2, 2], [14, 14])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        cuda.encode_fwd(x, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seq, lse = cuda.encode_fwd(x, *args)
+        gx, gq = cuda.encode_bwd(grad, x, keys, query, seq, lse, "attn", 12, 2, [2, 2], [14, 14])
+    x.copy_(features(x.shape, x.dtype, "cuda"))  # new inputs, same addresses
+    eager_seq, eager_lse = cuda.encode_fwd(x, *args)
+    eager_gx, eager_gq = cuda.encode_bwd(grad, x, keys, query, eager_seq, eager_lse, "attn", 12, 2, [2, 2], [14, 14])
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in ((seq, eager_seq), (lse, eager_lse), (gx, eager_gx), (gq, eager_gq)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_loaders_give_the_same_bits():
+    from vtok_kernels.backends import cuda
+
+    for name in cuda.LOADERS:
+        reason = cuda.loader_reason(name)
+        if reason is not None:
+            pytest.skip(f"loader {name}: {reason}")
+    x = features((3, 7, 37, 200), torch.float16, "cuda")
+    keys = torch.tensor([0, 3, 6], device="cuda")
+    query = torch.randn(200, device="cuda")
+    results = {}
+    for name in cuda.LOADERS:
+        loader = cuda.get_loader(name)
+        original = cuda._loader
+        cuda._loader = lambda loader=loader: loader
+        try:
+            seq, lse = cuda.encode_fwd(x, keys, query, "attn", 5, 2, [], [])
+            grad = torch.ones_like(seq)
+            gx, gq = cuda.encode_bwd(grad, x, keys, query, seq, lse, "attn", 5, 2, [], [])
+            frames = cuda.expand_fwd(seq[:, :37], seq[:, 37:], keys, 7, 2)
+            results[name] = (seq, lse, gx, gq, frames) + cuda.expand_bwd(frames, keys, 3, 2)
+        finally:
+            cuda._loader = original
+    for a, b in zip(*results.values()):
+        assert torch.equal(a, b)
