@@ -51,6 +51,15 @@ def test_backward_ops_opcheck(backend):
     grad = torch.randn_like(seq)
     torch.library.opcheck(torch.ops.vtok.encode_backward.default,
                           (grad, x, keys, q, seq, lse, "attn", 2, 1, [], [], backend))
+    frames = torch.randn(6, 5, 8, device=device)
+    cu_frames = torch.tensor([0, 2, 6], device=device)
+    cu_tokens = torch.tensor([0, 5 + 1, 6 + 5 + 3], device=device)
+    varlen_keys = torch.tensor([1, 0], device=device)
+    seq, lse = torch.ops.vtok.encode_varlen(frames, cu_frames, cu_tokens, varlen_keys, q, "attn", 2, 1,
+                                            [], [], 4, 14, backend)
+    torch.library.opcheck(torch.ops.vtok.encode_varlen_backward.default,
+                          (torch.randn_like(seq), frames, cu_frames, cu_tokens, varlen_keys, q, seq, lse,
+                           "attn", 2, 1, [], [], 4, backend))
     grad_frames = torch.randn(2, 4, 5, 8, device=device)
     torch.library.opcheck(torch.ops.vtok.expand_backward.default, (grad_frames, keys, 3, 1, backend))
 
@@ -78,6 +87,14 @@ def test_compile_fullgraph_matches_eager(backend, pool):
     torch.testing.assert_close(loss, loss_ref)
     for g, r in zip(grads, grads_ref):
         torch.testing.assert_close(g, r)
+
+
+def test_compile_with_per_video_key_tensor():
+    torch._dynamo.reset()
+    x = torch.randn(3, 4, 5, 8)
+    keys = torch.tensor([0, -1, 2])
+    compiled = torch.compile(lambda x, k: vk.encode(x, k, backend="torch").sequence, fullgraph=True)
+    torch.testing.assert_close(compiled(x, keys), vk.reference.encode(x, keys))
 
 
 def test_compile_has_one_forward_op_per_encode():
