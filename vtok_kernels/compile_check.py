@@ -245,8 +245,8 @@ def cuda_rows(archs: Iterable[str]) -> list[Row]:
 
 
 def run(archs: list[str], quick: bool = False, jobs: Optional[int] = None,
-        kernel_filter: str = "") -> list[Row]:
-    cases = triton_cases(quick)
+        kernel_filter: str = "", sources: tuple = ("triton", "cuda")) -> list[Row]:
+    cases = triton_cases(quick) if "triton" in sources else []
     work = [(i, arch, quick) for arch in archs for i, case in enumerate(cases)
             if kernel_filter in case.kernel]
     jobs = jobs or os.cpu_count() or 1
@@ -255,7 +255,9 @@ def run(archs: list[str], quick: bool = False, jobs: Optional[int] = None,
             rows = list(pool.map(_compile_indexed, work))
     else:
         rows = [_compile_indexed(item) for item in work]
-    return rows + cuda_rows(archs)
+    if "cuda" in sources:
+        rows += [r for r in cuda_rows(archs) if kernel_filter in r.kernel]
+    return rows
 
 
 def format_table(rows: list[Row]) -> str:
@@ -299,6 +301,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="only the default config of each kernel, one attention head block")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    parser.add_argument("--source", choices=("all", "triton", "cuda"), default="all",
+                        help="which kernels: Triton, CUDA (rows from the cuda backend) or both")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: cores)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--txt", default=None, help="also write the table to this text file")
@@ -312,11 +316,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         # Compiling needs real JIT functions; under the interpreter triton.jit hands out
         # interpreted ones, so compile in a fresh process without it.
         env = dict(os.environ, TRITON_INTERPRET="0")
-        return subprocess.run([sys.executable, "-m", "vtok_kernels.compile_check", *(argv or sys.argv[1:])],
+        forwarded = list(argv) if argv is not None else sys.argv[1:]
+        return subprocess.run([sys.executable, "-m", "vtok_kernels.compile_check", *forwarded],
                               env=env).returncode
 
     start = time.perf_counter()
-    rows = run(archs, quick=args.quick, jobs=args.jobs, kernel_filter=args.kernel)
+    sources = ("triton", "cuda") if args.source == "all" else (args.source,)
+    rows = run(archs, quick=args.quick, jobs=args.jobs, kernel_filter=args.kernel,
+               sources=sources)
     table = format_table(rows)
     bad = failed(rows)
     summary = (f"{len(rows)} compiles in {time.perf_counter() - start:.0f}s; "
