@@ -130,7 +130,14 @@ inline void dispatch_dtype(DType dtype, F&& f) {
   }
 }
 
-inline int thread_count(int num_threads) { return num_threads < 1 ? 1 : num_threads; }
+// Threads worth waking for `elements` of work: a parallel region costs microseconds even on an
+// idle machine and can stall for a scheduler time slice on a busy one, so small problems run on
+// one thread. The result never changes the bits: the tasks do not depend on the thread count.
+inline int thread_count(int num_threads, int64_t elements) {
+  constexpr int64_t kElementsPerThread = int64_t(1) << 15;
+  const int64_t useful = std::max<int64_t>(1, elements / kElementsPerThread);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, useful)));
+}
 
 }  // namespace
 }  // namespace cpu

@@ -365,17 +365,21 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
   }
 }
 
+int64_t work(const EncodeParams& p) {
+  return p.batch * p.num_frames * p.num_patches * p.channels;
+}
+
 }  // namespace
 
 void encode_fwd(const EncodeParams& params, int num_threads) {
   dispatch_dtype(params.dtype, [&](auto tag) {
-    encode_fwd_impl<decltype(tag)>(params, thread_count(num_threads));
+    encode_fwd_impl<decltype(tag)>(params, thread_count(num_threads, work(params)));
   });
 }
 
 void encode_bwd(const EncodeBwdParams& params, int num_threads) {
   dispatch_dtype(params.fwd.dtype, [&](auto tag) {
-    encode_bwd_impl<decltype(tag)>(params, thread_count(num_threads));
+    encode_bwd_impl<decltype(tag)>(params, thread_count(num_threads, work(params.fwd)));
   });
 }
 

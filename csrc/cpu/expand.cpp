@@ -96,13 +96,15 @@ void expand_bwd_impl(const ExpandBwdParams& p, int num_threads) {
 
 void expand_fwd(const ExpandParams& params, int num_threads) {
   dispatch_dtype(params.dtype, [&](auto tag) {
-    expand_fwd_impl<decltype(tag)>(params, thread_count(num_threads));
+    const int64_t work = params.batch * params.num_frames * params.num_patches * params.channels;
+    expand_fwd_impl<decltype(tag)>(params, thread_count(num_threads, work));
   });
 }
 
 void expand_bwd(const ExpandBwdParams& params, int num_threads) {
   dispatch_dtype(params.dtype, [&](auto tag) {
-    expand_bwd_impl<decltype(tag)>(params, thread_count(num_threads));
+    const int64_t work = params.batch * params.num_frames * params.num_patches * params.channels;
+    expand_bwd_impl<decltype(tag)>(params, thread_count(num_threads, work));
   });
 }
 
