@@ -70,6 +70,15 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return proc.stdout
 
 
+def failure_reason(log: str) -> str:
+    """One line for vtok_kernels.info(): why the extension was not built, from the build log."""
+    if log.startswith(("built without", "pybind11 is not installed")):
+        return log
+    if "CMAKE_CXX_COMPILER" in log or "no suitable C++ compiler" in log.lower():
+        return "built without a C++ compiler: CMake found no usable one (install g++ or clang++)"
+    return "the C++ build failed: " + _tail(log, 8)
+
+
 class CMakeBuild(build_ext):
     def run(self) -> None:
         # As setuptools does: build into build_lib, then copy back for in-place / editable
@@ -121,9 +130,7 @@ class CMakeBuild(build_ext):
 
     @staticmethod
     def _reason(log: str) -> str:
-        if "No CMAKE_CXX_COMPILER could be found" in log or "CMAKE_CXX_COMPILER not set" in log:
-            return "built without a C++ compiler: CMake found none (install g++ or clang++)"
-        return "the C++ build failed: " + _tail(log, 8)
+        return failure_reason(log)
 
     def _cmake_build(self, ext: CMakeExtension, extdir: Path, skip_cuda: bool) -> str:
         cmake = _find_cmake()
@@ -158,9 +165,14 @@ class CMakeBuild(build_ext):
         return output
 
 
-setup(
-    packages=find_packages(include=["vtok_kernels", "vtok_kernels.*"]),
-    ext_modules=[CMakeExtension("vtok_kernels._C")],
-    cmdclass={"build_ext": CMakeBuild},
-    zip_safe=False,
-)
+def main() -> None:
+    setup(
+        packages=find_packages(include=["vtok_kernels", "vtok_kernels.*"]),
+        ext_modules=[CMakeExtension("vtok_kernels._C")],
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    main()
