@@ -486,3 +486,87 @@ def test_loaders_give_the_same_bits():
             cuda._loader = original
     for a, b in zip(*results.values()):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ CPU: the backend's marshalling
+
+class _FieldRecorder:
+    name = "recorder"
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, op):
+        return lambda fields, stream, device_index: self.calls.append((op, fields))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The cuda backend's ops on CPU tensors, with the launch replaced by a recorder."""
+    import contextlib
+
+    from vtok_kernels.backends import cuda
+
+    recorder = _FieldRecorder()
+    monkeypatch.setattr(cuda, "_loader", lambda: recorder)
+    monkeypatch.setattr(cuda, "_stream", lambda t: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return cuda, recorder
+
+
+def test_encode_marshals_strided_inputs_in_place(recorded):
+    cuda, recorder = recorded
+    x = torch.randn(3, 9, 14, 24)[:, ::2, ::2]  # frame and patch strides read in place
+    keys = torch.tensor([0, 4, 2])
+    query = torch.randn(24)
+    seq, lse = cuda.encode_fwd(x, keys, query, "attn", 3, 2, [], [])
+    assert seq.shape == (3, 7 + 2, 24) and lse.shape == (3, 2, 3)
+    op, p = recorder.calls[-1]
+    assert op == "encode_fwd"
+    assert p["x"] == x.data_ptr() and (p["x_stride_b"], p["x_stride_t"], p["x_stride_n"]) == x.stride()[:3]
+    assert (p["batch"], p["num_frames"], p["num_patches"], p["channels"]) == (3, 5, 7, 24)
+    assert (p["num_groups"], p["num_key_tokens"], p["num_heads"], p["pool"]) == (2, 7, 3, 1)
+    assert p["sequence"] == seq.data_ptr() and p["lse"] == lse.data_ptr() and p["cu_frames"] == 0
+    assert set(p) == set(cuda_nvrtc.ENCODE_PARAMS.names) - {"grid_h", "grid_w", "out_h", "out_w"}
+
+    grad_x, grad_q = cuda.encode_bwd(torch.randn_like(seq), x, keys, query, seq, lse, "attn", 3, 2, [], [])
+    op, bp = recorder.calls[-1]
+    assert grad_x.shape == x.shape and grad_x.is_contiguous() and grad_q.shape == (24,)
+    assert bp["grad_x"] == grad_x.data_ptr() and bp["grad_query"] == grad_q.data_ptr()
+    assert bp["workspace_elems"] == cuda_nvrtc.encode_bwd_workspace_elems(3, 7, 24, lse.numel())
+    assert set(bp) == set(cuda_nvrtc.ENCODE_BWD_PARAMS.names)
+
+
+def test_varlen_and_spatial_marshal_offsets_and_bins(recorded):
+    cuda, recorder = recorded
+    x = torch.randn(8, 12, 16).to(torch.bfloat16)
+    cu_frames = torch.tensor([0, 3, 8])
+    cu_tokens = torch.tensor([0, 6 + 2, 12 + 2 + 4])
+    seq, lse = cuda.encode_varlen_fwd(x, cu_frames, cu_tokens, torch.tensor([0, 4]), None, "mean", 1, 1,
+                                      [2, 3], [3, 4], 5, 18)
+    assert seq.shape == (18, 16) and lse.numel() == 0
+    _, p = recorder.calls[-1]
+    assert (p["cu_frames"], p["cu_tokens"], p["x_stride_b"]) == (cu_frames.data_ptr(), cu_tokens.data_ptr(), 0)
+    assert (p["batch"], p["num_frames"], p["spatial"], p["num_key_tokens"]) == (2, 5, True, 6)
+    assert (p["grid_h"], p["grid_w"], p["out_h"], p["out_w"], p["dtype"], p["lse"]) == (3, 4, 2, 3, 2, 0)
+
+
+def test_expand_marshals_strided_tokens(recorded):
+    cuda, recorder = recorded
+    seq = torch.randn(2, 7 + 3, 20).half()
+    frames = cuda.expand_fwd(seq[:, :7], seq[:, 7:], torch.tensor([0, 6]), 7, 2)
+    assert frames.shape == (2, 7, 7, 20)
+    _, p = recorder.calls[-1]
+    assert (p["key_stride_b"], p["key_stride_n"], p["res_stride_b"], p["res_stride_g"]) == (200, 20, 200, 20)
+    assert p["residual_tokens"] == seq[:, 7:].data_ptr() and p["num_groups"] == 3
+    grad_keys, grad_res = cuda.expand_bwd(torch.randn_like(frames), torch.tensor([0, 6]), 3, 2)
+    _, p = recorder.calls[-1]
+    assert grad_keys.shape == (2, 7, 20) and grad_res.shape == (2, 3, 20)
+    assert set(p) == set(cuda_nvrtc.EXPAND_BWD_PARAMS.names)
+
+
+def test_wide_heads_run_on_the_reference(recorded):
+    cuda, recorder = recorded
+    x = torch.randn(1, 3, 4, 800)
+    seq, lse = cuda.encode_fwd(x, torch.tensor([0]), torch.randn(800), "attn", 1, 1, [], [])
+    assert not recorder.calls and seq.shape == (1, 6, 800) and torch.isfinite(seq).all()
