@@ -117,38 +117,47 @@ def _check_pool(pool, query, num_heads, x: Tensor) -> Optional[Tensor]:
     return query.float().contiguous()
 
 
-def _key_tensor(key_index, num_frames: Sequence[int] | Tensor, device: torch.device) -> Tensor:
-    """Checks key_index against every video's frame count and returns it as int64 [B] in [0, T_b)."""
-    if isinstance(num_frames, Tensor):
-        lengths = num_frames
-        B = lengths.shape[0]
-    else:
-        B = len(num_frames)
-        lengths = None
+def _key_tensor(key_index, num_frames: Sequence[int], device: torch.device) -> Tensor:
+    """Checks key_index against every video's frame count; returns int64 [B] in [0, T_b).
+
+    An int key is checked on the host and costs no device synchronisation (CUDA-graph safe); a
+    tensor key must be read to be checked, except under torch.compile, where the check is a
+    device-side assert.
+    """
+    B = len(num_frames)
     if _is_int(key_index):
-        keys = torch.full((B,), key_index, dtype=torch.int64, device=device)
-    elif isinstance(key_index, Tensor):
-        if key_index.dtype.is_floating_point or key_index.dtype.is_complex or key_index.dtype == torch.bool:
-            raise TypeError(f"key_index: expected an int or an integer tensor, got dtype {key_index.dtype}")
-        if key_index.shape not in ((B,), ()):
-            raise ValueError(f"key_index: expected an int or a tensor of shape [B] = [{B}], got {tuple(key_index.shape)}")
-        if key_index.device != device:
-            raise ValueError(f"key_index: expected device {device} (x's), got {key_index.device}")
-        keys = key_index.to(torch.int64).expand(B).contiguous()
-    else:
+        for b, t in enumerate(num_frames):
+            if not -t <= key_index < t:
+                raise ValueError(
+                    f"key_index: {key_index} is out of range [-{t}, {t}) for video {b} of {t} frames"
+                )
+        normalized = [key_index + t if key_index < 0 else key_index for t in num_frames]
+        if len(set(normalized)) == 1:
+            return torch.full((B,), normalized[0], dtype=torch.int64, device=device)
+        return torch.tensor(normalized, dtype=torch.int64, device=device)
+    if not isinstance(key_index, Tensor):
         raise TypeError(f"key_index: expected an int or an integer tensor, got {type(key_index).__name__}")
-    if lengths is None:
+    if key_index.dtype.is_floating_point or key_index.dtype.is_complex or key_index.dtype == torch.bool:
+        raise TypeError(f"key_index: expected an int or an integer tensor, got dtype {key_index.dtype}")
+    if key_index.shape not in ((B,), ()):
+        raise ValueError(f"key_index: expected an int or a tensor of shape [B] = [{B}], got {tuple(key_index.shape)}")
+    if key_index.device != device:
+        raise ValueError(f"key_index: expected device {device} (x's), got {key_index.device}")
+    keys = key_index.to(torch.int64).expand(B)
+    if len(set(num_frames)) == 1:
+        lengths = torch.full((B,), num_frames[0], dtype=torch.int64, device=device)
+    else:
         lengths = torch.tensor(list(num_frames), dtype=torch.int64, device=device)
     out_of_range = (keys < -lengths) | (keys >= lengths)
     if torch.compiler.is_compiling():
         torch._assert_async(~out_of_range.any(), "key_index out of range")
     elif bool(out_of_range.any()):
         b = int(out_of_range.nonzero()[0, 0])
+        t = num_frames[b]
         raise ValueError(
-            f"key_index: {int(keys[b])} is out of range [-{int(lengths[b])}, {int(lengths[b])}) "
-            f"for video {b} of {int(lengths[b])} frames"
+            f"key_index: {int(keys[b])} is out of range [-{t}, {t}) for video {b} of {t} frames"
         )
-    return torch.where(keys < 0, keys + lengths, keys)
+    return torch.where(keys < 0, keys + lengths, keys).contiguous()
 
 
 # ----------------------------------------------------------------------------------- backend
