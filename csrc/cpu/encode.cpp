@@ -284,7 +284,8 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
 
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<Acc> key(C), d(C), grad_key(C), grad_groups(max_groups * C), dd(C);
+    std::vector<Acc> key(kPatchBlock * C), grad_key(kPatchBlock * C), d(C), dd(C);
+    std::vector<Acc> grad_groups(max_groups * C);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / blocks, n0 = (task % blocks) * kPatchBlock;
@@ -309,16 +310,22 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
       const Acc* gdr = attn ? grad_dot_r.data() + starts[b] * H : nullptr;
       const Acc* lse_b = attn ? lse.data() + starts[b] * H : nullptr;
 
-      for (int64_t n = n0; n < n0 + nb; ++n) {
-        Acc* VTOK_RESTRICT gk = grad_key.data();
+      // Frames outer, the block's patches inner: each frame's rows of the block are one
+      // contiguous stretch of x and grad_x (prefetcher- and TLB-friendly), while every patch
+      // still sums its key gradient over frames in the same order.
+      for (int64_t i = 0; i < nb; ++i) {
+        Acc* gk = grad_key.data() + i * C;
         std::fill(gk, gk + C, Acc(0));
-        key_token_grad(p, grad_key_tokens, n, gk);
-        if (attn) load_row(key.data(), x_row<T>(p, v, v.key, n), C);
-        for (int64_t rank = 0; rank < v.frames - 1; ++rank) {
-          const int64_t t = nonkey_frame(rank, v.key);
-          const int64_t g = rank / p.frames_per_token;
-          const Acc* VTOK_RESTRICT gr = grad_groups.data() + g * C;
-          T* VTOK_RESTRICT gx = grad_x + ((v.frame0 + t) * N + n) * C;
+        key_token_grad(p, grad_key_tokens, n0 + i, gk);
+        if (attn) load_row(key.data() + i * C, x_row<T>(p, v, v.key, n0 + i), C);
+      }
+      for (int64_t rank = 0; rank < v.frames - 1; ++rank) {
+        const int64_t t = nonkey_frame(rank, v.key);
+        const int64_t g = rank / p.frames_per_token;
+        const Acc* VTOK_RESTRICT gr = grad_groups.data() + g * C;
+        for (int64_t i = 0; i < nb; ++i) {
+          Acc* VTOK_RESTRICT gk = grad_key.data() + i * C;
+          T* VTOK_RESTRICT gx = grad_x + ((v.frame0 + t) * N + n0 + i) * C;
           if (!attn) {
             VTOK_SIMD
             for (int64_t c = 0; c < C; ++c) {
@@ -327,9 +334,9 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
             }
             continue;
           }
-          const T* VTOK_RESTRICT xt = x_row<T>(p, v, t, n);
+          const T* VTOK_RESTRICT xt = x_row<T>(p, v, t, n0 + i);
           Acc* VTOK_RESTRICT dv = d.data();
-          const Acc* VTOK_RESTRICT kv = key.data();
+          const Acc* VTOK_RESTRICT kv = key.data() + i * C;
           VTOK_SIMD
           for (int64_t c = 0; c < C; ++c) dv[c] = load(xt[c]) - kv[c];
           Acc* VTOK_RESTRICT ddv = dd.data();
@@ -351,8 +358,9 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
             gk[c] -= ddv[c];
           }
         }
-        store_row(grad_x + ((v.frame0 + v.key) * N + n) * C, gk, C);
       }
+      for (int64_t i = 0; i < nb; ++i)
+        store_row(grad_x + ((v.frame0 + v.key) * N + n0 + i) * C, grad_key.data() + i * C, C);
     }
   }
 
