@@ -1,0 +1,278 @@
+"""What the benchmark suite measures: shape presets, scales, and one callable per implementation.
+
+A row of the suite is (op, mode, implementation, preset, frames) on one device:
+
+* op: ``encode-mean``, ``encode-attn``, ``encode_varlen`` (mean pooling, videos of two lengths)
+  and ``expand``;
+* mode: ``fwd`` or ``fwd+bwd`` (the forward and the gradient of every input, through
+  ``torch.autograd.grad`` so that nothing accumulates between rounds);
+* implementation: a backend through the public API (``cuda``, ``triton``, ``cpu``, ``torch``),
+  ``reference`` (``vtok_kernels.reference`` called directly, eager) or ``compile``
+  (``torch.compile`` of the reference);
+* preset: an encoder's patch grid and width, at a frame count of the scale.
+
+Scales keep the suite affordable where it runs: the 2-core CPU runs one video of 16 frames of
+CLIP and SigLIP in float32; a GPU runs 8 videos of 16, 32 and 64 frames of every preset in
+bfloat16.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import vtok_kernels as vk
+from vtok_kernels import reference
+
+try:  # imported as benchmarks.cases (pytest, tests) or run from benchmarks/ as a script
+    from benchmarks import roofline
+except ImportError:  # pragma: no cover
+    import roofline
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A vision encoder's output per frame: an H x W patch grid of C channels."""
+
+    name: str
+    grid: tuple[int, int]
+    channels: int
+    description: str
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_heads(self) -> int:
+        # attention pooling heads of 64 channels, as the encoders' own attention uses
+        return max(1, self.channels // 64)
+
+
+PRESETS = {
+    "clip": Preset("clip", (24, 24), 1024, "CLIP-L/336: 24x24 x 1024"),
+    "siglip": Preset("siglip", (27, 27), 1152, "SigLIP-so400m/384: 27x27 x 1152"),
+    "vae": Preset("vae", (32, 32), 16, "VAE latent (SD3/FLUX, 256 px): 32x32 x 16"),
+    "tiny": Preset("tiny", (5, 3), 24, "tiny: 5x3 x 24 (tests of the suite itself)"),
+}
+
+OPS = ("encode-mean", "encode-attn", "encode_varlen", "expand")
+MODES = ("fwd", "fwd+bwd")
+BASELINES = ("reference", "compile")
+DEVICE_BACKENDS = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton")}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The shapes one device runs: batch, presets, frame counts, dtype, and where the slow
+    baselines stop."""
+
+    name: str
+    batch: int
+    presets: tuple[str, ...]
+    frames: tuple[int, ...]
+    dtype: torch.dtype
+    # torch.compile of the reference unrolls its per-video, per-group Python loops: compile time
+    # grows with B * G, so it runs at the smallest frame count only, and for these ops.
+    compile_ops: tuple[str, ...] = OPS
+    round_budget_s: float = 2.0  # timed seconds per row, split into rounds
+    min_rounds: int = 3
+    max_rounds: int = 30
+
+
+SCALES = {
+    "cpu": Scale("cpu", 1, ("clip", "siglip"), (16,), torch.float32),
+    "gpu": Scale("gpu", 8, ("clip", "siglip", "vae"), (16, 32, 64), torch.bfloat16,
+                 compile_ops=("encode-mean", "encode-attn"), round_budget_s=0.3, min_rounds=10,
+                 max_rounds=100),
+    "full": Scale("full", 8, ("clip", "siglip", "vae"), (16, 32, 64), torch.bfloat16,
+                  round_budget_s=0.5, min_rounds=10, max_rounds=100),
+    "tiny": Scale("tiny", 1, ("tiny",), (4,), torch.float32, round_budget_s=0.01, min_rounds=2,
+                  max_rounds=3),
+}
+DEFAULT_SCALE = {"cpu": "cpu", "cuda": "gpu"}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    mode: str
+    impl: str
+    preset: Preset
+    frames: int
+    batch: int
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def id(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"{self.device}-{self.op}-{self.mode}-{self.impl}-{self.preset.name}-"
+                f"B{self.batch}xT{self.frames}-{dtype}")
+
+    @property
+    def backward(self) -> bool:
+        return self.mode == "fwd+bwd"
+
+    @property
+    def pool(self) -> str:
+        return "attn" if self.op == "encode-attn" else "mean"
+
+    @property
+    def video_frames(self) -> tuple[int, ...]:
+        """Frames per video; varlen packs videos of T and T/2 frames (at least two videos)."""
+        if self.op == "encode_varlen":
+            videos = max(self.batch, 2)
+            return tuple(self.frames if b % 2 == 0 else max(1, self.frames // 2) for b in range(videos))
+        return (self.frames,) * self.batch
+
+    def bytes_moved(self) -> int:
+        e = torch.empty(0, dtype=self.dtype).element_size()
+        if self.op == "expand":
+            return roofline.expand_bytes(self.batch, self.frames, self.preset.num_patches,
+                                         self.preset.channels, e, backward=self.backward)
+        shape = roofline.EncodeShape(
+            self.video_frames, self.preset.num_patches, self.preset.channels, e, pool=self.pool,
+            num_heads=self.preset.num_heads if self.pool == "attn" else 1,
+        )
+        return roofline.encode_bytes(shape, backward=self.backward)
+
+
+def cases(device: str, scale: Scale) -> list[Case]:
+    """Every row of ``scale`` on ``device``, in the order they run."""
+    impls = DEVICE_BACKENDS[device] + BASELINES
+    rows = []
+    for preset in scale.presets:
+        for frames in scale.frames:
+            for op in OPS:
+                for mode in MODES:
+                    for impl in impls:
+                        if impl == "compile" and (frames != min(scale.frames) or op not in scale.compile_ops):
+                            continue
+                        rows.append(Case(op, mode, impl, PRESETS[preset], frames, scale.batch,
+                                         scale.dtype, device))
+    return rows
+
+
+# ------------------------------------------------------------------------------- callables
+@dataclass
+class Workload:
+    """The inputs of one row and the call that the row times."""
+
+    call: Callable[[], object]
+    inputs: dict = field(default_factory=dict)
+
+
+def _reference_fn(case: Case) -> Callable:
+    """The reference as a function of tensors only, so that torch.compile sees one signature."""
+    preset = case.preset
+    if case.op == "expand":
+        T = case.frames
+        return lambda key_tokens, residual_tokens: reference.expand(key_tokens, residual_tokens, 0, T)
+    if case.op == "encode_varlen":
+        return lambda x, cu_frames: reference.encode_varlen(x, cu_frames, 0, pool="mean")[0]
+    if case.pool == "attn":
+        heads = preset.num_heads
+        return lambda x, query: reference.encode(x, 0, pool="attn", query=query, num_heads=heads)
+    return lambda x: reference.encode(x, 0, pool="mean")
+
+
+def _backend_fn(case: Case) -> Callable:
+    preset, name = case.preset, case.impl
+    if case.op == "expand":
+        T = case.frames
+        return lambda key_tokens, residual_tokens: vk.expand(key_tokens, residual_tokens, 0, T, backend=name)
+    if case.op == "encode_varlen":
+        return lambda x, cu_frames: vk.encode_varlen(x, cu_frames, 0, pool="mean", backend=name).sequence
+    if case.pool == "attn":
+        heads = preset.num_heads
+        return lambda x, query: vk.encode(x, 0, pool="attn", query=query, num_heads=heads,
+                                          backend=name).sequence
+    return lambda x: vk.encode(x, 0, pool="mean", backend=name).sequence
+
+
+def make_inputs(case: Case, generator: Optional[torch.Generator] = None) -> dict:
+    """Fresh random inputs of the row (never zeros), on its device, in its dtype."""
+    device, dtype, preset = torch.device(case.device), case.dtype, case.preset
+    N, C = preset.num_patches, preset.channels
+
+    def randn(*shape, scale=1.0, dtype=dtype):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    grad = case.backward
+    if case.op == "expand":
+        G = case.frames - 1
+        return {"key_tokens": randn(case.batch, N, C).requires_grad_(grad),
+                "residual_tokens": randn(case.batch, G, C, scale=0.1).requires_grad_(grad)}
+    if case.op == "encode_varlen":
+        lengths = case.video_frames
+        offsets = [0]
+        for t in lengths:
+            offsets.append(offsets[-1] + t)
+        return {"x": randn(offsets[-1], N, C).requires_grad_(grad),
+                "cu_frames": torch.tensor(offsets, dtype=torch.int32, device=device)}
+    inputs = {"x": randn(case.batch, case.frames, N, C).requires_grad_(grad)}
+    if case.pool == "attn":
+        # scores of order one: the softmax neither collapses onto one patch nor flattens out
+        inputs["query"] = randn(C, scale=1.0 / math.sqrt(C), dtype=torch.float32).requires_grad_(grad)
+    return inputs
+
+
+def workload(case: Case) -> Workload:
+    """The timed call of ``case``: the forward, or the forward and the gradient of every
+    differentiable input for a random upstream gradient."""
+    inputs = make_inputs(case)
+    if case.impl == "reference":
+        fn = _reference_fn(case)
+    elif case.impl == "compile":
+        torch._dynamo.reset()  # each row compiles afresh: no recompilation limits, no dynamic shapes
+        fn = torch.compile(_reference_fn(case), dynamic=False)
+    else:
+        fn = _backend_fn(case)
+    args = list(inputs.values())
+    if not case.backward:
+        def call():
+            with torch.no_grad():
+                return fn(*args)
+        return Workload(call, inputs)
+    differentiable = [t for t in args if t.requires_grad]
+    upstream: list[torch.Tensor] = []  # made on the first call, which may also compile
+
+    def call():
+        out = fn(*args)
+        if not upstream:
+            upstream.append(torch.randn(out.shape, device=out.device).to(out.dtype))
+        return torch.autograd.grad(out, differentiable, upstream[0])
+
+    return Workload(call, inputs)
+
+
+# --------------------------------------------------------------------------------- memory
+def peak_memory(call: Callable[[], object], device: torch.device) -> tuple[Optional[int], str]:
+    """Bytes allocated by one call above what was live before it, and how they were measured.
+
+    On a GPU the caching allocator's peak. On the CPU the profiler's allocation events, summed
+    in time order: the peak of live tensor memory at the granularity of one aten op.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        live = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - live, "torch.cuda.max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted(
+        (e for e in prof.events() if e.self_cpu_memory_usage),
+        key=lambda e: e.time_range.start,
+    )
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak, "torch.profiler allocation events (per aten op)"

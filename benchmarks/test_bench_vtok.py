@@ -1,0 +1,110 @@
+"""The benchmark suite of vtok_kernels: every op x implementation x mode x shape preset.
+
+Commands (from the repository root)::
+
+    # the CPU rows (one video of 16 frames of CLIP and SigLIP, float32; ~8 minutes on 2 cores)
+    pytest benchmarks/ --benchmark-only -m "not gpu" --benchmark-json=bench-cpu.json
+    # the GPU rows (8 videos x 16/32/64 frames of CLIP, SigLIP and a VAE latent, bfloat16);
+    # benchmarks/gpu_proof.sh OUTDIR bench runs this
+    pytest benchmarks/ --benchmark-only -m gpu --benchmark-json=OUTDIR/bench.json
+    # then the committed record, its markdown table and plot, and the README table
+    python -m benchmarks.records bench-cpu.json
+
+``--bench-scale tiny|cpu|gpu|full`` (or ``VTOK_BENCH_SCALE``) changes the shapes (cases.py).
+``-k`` selects rows by id, ``{device}-{op}-{mode}-{impl}-{preset}-B{b}xT{t}-{dtype}``, e.g.
+``-k "encode-attn and cpu-"``.
+
+Each row times one call (the forward, or forward and backward) in pytest-benchmark's pedantic
+mode. On a GPU the timer reads CUDA events and the L2 cache is flushed before every round; on the
+CPU it is the host clock. ``extra_info`` holds what the records need: the bytes the op must move,
+the GB/s at the median time, the fraction of the copy bandwidth measured on the same device in
+the same run, the peak memory of one call, the first call's time (compilation, autotuning) and
+NVML telemetry before and after the timed rounds.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from benchmarks import cases, roofline
+from benchmarks.conftest import copy_bandwidth
+from vtok_kernels import backends, telemetry
+
+
+def _skip_unavailable(case: cases.Case) -> None:
+    if case.impl in cases.BASELINES:
+        return
+    if case.impl == "triton" and case.device == "cpu":
+        pytest.skip("triton on the CPU is its interpreter, meant for tests")
+    reason = backends.unavailable_reason(case.impl, case.device)
+    if reason is not None:
+        pytest.skip(f"backend {case.impl} unavailable on {case.device}: {reason}")
+    if case.dtype not in backends.get(case.impl).dtypes:
+        pytest.skip(f"backend {case.impl} has no {case.dtype}")
+
+
+def _rounds(seconds_per_call: float, scale: cases.Scale) -> int:
+    wanted = int(scale.round_budget_s / max(seconds_per_call, 1e-6))
+    return max(scale.min_rounds, min(scale.max_rounds, wanted))
+
+
+def test_bench(benchmark, case: cases.Case, request):
+    _skip_unavailable(case)
+    device = torch.device(case.device)
+    scale_name = request.config.getoption("--bench-scale") or cases.DEFAULT_SCALE[case.device]
+    scale = cases.SCALES[scale_name]
+    benchmark.group = f"{case.device} {case.op} {case.mode} {case.preset.name} B{case.batch}xT{case.frames}"
+
+    bandwidth = copy_bandwidth(device)
+    work = cases.workload(case)
+    start = time.perf_counter()
+    work.call()  # compilation, autotuning, allocator warm-up
+    roofline.synchronize(device)
+    first_call_s = time.perf_counter() - start
+    peak_bytes, peak_method = cases.peak_memory(work.call, device)
+    estimate = min(roofline.wall_time(work.call, device, repeats=1))
+
+    if benchmark.disabled:
+        return
+    setup = None
+    if device.type == "cuda":
+        # CUDA-event timing; no public API sets a per-test timer, so the fixture's own is replaced
+        benchmark._timer = roofline.CudaEventTimer()
+        setup = roofline.L2Flush(device)
+    before = telemetry.snapshot()
+    benchmark.pedantic(work.call, setup=setup, rounds=_rounds(estimate, scale), warmup_rounds=1,
+                       iterations=1)
+    after = telemetry.snapshot()
+
+    seconds = benchmark.stats.stats.median
+    moved = case.bytes_moved()
+    benchmark.extra_info.update({
+        "op": case.op,
+        "pool": case.pool,
+        "mode": case.mode,
+        "impl": case.impl,
+        "device": case.device,
+        "preset": case.preset.name,
+        "preset_description": case.preset.description,
+        "grid": list(case.preset.grid),
+        "channels": case.preset.channels,
+        "num_heads": case.preset.num_heads if case.pool == "attn" else 1,
+        "batch": case.batch,
+        "frames": case.frames,
+        "video_frames": list(case.video_frames),
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "scale": scale.name,
+        "timer": "cuda-events, L2 flushed" if device.type == "cuda" else "host perf_counter",
+        "bytes_moved": moved,
+        "gb_per_s": moved / seconds / 1e9,
+        "copy_gb_per_s": bandwidth["bytes_per_s"] / 1e9,
+        "roofline_fraction": moved / seconds / bandwidth["bytes_per_s"],
+        "peak_memory_bytes": peak_bytes,
+        "peak_memory_method": peak_method,
+        "first_call_s": first_call_s,
+        "threads": torch.get_num_threads(),
+        "telemetry_before": before,
+        "telemetry_after": after,
+    })
