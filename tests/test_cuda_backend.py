@@ -570,3 +570,135 @@ def test_wide_heads_run_on_the_reference(recorded):
     x = torch.randn(1, 3, 4, 800)
     seq, lse = cuda.encode_fwd(x, torch.tensor([0]), torch.randn(800), "attn", 1, 1, [], [])
     assert not recorder.calls and seq.shape == (1, 6, 800) and torch.isfinite(seq).all()
+
+
+# ------------------------------------------------------------------ CPU: the kernels, emulated
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The cuda backend on CPU tensors: the CuPy loader's launch plan, with every kernel body of
+    csrc/cuda run by the host emulator (tests/cuda_emulator), threads for lanes."""
+    import contextlib
+
+    from tests import cuda_emulator
+    from vtok_kernels.backends import cuda
+
+    reason = cuda_emulator.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    loader = cuda_emulator.EmulatedLoader()
+    monkeypatch.setattr(cuda, "_loader", lambda: loader)
+    monkeypatch.setattr(cuda, "_stream", lambda t: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return cuda
+
+
+def _emulated_encode(cuda, x, keys, query, pool, heads, fpt, spatial, grid):
+    seq, lse = cuda.encode_fwd(x, keys, query, pool, heads, fpt, spatial, grid)
+    x64 = x.detach().double().requires_grad_(True)
+    q64 = query.double().requires_grad_(True) if query is not None else None
+    options = dict(pool=pool, num_heads=heads, frames_per_token=fpt, spatial=tuple(spatial) or None,
+                   grid=tuple(grid) or None)
+    ref, ref_lse = reference.encode(x64, keys, query=q64, return_lse=True, **options)
+    grad = torch.randn(ref.shape).to(x.dtype)
+    inputs = [x64] + ([q64] if q64 is not None else [])
+    grads = torch.autograd.grad(ref, inputs, grad.double(), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+    grad_x, grad_q = cuda.encode_bwd(grad, x, keys, query, seq, lse, pool, heads, fpt, spatial, grid)
+    return (seq, ref.detach(), lse, ref_lse.detach(), grad_x, grads[0], grad_q,
+            grads[1] if query is not None else None)
+
+
+EMULATED = [
+    # (id, shape, pool, heads, fpt, spatial, grid, channel offset, frame step)
+    ("mean-fpt2", (2, 5, 37, 48), "mean", 1, 2, [], [], 0, 1),
+    ("attn-3heads", (2, 5, 37, 48), "attn", 3, 1, [], [], 0, 1),
+    ("attn-misaligned-scalar", (2, 4, 15, 48), "attn", 2, 3, [], [], 1, 1),
+    ("mean-misaligned-spatial", (2, 4, 15, 40), "mean", 1, 1, [2, 3], [3, 5], 3, 1),
+    ("attn-spatial-overlap-framestrided", (2, 9, 15, 32), "attn", 1, 2, [2, 3], [3, 5], 0, 2),
+    ("attn-T1", (2, 1, 9, 32), "attn", 2, 1, [], [], 0, 1),
+    ("attn-C-odd", (1, 4, 9, 21), "attn", 3, 1, [], [], 0, 1),
+]
+
+
+# 16-bit types on the cases that reach both the vector and the scalar paths; float32 on all.
+_SIXTEEN_BIT_CASES = ("attn-3heads", "attn-misaligned-scalar", "mean-misaligned-spatial")
+EMULATED_PARAMS = [
+    pytest.param(case, dtype, id=f"{case[0]}-{DTYPE_ID(dtype)}")
+    for case in EMULATED for dtype in LOW_PRECISION
+    if dtype == torch.float32 or case[0] in _SIXTEEN_BIT_CASES
+]
+
+
+@pytest.mark.parametrize("case, dtype", EMULATED_PARAMS)
+def test_emulated_encode_matches_reference(emulated, case, dtype):
+    _, shape, pool, heads, fpt, spatial, grid, offset, step = case
+    storage = features(shape[:-1] + (shape[-1] + offset,), dtype)
+    x = storage[:, ::step, ..., offset:]
+    keys = torch.randint(0, x.shape[1], (shape[0],))
+    query = torch.randn(shape[-1]) if pool == "attn" else None
+    seq, ref, lse, ref_lse, gx, ref_gx, gq, ref_gq = _emulated_encode(emulated, x, keys, query, pool, heads, fpt,
+                                                                     spatial, grid)
+    assert_close(seq, ref.to(dtype), dtype, "sequence")
+    if pool == "attn" and lse.numel():
+        assert_close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")
+    assert_close(gx, ref_gx, dtype, "grad x")
+    if query is not None:
+        assert_close(gq, ref_gq, dtype, "grad query")
+
+
+@pytest.mark.parametrize("pool", ["mean", "attn"])
+def test_emulated_varlen_matches_reference(emulated, pool):
+    dtype = torch.bfloat16
+    lengths, N, C = [3, 1, 5], 9, 40
+    x = features((sum(lengths), N, C), dtype)
+    cu_frames = torch.tensor([0, 3, 4, 9])
+    keys = torch.tensor([2, 0, 1])
+    query = torch.randn(C) if pool == "attn" else None
+    S, groups = 4, [1, 0, 2]
+    cu_tokens = torch.tensor([0, S + 1, 2 * S + 1, 3 * S + 3])
+    seq, lse = emulated.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool, 2 if query is not None else 1,
+                                          2, [2, 2], [3, 3], 5, 3 * S + 3)
+    x64 = x.double().requires_grad_(True)
+    q64 = query.double().requires_grad_(True) if query is not None else None
+    ref, _ = reference.encode_varlen(x64, cu_frames, keys, pool=pool, query=q64, num_heads=2 if query is not None else 1,
+                                     frames_per_token=2, spatial=(2, 2), grid=(3, 3))
+    grad = torch.randn(ref.shape).to(dtype)
+    grads = torch.autograd.grad(ref, [x64] + ([q64] if q64 is not None else []), grad.double())
+    gx, gq = emulated.encode_varlen_bwd(grad, x, cu_frames, cu_tokens, keys, query, seq, lse, pool,
+                                        2 if query is not None else 1, 2, [2, 2], [3, 3], 5)
+    assert_close(seq, ref.detach().to(dtype), dtype, "varlen sequence")
+    assert_close(gx, grads[0], dtype, "varlen grad x")
+    if query is not None:
+        assert_close(gq, grads[1], dtype, "varlen grad query")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_ID)
+@pytest.mark.parametrize("T, fpt, offset", [(7, 2, 0), (6, 1, 1), (1, 1, 0)])
+def test_emulated_expand_matches_reference(emulated, T, fpt, offset, dtype):
+    B, N, C = 2, 11, 24
+    G = reference.num_groups(T, fpt)
+    tokens = features((B, N + G, C + offset), dtype)[..., offset:]
+    keys = torch.tensor([0, T - 1])
+    frames = emulated.expand_fwd(tokens[:, :N], tokens[:, N:], keys, T, fpt)
+    k64 = tokens[:, :N].double().requires_grad_(True)
+    r64 = tokens[:, N:].double().requires_grad_(True)
+    ref = reference.expand(k64, r64, keys, T, fpt)
+    grad = torch.randn(ref.shape).to(dtype)
+    ref_gk, ref_gr = torch.autograd.grad(ref, [k64, r64], grad.double(), allow_unused=True)
+    grad_keys, grad_res = emulated.expand_bwd(grad, keys, G, fpt)
+    assert_close(frames, ref.detach(), dtype, "expand")
+    assert_close(grad_keys, ref_gk, dtype, "expand grad key")
+    if G:
+        assert_close(grad_res, ref_gr, dtype, "expand grad residual")
+
+
+def test_emulated_backward_is_deterministic(emulated):
+    x = features((2, 5, 37, 48), torch.bfloat16)
+    keys = torch.tensor([1, 4])
+    query = torch.randn(48)
+    seq, lse = emulated.encode_fwd(x, keys, query, "attn", 3, 2, [], [])
+    grad = torch.randn(seq.shape).to(torch.bfloat16)
+    first = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 3, 2, [], [])
+    again = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 3, 2, [], [])
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])

@@ -78,6 +78,42 @@ inline RowPlan plan_segments(int64_t channels, int vec, bool attn, int64_t num_h
 #endif
 
 __device__ __forceinline__ float to_float(float v) { return v; }
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+#if defined(VTOK_CUDA_EMULATION)
+// tests/cuda_emulator runs these kernels on the host (threads for lanes): same rounding
+// (round to nearest even) without PTX.
+__device__ __forceinline__ float to_float(half_t v) {
+  _Float16 h;
+  __builtin_memcpy(&h, &v.bits, 2);
+  return static_cast<float>(h);
+}
+__device__ __forceinline__ float to_float(bf16_t v) {
+  return __uint_as_float(static_cast<unsigned int>(v.bits) << 16);
+}
+template <>
+__device__ __forceinline__ half_t from_float<half_t>(float v) {
+  const _Float16 h = static_cast<_Float16>(v);
+  half_t out;
+  __builtin_memcpy(&out.bits, &h, 2);
+  return out;
+}
+template <>
+__device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
+  const unsigned int bits = __float_as_uint(v);
+  bf16_t out;
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    out.bits = static_cast<unsigned short>((bits >> 16) | 0x40u);  // quiet NaN
+  } else {
+    out.bits = static_cast<unsigned short>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+  return out;
+}
+#else
 __device__ __forceinline__ float to_float(half_t v) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
@@ -85,13 +121,6 @@ __device__ __forceinline__ float to_float(half_t v) {
 }
 __device__ __forceinline__ float to_float(bf16_t v) {
   return __uint_as_float(static_cast<unsigned int>(v.bits) << 16);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
 }
 template <>
 __device__ __forceinline__ half_t from_float<half_t>(float v) {
@@ -105,6 +134,7 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
   return h;
 }
+#endif
 
 // A 32-bit word holds 4 / sizeof(T) elements; going through words (not a union with uint4)
 // keeps 128-bit accesses in registers.
