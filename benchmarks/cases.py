@@ -7,8 +7,10 @@ A row of the suite is (op, mode, implementation, preset, frames) on one device:
 * mode: ``fwd`` or ``fwd+bwd`` (the forward and the gradient of every input, through
   ``torch.autograd.grad`` so that nothing accumulates between rounds);
 * implementation: a backend through the public API (``cuda``, ``triton``, ``cpu``, ``torch``),
-  ``reference`` (``vtok_kernels.reference`` called directly, eager) or ``compile``
-  (``torch.compile`` of the reference);
+  or a baseline: ``reference`` (``vtok_kernels.reference`` called directly, eager), ``compile``
+  (``torch.compile`` of the reference), and for batched encode ``naive`` (the vectorised PyTorch a
+  user would write, DESIGN section 1: it materialises the residual [B, T-1, N, C]) and
+  ``compile-naive``;
 * preset: an encoder's patch grid and width, at a frame count of the scale.
 
 Scales keep the suite affordable where it runs: the 2-core CPU runs one video of 16 frames of
@@ -60,7 +62,8 @@ PRESETS = {
 
 OPS = ("encode-mean", "encode-attn", "encode_varlen", "expand")
 MODES = ("fwd", "fwd+bwd")
-BASELINES = ("reference", "compile")
+BASELINES = ("reference", "compile", "naive", "compile-naive")
+NAIVE_OPS = ("encode-mean", "encode-attn")
 DEVICE_BACKENDS = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton")}
 
 
@@ -151,6 +154,8 @@ def cases(device: str, scale: Scale) -> list[Case]:
                     for impl in impls:
                         if impl == "compile" and (frames != min(scale.frames) or op not in scale.compile_ops):
                             continue
+                        if impl.endswith("naive") and op not in NAIVE_OPS:
+                            continue
                         rows.append(Case(op, mode, impl, PRESETS[preset], frames, scale.batch,
                                          scale.dtype, device))
     return rows
@@ -177,6 +182,30 @@ def _reference_fn(case: Case) -> Callable:
         heads = preset.num_heads
         return lambda x, query: reference.encode(x, 0, pool="attn", query=query, num_heads=heads)
     return lambda x: reference.encode(x, 0, pool="mean")
+
+
+def naive_encode(x: torch.Tensor, query: Optional[torch.Tensor], pool: str, num_heads: int) -> torch.Tensor:
+    """x: [B, T, N, C] -> [B, N + T - 1, C] (key frame 0, one frame per token) in whole-tensor
+    PyTorch ops: the residual [B, T-1, N, C] is materialised, and autograd keeps it."""
+    B, T, N, C = x.shape
+    key = x[:, 0]
+    residual = x[:, 1:].float() - key[:, None].float()
+    if pool == "mean":
+        tokens = residual.mean(dim=2)
+    else:
+        c = C // num_heads
+        d = residual.reshape(B, T - 1, N, num_heads, c)
+        scores = torch.einsum("btnhc,hc->btnh", d, query.reshape(num_heads, c)) / math.sqrt(c)
+        weights = torch.softmax(scores, dim=2)
+        tokens = torch.einsum("btnh,btnhc->bthc", weights, d).reshape(B, T - 1, C)
+    return torch.cat([key, tokens.to(x.dtype)], dim=1)
+
+
+def _naive_fn(case: Case) -> Callable:
+    if case.pool == "attn":
+        heads = case.preset.num_heads
+        return lambda x, query: naive_encode(x, query, "attn", heads)
+    return lambda x: naive_encode(x, None, "mean", 1)
 
 
 def _backend_fn(case: Case) -> Callable:
@@ -226,9 +255,11 @@ def workload(case: Case) -> Workload:
     inputs = make_inputs(case)
     if case.impl == "reference":
         fn = _reference_fn(case)
-    elif case.impl == "compile":
+    elif case.impl == "naive":
+        fn = _naive_fn(case)
+    elif case.impl in ("compile", "compile-naive"):
         torch._dynamo.reset()  # each row compiles afresh: no recompilation limits, no dynamic shapes
-        fn = torch.compile(_reference_fn(case), dynamic=False)
+        fn = torch.compile(_reference_fn(case) if case.impl == "compile" else _naive_fn(case), dynamic=False)
     else:
         fn = _backend_fn(case)
     args = list(inputs.values())
