@@ -6,7 +6,7 @@
 #   tests     pytest -m gpu (every GPU-marked test)                       -> OUTDIR/tests.{log,xml}
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over every CUDA op on small
 #             shapes (benchmarks/sanitize_driver.py), for each loader present -> OUTDIR/sanitize-*.log
-#   bench     pytest-benchmark GPU suites (-k gpu)                         -> OUTDIR/bench.{log,json}
+#   bench     the pytest-benchmark suite's GPU rows (-m gpu)                -> OUTDIR/bench.{log,json}
 #
 # Builds the extension first if it is missing or was built without CUDA. Each stage runs under a
 # 9-minute limit. Writes OUTDIR/summary.txt; exits non-zero if any stage failed, and at once on
@@ -146,12 +146,12 @@ run_sanitize() {
 }
 
 run_bench() {
-  timeout "$STAGE_LIMIT" "$PY" -m pytest benchmarks -k gpu --benchmark-only -q -p no:cacheprovider \
+  timeout "$STAGE_LIMIT" "$PY" -m pytest benchmarks -m gpu --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$OUTDIR/bench.json" >"$OUTDIR/bench.log" 2>&1
   local status=$?
   case $status in
     0) record bench ok "$(tail -n 1 "$OUTDIR/bench.log")" ;;
-    5) record bench FAIL "no GPU benchmarks collected under benchmarks/ (-k gpu)" ;;
+    5) record bench FAIL "no GPU benchmarks collected under benchmarks/ (-m gpu)" ;;
     *) record bench FAIL "exit $status, see bench.log" ;;
   esac
 }
