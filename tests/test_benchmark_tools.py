@@ -1,0 +1,247 @@
+"""The benchmark tooling: roofline byte counts, NVML telemetry with and without NVML, the records
+script, backend="auto" from a record, and one small end-to-end run of the suite."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import records, roofline
+from vtok_kernels import selection, telemetry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------- roofline
+def test_encode_bytes_by_hand():
+    # 2 videos of 5 frames, N = 6, C = 8, bfloat16 (2 bytes): x is 2*5*6*8*2 = 960 bytes,
+    # the sequence 2*(6 + 4) tokens * 8 * 2 = 320 bytes.
+    mean = roofline.EncodeShape((5, 5), 6, 8, 2)
+    assert roofline.encode_bytes(mean) == 960 + 320
+    # backward of mean: grad_sequence read, grad_x written; x itself is not needed
+    assert roofline.encode_bytes(mean, backward=True) == (960 + 320) + (320 + 960)
+    attn = roofline.EncodeShape((5, 5), 6, 8, 2, pool="attn", num_heads=2)
+    lse, query, residual_tokens = 2 * 4 * 2 * 4, 8 * 4, 2 * 4 * 8 * 2
+    forward = 960 + 320 + lse + query
+    assert roofline.encode_bytes(attn) == forward
+    assert roofline.encode_bytes(attn, backward=True) == forward + 320 + 960 + 960 + residual_tokens + lse + 2 * query
+
+
+def test_encode_bytes_varlen_groups_and_spatial():
+    # videos of 4 and 1 frames, 2 frames per token: G = 2 and 0; spatial pooling keeps 4 tokens
+    shape = roofline.EncodeShape((4, 1), 9, 3, 4, frames_per_token=2, num_key_tokens=4)
+    assert shape.total_groups == 2 and shape.total_tokens == 2 * 4 + 2
+    assert roofline.encode_bytes(shape) == 5 * 9 * 3 * 4 + 10 * 3 * 4
+
+
+def test_expand_bytes_by_hand():
+    # B=2, T=4, N=5, C=3, float32: tokens 2*(5+3)*3*4 = 192, frames 2*4*5*3*4 = 480
+    assert roofline.expand_bytes(2, 4, 5, 3, 4) == 192 + 480
+    assert roofline.expand_bytes(2, 4, 5, 3, 4, backward=True) == 2 * (192 + 480)
+    assert roofline.expand_bytes(1, 5, 2, 1, 2, frames_per_token=3) == (2 + 2) * 2 + 5 * 2 * 2
+
+
+def test_copy_bandwidth_is_measured():
+    bw = roofline.copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, repeats=2)
+    assert bw["bytes_per_s"] >= bw["median_bytes_per_s"] > 0
+    assert bw["buffer_bytes"] == 1 << 20
+
+
+# --------------------------------------------------------------------------------- telemetry
+@pytest.fixture
+def fresh_telemetry(monkeypatch):
+    """telemetry with its NVML state forgotten, restored afterwards."""
+    monkeypatch.setattr(telemetry, "_nvml", None)
+    monkeypatch.setattr(telemetry, "_nvml_error", None)
+    return telemetry
+
+
+def test_telemetry_without_nvml_package(fresh_telemetry, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
+    for reading in (fresh_telemetry.snapshot(), fresh_telemetry.device_info()):
+        assert reading["nvml"] is False
+        assert "nvidia-ml-py" in reading["reason"]
+    json.dumps(fresh_telemetry.snapshot())
+
+
+def test_telemetry_without_driver(fresh_telemetry, monkeypatch):
+    fake = types.ModuleType("pynvml")
+
+    def no_driver():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = no_driver
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    reading = fresh_telemetry.snapshot()
+    assert reading["nvml"] is False and "Not Found" in reading["reason"]
+    assert fresh_telemetry.unavailable_reason() == reading["reason"]
+
+
+def test_telemetry_reads_a_device(fresh_telemetry, monkeypatch):
+    """The NVML path, against a stand-in NVML that answers like a throttled GPU."""
+    fake = types.ModuleType("pynvml")
+    fake.NVML_CLOCK_SM, fake.NVML_CLOCK_MEM, fake.NVML_TEMPERATURE_GPU = 0, 2, 0
+    fake.nvmlClocksEventReasonGpuIdle = 0x1
+    fake.nvmlClocksEventReasonSwPowerCap = 0x4
+    fake.nvmlClocksEventReasonHwSlowdown = 0x8
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetHandleByIndex = lambda i: ("gpu", i)
+    fake.nvmlDeviceGetClockInfo = lambda h, kind: {0: 1755, 2: 2619}[kind]
+    fake.nvmlDeviceGetPowerUsage = lambda h: 412_345
+    fake.nvmlDeviceGetTemperature = lambda h, sensor: 61
+    fake.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=99, memory=80)
+    fake.nvmlDeviceGetCurrentClocksEventReasons = lambda h: 0x4 | 0x8
+    fake.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"
+    fake.nvmlSystemGetDriverVersion = lambda: "570.1"
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 << 30)
+    fake.nvmlDeviceGetMaxClockInfo = lambda h, kind: {0: 1980, 2: 2619}[kind]
+
+    def unsupported(h):
+        raise RuntimeError("Not Supported")
+
+    fake.nvmlDeviceGetEnforcedPowerLimit = unsupported
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    snap = fresh_telemetry.snapshot()
+    assert snap["nvml"] is True
+    assert (snap["sm_clock_mhz"], snap["memory_clock_mhz"], snap["temperature_c"]) == (1755, 2619, 61)
+    assert snap["power_w"] == pytest.approx(412.345)
+    assert snap["throttle_reasons"] == ["sw_power_cap", "hw_slowdown"]
+    info = fresh_telemetry.device_info()
+    assert info["name"] == "NVIDIA H100 80GB HBM3" and info["driver"] == "570.1"
+    assert info["power_limit_w"] is None  # an unsupported field reads None, it does not raise
+
+
+# ----------------------------------------------------------------------------------- records
+def _bench(device, impl, op, mode, median_s, preset="clip", frames=16, peak=1 << 20):
+    moved = 10**9
+    return {
+        "name": f"test_bench[{device}-{op}-{mode}-{impl}]",
+        "stats": {"median": median_s, "min": median_s * 0.9, "mean": median_s, "stddev": 0.0,
+                  "iqr": 0.0, "rounds": 5},
+        "extra_info": {
+            "op": op, "pool": "attn" if op == "encode-attn" else "mean", "mode": mode,
+            "impl": impl, "device": device, "preset": preset, "batch": 8, "frames": frames,
+            "dtype": "bfloat16", "scale": "gpu" if device == "cuda" else "cpu",
+            "bytes_moved": moved, "copy_gb_per_s": 100.0 if device == "cpu" else 3000.0,
+            "peak_memory_bytes": peak, "first_call_s": 0.5,
+        },
+    }
+
+
+def _sample_json() -> dict:
+    benches = []
+    for op in ("encode-mean", "encode-attn", "expand"):
+        for mode in ("fwd", "fwd+bwd"):
+            benches += [
+                _bench("cuda", "cuda", op, mode, 0.002),
+                _bench("cuda", "triton", op, mode, 0.001 if op == "expand" else 0.003),
+                _bench("cuda", "reference", op, mode, 0.1, peak=1 << 30),
+                _bench("cuda", "compile", op, mode, 0.02),
+                _bench("cpu", "cpu", op, mode, 0.05),
+                _bench("cpu", "torch", op, mode, 0.5),
+            ]
+    return {
+        "datetime": "2026-11-25T12:00:00+00:00",
+        "machine_info": {"vtok": {
+            "versions": {"torch": "2.13.0"},
+            "gpu": {"name": "NVIDIA H100 80GB HBM3"},
+            "host_at_end": {"cpu": "Intel(R) Xeon(R) Processor", "torch_threads": 2,
+                            "load_average": [1.0, 1.0, 1.0], "cpu_count": 2},
+            "copy_bandwidth": {"cpu": {"bytes_per_s": 1e11, "median_bytes_per_s": 9e10, "repeats": 5},
+                               "cuda": {"bytes_per_s": 3e12, "median_bytes_per_s": 2.9e12, "repeats": 20}},
+            "scale": {"cpu": "cpu", "cuda": "gpu"},
+        }},
+        "benchmarks": benches + [{"name": "test_other", "stats": {}, "extra_info": {}}],
+    }
+
+
+def test_records_split_by_device_and_compute_roofline():
+    recs = records.records_from_benchmark_json(_sample_json())
+    assert [r["device"]["kind"] for r in recs] == ["cpu", "cuda"]
+    cpu, cuda = recs
+    assert cpu["device"]["slug"] == "cpu-intel-xeon-processor-2t"
+    assert cuda["device"]["slug"] == "nvidia-h100-80gb-hbm3"
+    assert records.record_stem(cuda) == "nvidia-h100-80gb-hbm3-2026-11-25"
+    row = next(r for r in cuda["rows"] if r["impl"] == "cuda")
+    assert row["gb_per_s"] == pytest.approx(500.0)  # 1e9 bytes in 2 ms
+    assert row["roofline_fraction"] == pytest.approx(500.0 / 3000.0)
+    assert len(cuda["rows"]) == 3 * 2 * 4 and len(cpu["rows"]) == 3 * 2 * 2
+
+
+def test_records_write_tables_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    recs = records.records_from_benchmark_json(_sample_json())
+    # one plot is enough to prove the plotting (matplotlib is the slow part)
+    paths = [p for r in recs for p in records.write_record(r, tmp_path, with_plot=r["device"]["kind"] == "cuda")]
+    assert {p.suffix for p in paths} == {".json", ".md", ".png"}
+    assert all(p.stat().st_size > 0 for p in paths)
+    written = records.regenerate(tmp_path, tmp_path / "_measured_order.py")
+    table = written[0].read_text()
+    assert "NVIDIA H100 80GB HBM3" in table and "| encode-attn | fwd+bwd |" in table
+    # the compile baseline took 20 ms, the reference 100 ms, the cuda backend 2 ms
+    assert "| 10.0× |" in table
+    reread = records.load_records(tmp_path)
+    assert sorted(r["device"]["kind"] for r in reread) == ["cpu", "cuda"]
+
+
+# --------------------------------------------------------------------------------- selection
+def test_measured_order_from_a_record():
+    table = records.measured_order(records.records_from_benchmark_json(_sample_json()))
+    assert table["by_kind"]["cuda"]["encode"] == ["cuda", "triton"]
+    assert table["by_kind"]["cuda"]["expand"] == ["triton", "cuda"]
+    assert table["by_device"]["NVIDIA H100 80GB HBM3"]["expand"] == ["triton", "cuda"]
+    assert table["by_kind"]["cpu"]["encode"] == ["cpu", "torch"]
+    assert "reference" not in table["by_kind"]["cuda"]["encode"]  # baselines are never picked
+
+
+def test_selection_order_prefers_the_device_then_the_kind_then_the_default():
+    by_device = {"NVIDIA H100 80GB HBM3": {"expand": ["triton", "cuda"]}}
+    by_kind = {"cuda": {"expand": ["cuda", "triton"]}, "cpu": {"encode": ["torch", "triton", "cpu"]}}
+    h100 = selection.order("cuda", "expand", "NVIDIA H100 80GB HBM3", by_device, by_kind)
+    assert h100 == ["triton", "cuda", "torch"]
+    assert selection.order("cuda", "expand", "NVIDIA A100", by_device, by_kind) == ["cuda", "triton", "torch"]
+    assert selection.order("cuda", "encode", None, by_device, by_kind) == ["cuda", "triton", "torch"]
+    # a CPU record can reorder cpu and torch but never makes "auto" pick interpreted Triton
+    assert selection.order("cpu", "encode", None, by_device, by_kind) == ["torch", "cpu"]
+
+
+def test_pick_returns_an_available_backend():
+    name = selection.pick(torch.device("cpu"), torch.float32)
+    assert name in ("cpu", "torch")
+    assert selection.pick(torch.device("cpu"), torch.float64, op="expand") in ("cpu", "torch")
+
+
+def test_committed_selection_table_matches_the_committed_records():
+    """vtok_kernels/_measured_order.py is what records.py makes of benchmarks/results/."""
+    generated = ROOT / "vtok_kernels" / "_measured_order.py"
+    if not generated.exists():
+        pytest.skip("no selection table generated yet")
+    committed = records.load_records(ROOT / "benchmarks" / "results")
+    assert generated.read_text() == records.selection_module(committed)
+
+
+# ------------------------------------------------------------------------------ the suite
+def test_suite_runs_end_to_end(tmp_path):
+    """A few rows of the suite at the tiny scale, then the records script on its JSON."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "--bench-scale", "tiny",
+           "-m", "not gpu", "-k", "encode-attn and not compile and not torch", "-q", "-p", "no:cacheprovider",
+           f"--benchmark-json={out}"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (record,) = records.records_from_benchmark_json(data)
+    impls = {row["impl"] for row in record["rows"]}
+    assert {"reference", "naive"} <= impls
+    assert {row["mode"] for row in record["rows"]} == {"fwd", "fwd+bwd"}
+    for row in record["rows"]:
+        assert row["median_s"] > 0 and row["gb_per_s"] > 0 and 0 < row["roofline_fraction"]
+        assert row["peak_memory_bytes"] is not None
+        assert row["telemetry_before"]["nvml"] in (True, False)
+    assert record["copy_bandwidth"]["bytes_per_s"] > 0
+    assert record["load"]["at_end"] is not None
