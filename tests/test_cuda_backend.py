@@ -289,6 +289,18 @@ def test_availability_reasons():
     assert backends.get("cuda").loader in ("extension", "cupy-nvrtc", "")
 
 
+def test_extension_arch_covers_same_major_devices_only():
+    from vtok_kernels.backends.cuda import _extension_arch_reason
+
+    class Built:
+        cuda_archs = "80,90a"
+
+    for capability in ((8, 0), (8, 6), (8, 9), (9, 0)):
+        assert _extension_arch_reason(Built, capability) is None, capability
+    reason = _extension_arch_reason(Built, (10, 0))
+    assert reason is not None and 'VTOK_CUDA_ARCHS="100"' in reason
+
+
 def test_unknown_loader_is_a_value_error():
     from vtok_kernels.backends import cuda
 

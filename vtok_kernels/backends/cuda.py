@@ -121,6 +121,47 @@ def _default_loader_name() -> str:
     return ""
 
 
+def _extension_arch_reason(module, capability: tuple[int, int]) -> Optional[str]:
+    """None if the extension holds code for a device of ``capability``, else why not.
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y; an "a" arch (sm_90a) only on itself."""
+    archs = [a.strip() for a in str(getattr(module, "cuda_archs", "")).split(",") if a.strip()]
+    for arch in archs:
+        digits = arch.rstrip("a")
+        if not digits.isdigit():
+            continue
+        major, minor = int(digits[:-1]), int(digits[-1])
+        if arch.endswith("a") and capability == (major, minor):
+            return None
+        if not arch.endswith("a") and capability[0] == major and capability[1] >= minor:
+            return None
+    sm = f"{capability[0]}{capability[1]}"
+    return (f"vtok_kernels._C holds CUDA code for {','.join(archs) or 'no arch'}, not this sm_{sm} device; "
+            f"rebuild with VTOK_CUDA_ARCHS=\"{sm}\" pip install --no-build-isolation -e .")
+
+
+_device_loader: dict = {}
+
+
+def _device_loader_name() -> tuple[str, Optional[str]]:
+    """(loader for the current CUDA device, None) or ("", why none can run there)."""
+    capability = torch.cuda.get_device_capability()
+    if capability in _device_loader:
+        return _device_loader[capability]
+    name = _default_loader_name()
+    reason = loader_reason(name) if name else None
+    if name == "extension" and reason is None and not os.environ.get("VTOK_CUDA_LOADER"):
+        reason = _extension_arch_reason(_extension_module()[0], capability)
+        if reason is not None and loader_reason("cupy-nvrtc") is None:
+            name, reason = "cupy-nvrtc", None  # NVRTC compiles for whatever device is present
+    if not name:
+        reason = ("no loader: " + (_extension_module()[1] or "") +
+                  "; or install CuPy for the run-time compile: pip install cupy-cuda12x")
+    result = (name if reason is None else "", reason)
+    _device_loader[capability] = result
+    return result
+
+
 def availability(device_type: str) -> Optional[str]:
     if device_type != "cuda":
         return f"the cuda backend runs on CUDA devices only, not {device_type!r} (use 'cpu' or 'torch' there)"
@@ -129,15 +170,14 @@ def availability(device_type: str) -> Optional[str]:
         return f"no CUDA device is visible to torch ({build}: torch.cuda.is_available() is False)"
     if torch.cuda.get_device_capability() < (8, 0):
         return "the cuda kernels need compute capability 8.0 or newer (Ampere, Hopper)"
-    name = _default_loader_name()
-    if not name:
-        return ("no loader: " + (_extension_module()[1] or "") +
-                "; or install CuPy for the run-time compile: pip install cupy-cuda12x")
-    return loader_reason(name)
+    return _device_loader_name()[1]
 
 
 def _loader():
-    return get_loader()
+    name, reason = _device_loader_name()
+    if reason is not None:
+        raise RuntimeError(f"cuda backend: {reason}")
+    return get_loader(name)
 
 
 # ------------------------------------------------------------------ marshalling
