@@ -13,6 +13,8 @@ from vtok_kernels.api import (
     expand,
 )
 from vtok_kernels.info import info
+from vtok_kernels.keyframes import select_key_frames
+from vtok_kernels import nn
 
 __version__ = "0.1.0"
 
