@@ -426,3 +426,30 @@ def test_gpu_varlen_and_expand_realistic():
     assert_close(frames, ref.detach(), torch.bfloat16, "expand")
     assert_close(key_tokens.grad, k32.grad, torch.bfloat16, "expand grad key")
     assert_close(residual.grad, r32.grad, torch.bfloat16, "expand grad residual")
+
+
+# --------------------------------------------------------------------------------------------
+# Patch-block splits: a program merging many patch blocks, or owning a single one.
+
+
+@pytest.mark.parametrize("target", [1, 10**6], ids=["merge-all-blocks", "block-per-program"])
+def test_split_extremes(monkeypatch, target):
+    device = _device()
+    _, encode, _ = _triton_modules()
+    monkeypatch.setattr(encode, "INTERPRET_TARGET_PROGRAMS", target)
+    got, want = _encode_case(device, torch.float32, shape=(2, 5, 29, 24), pool="attn",
+                             num_heads=3, frames_per_token=2)
+    _assert_all_close(got, want, torch.float32, f"attn, target {target}")
+    got, want = _encode_case(device, torch.float32, shape=(1, 4, 29, 40), pool="mean",
+                             num_heads=1, frames_per_token=1, key_index=-1)
+    _assert_all_close(got, want, torch.float32, f"mean, target {target}")
+    key_tokens = features((2, 29, 24), torch.float32, device).requires_grad_(True)
+    residual = features((2, 3, 24), torch.float32, device).requires_grad_(True)
+    frames = vk.expand(key_tokens, residual, 2, 4, 1, backend="triton")
+    grad = torch.randn_like(frames)
+    frames.backward(grad)
+    k64 = key_tokens.detach().double().requires_grad_(True)
+    r64 = residual.detach().double().requires_grad_(True)
+    reference.expand(k64, r64, 2, 4, 1).backward(grad.double())
+    assert_close(key_tokens.grad, k64.grad, torch.float32, "expand grad key")
+    assert_close(residual.grad, r64.grad, torch.float32, "expand grad residual")

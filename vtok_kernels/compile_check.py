@@ -116,9 +116,9 @@ def triton_cases(quick: bool = False) -> list[Case]:
         chosen = config_list[:1] if (quick or only_default) else config_list
         for position, config in enumerate(chosen):
             constexprs = {**fixed, **config.kwargs}
-            cases.append(Case(kernel, _config_label(constexprs, config.num_warps, config.num_stages),
-                              module, function, constexprs, config.num_warps, config.num_stages,
-                              position == 0, pointer_types))
+            label = _config_label(constexprs, config.num_warps, config.num_stages)
+            cases.append(Case(kernel, label, module, function, constexprs, config.num_warps,
+                              config.num_stages, position == 0, pointer_types))
 
     stream = configs.STREAM_CONFIGS
 
@@ -215,7 +215,8 @@ def compile_case(case: Case, arch: str) -> Row:
         # Triton's dynamic shared memory (reductions, pipelining) plus any static smem.
         row.shared_bytes = int(getattr(compiled.metadata, "shared", 0)) + smem
     except Exception as exc:  # reported in the table; the exit status fails the check
-        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        row.error = f"{type(exc).__name__}: {first_line}"
     row.seconds = time.perf_counter() - start
     return row
 

@@ -25,10 +25,10 @@ def _config(num_warps: int, num_stages: int = 2, **blocks: int) -> triton.Config
 # video's frames through it; 8-16 KiB of fp32 per tile keeps the key tile and the accumulator
 # in registers while the frame loop keeps enough loads in flight.
 STREAM_CONFIGS = [
+    _config(8, BLOCK_N=32, BLOCK_D=128),
     _config(4, BLOCK_N=16, BLOCK_D=128),
     _config(4, BLOCK_N=32, BLOCK_D=64),
     _config(4, BLOCK_N=8, BLOCK_D=256),
-    _config(8, BLOCK_N=32, BLOCK_D=128),
     _config(8, BLOCK_N=16, BLOCK_D=256),
 ]
 
@@ -42,12 +42,12 @@ ATTN_FWD_CONFIGS = [
 ]
 
 # The backward holds two more tiles (the key frame's gradient and the residual's gradient)
-# than the forward, hence smaller patch blocks per thread. (BLOCK_N=16 with 8 warps spills on
-# sm_80 at a 128-channel head: ptxas caps it at 128 registers.)
+# than the forward, hence fewer tile elements per thread and per program.
 ATTN_BWD_CONFIGS = [
+    _config(8, BLOCK_N=16),
+    _config(8, BLOCK_N=8),
     _config(4, BLOCK_N=8),
     _config(4, BLOCK_N=16),
-    _config(8, BLOCK_N=32),
 ]
 
 # Interpreter: blocks smaller than the test shapes (N = 7..13, C = 12..48) so that several
@@ -62,20 +62,24 @@ CONFIG_LISTS = {
 }
 
 
-# Attention pooling: the most tile elements (BLOCK_N x head block) per thread that fit in
-# registers without spilling, from the compile-check report (a head block of 256, i.e. SigLIP's
-# 144-channel heads, spills at 32 per thread in the backward).
-ATTN_ELEMENTS_PER_THREAD = {"attn_fwd": 32, "attn_bwd": 16}
+# Attention pooling: the most tile elements (BLOCK_N x head block) per thread, and per
+# program, that stay in registers. From the compile-check report: beyond these, ptxas (with
+# the --regAllocOptLevel=2 that Triton passes) spills, e.g. the backward with spatial key
+# tokens at BLOCK_N=16 x 256 channels (SigLIP's 144-channel heads) on sm_90.
+ATTN_TILE_LIMITS = {"attn_fwd": (32, None), "attn_bwd": (16, 2048)}
 
 
 def fits(kind: str, config: triton.Config, block_d: int) -> bool:
     """Whether ``config`` keeps the tiles of a ``kind`` kernel with channel block ``block_d`` in
     registers; only the attention kernels, whose channel block is fixed by the head size, need
     the check."""
-    if kind not in ATTN_ELEMENTS_PER_THREAD:
+    if kind not in ATTN_TILE_LIMITS:
         return True
-    per_thread = config.kwargs["BLOCK_N"] * block_d // (32 * config.num_warps)
-    return per_thread <= ATTN_ELEMENTS_PER_THREAD[kind]
+    per_thread, per_program = ATTN_TILE_LIMITS[kind]
+    elements = config.kwargs["BLOCK_N"] * block_d
+    if per_program is not None and elements > per_program:
+        return False
+    return elements // (32 * config.num_warps) <= per_thread
 
 
 def usable(kind: str, block_d: int) -> list[triton.Config]:

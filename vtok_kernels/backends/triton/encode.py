@@ -72,56 +72,82 @@ def encode_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     video = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     pid_c = tl.program_id(2)
     frame0, num_frames, token0, group0, key, num_groups = _video_layout(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
     c0, offs_d, mask_d = _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN, BLOCK_D)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask = mask_n[:, None] & mask_d[None, :]
-
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-    # Offsets inside one frame stay 32-bit (a frame is far below 2**31 elements); the frame's
-    # base pointer carries the 64-bit part. Halves the registers of the tile's addresses.
-    tile = offs_n[:, None] * stride_xn + (c0 + offs_d)[None, :]
-    key_tile = tl.load(x_video + key * stride_xt + tile, mask=mask, other=0.0).to(tl.float32)
-    if WRITE_KEY:
-        tl.store(seq_ptr + token0 * C + offs_n[:, None] * C + (c0 + offs_d)[None, :],
-                 key_tile.to(seq_ptr.dtype.element_ty), mask=mask)
     if POOL_ATTN:
         # The 1/sqrt(head size) is folded into the query once instead of into every score.
         q = tl.load(query_ptr + c0 + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
+    lane0 = offs_d == 0
 
-    for g in range(0, num_groups):
-        first = g * FRAMES_PER_TOKEN
-        last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # Running max and weight sum kept as vectors (all lanes equal) so the loop carries
-        # tensors of one shape.
-        run_max = tl.full([BLOCK_D], float("-inf"), tl.float32)
-        run_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for rank in range(first, last):
-            frame = tl.where(rank < key, rank, rank + 1)
-            x_tile = tl.load(x_video + frame * stride_xt + tile, mask=mask, other=0.0)
-            residual = x_tile.to(tl.float32) - key_tile
+    # A program walks patch blocks split, split + num_splits, ...: few enough programs that
+    # the per-group partials (one row per program, merged in place) stay small next to x.
+    for block in range(split, tl.cdiv(N, BLOCK_N), num_splits):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask = mask_n[:, None] & mask_d[None, :]
+        # Offsets inside one frame stay 32-bit (a frame is far below 2**31 elements); the
+        # frame's base pointer carries the 64-bit part. Halves the registers of the addresses.
+        tile = offs_n[:, None] * stride_xn + (c0 + offs_d)[None, :]
+        key_tile = tl.load(x_video + key * stride_xt + tile, mask=mask, other=0.0).to(tl.float32)
+        if WRITE_KEY:
+            tl.store(seq_ptr + token0 * C + offs_n[:, None] * C + (c0 + offs_d)[None, :],
+                     key_tile.to(seq_ptr.dtype.element_ty), mask=mask)
+        # Earlier blocks of this program left partials to merge into (a vector-shaped flag:
+        # the interpreter takes no scalar-and-vector masks).
+        merge = (offs_d * 0 + block) > split
+        for g in range(0, num_groups):
+            first = g * FRAMES_PER_TOKEN
+            last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            # Running max and weight sum kept as vectors (all lanes equal) so the loop carries
+            # tensors of one shape.
+            run_max = tl.full([BLOCK_D], float("-inf"), tl.float32)
+            run_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for rank in range(first, last):
+                frame = tl.where(rank < key, rank, rank + 1)
+                x_tile = tl.load(x_video + frame * stride_xt + tile, mask=mask, other=0.0)
+                residual = x_tile.to(tl.float32) - key_tile
+                if POOL_ATTN:
+                    score = tl.sum(residual * q[None, :], axis=1)
+                    score = tl.where(mask_n, score, float("-inf"))
+                    new_max = tl.maximum(run_max, tl.max(score, axis=0))
+                    rescale = tl.exp(run_max - new_max)
+                    weight = tl.exp(score - tl.max(new_max, axis=0))
+                    run_sum = run_sum * rescale + tl.sum(weight, axis=0)
+                    acc = acc * rescale + tl.sum(weight[:, None] * residual, axis=0)
+                    run_max = new_max
+                else:
+                    acc += tl.sum(residual, axis=0)
+            part = split.to(tl.int64) * NUM_ROWS + group0 + g
+            # Another thread of this program may have stored the partial: the barrier makes
+            # its store visible before the merge reads it.
+            tl.debug_barrier()
+            acc_ptrs = part_acc_ptr + part * C + c0 + offs_d
+            previous = tl.load(acc_ptrs, mask=mask_d & merge, other=0.0)
             if POOL_ATTN:
-                score = tl.sum(residual * q[None, :], axis=1)
-                score = tl.where(mask_n, score, float("-inf"))
-                new_max = tl.maximum(run_max, tl.max(score, axis=0))
-                rescale = tl.exp(run_max - new_max)
-                weight = tl.exp(score - tl.max(new_max, axis=0))
-                run_sum = run_sum * rescale + tl.sum(weight, axis=0)
-                acc = acc * rescale + tl.sum(weight[:, None] * residual, axis=0)
+                stat = part * NUM_HEADS + pid_c + offs_d * 0
+                prev_max = tl.load(part_max_ptr + stat, mask=merge, other=float("-inf"))
+                prev_sum = tl.load(part_sum_ptr + stat, mask=merge, other=0.0)
+                new_max = tl.maximum(prev_max, run_max)
+                # exp(-inf - m) = 0 drops the empty side; a finite reference avoids -inf - -inf.
+                ref_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+                prev_scale = tl.exp(prev_max - ref_max)
+                run_scale = tl.exp(run_max - ref_max)
+                acc = previous * prev_scale + acc * run_scale
+                run_sum = prev_sum * prev_scale + run_sum * run_scale
                 run_max = new_max
             else:
-                acc += tl.sum(residual, axis=0)
-        part = pid_n.to(tl.int64) * NUM_ROWS + group0 + g
-        tl.store(part_acc_ptr + part * C + c0 + offs_d, acc, mask=mask_d)
-        if POOL_ATTN:
-            lane0 = offs_d == 0
-            tl.store(part_max_ptr + part * NUM_HEADS + pid_c + offs_d, run_max, mask=lane0)
-            tl.store(part_sum_ptr + part * NUM_HEADS + pid_c + offs_d, run_sum, mask=lane0)
+                acc += previous
+            tl.debug_barrier()
+            tl.store(acc_ptrs, acc, mask=mask_d)
+            if POOL_ATTN:
+                tl.store(part_max_ptr + part * NUM_HEADS + pid_c + offs_d, run_max, mask=lane0)
+                tl.store(part_sum_ptr + part * NUM_HEADS + pid_c + offs_d, run_sum, mask=lane0)
 
 
 @triton.jit
@@ -227,108 +253,124 @@ def encode_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     video = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     pid_c = tl.program_id(2)
     frame0, num_frames, token0, group0, key, num_groups = _video_layout(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
     c0, offs_d, mask_d = _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN, BLOCK_D)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask = mask_n[:, None] & mask_d[None, :]
     chans = c0 + offs_d
-
     # grad_x is contiguous [frames, N, C]; batched videos are T frames apart.
     if IS_VARLEN:
         grad_video = grad_x_ptr + frame0 * N * C
     else:
         grad_video = grad_x_ptr + video.to(tl.int64) * T * N * C
-    grad_tile = offs_n[:, None] * C + chans[None, :]
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-    x_tile_offs = offs_n[:, None] * stride_xn + chans[None, :]
-
-    grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if POOL_ATTN:
-        key_tile = tl.load(x_video + key * stride_xt + x_tile_offs, mask=mask,
-                           other=0.0).to(tl.float32)
         q = tl.load(query_ptr + chans, mask=mask_d, other=0.0).to(tl.float32) * scale
         grad_q = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    for g in range(0, num_groups):
-        first = g * FRAMES_PER_TOKEN
-        last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
-        token_row = (token0 + S + g) * C
-        grad_r = tl.load(grad_seq_ptr + token_row + chans, mask=mask_d, other=0.0).to(tl.float32)
+    # Patch blocks split, split + num_splits, ... as in the forward.
+    for block in range(split, tl.cdiv(N, BLOCK_N), num_splits):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask = mask_n[:, None] & mask_d[None, :]
+        grad_tile = offs_n[:, None] * C + chans[None, :]
+        x_tile_offs = offs_n[:, None] * stride_xn + chans[None, :]
+        merge = (offs_d * 0 + block) > split
+        grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         if POOL_ATTN:
-            r = tl.load(seq_ptr + token_row + chans, mask=mask_d, other=0.0).to(tl.float32)
-            grad_r_dot_r = tl.sum(grad_r * r, axis=0)
-            lse = tl.load(lse_ptr + (group0 + g) * NUM_HEADS + pid_c)
-            # This group's share, over this patch block, of r = sum p d and of
-            # <grad_r, r> = sum p <grad_r, d>, both exact in float32: grad_query is
-            # sum p <grad_r, d> d - <grad_r, r> r, a difference of near-equal terms that the
-            # rounded r of the sequence would swamp.
-            r_part = tl.zeros([BLOCK_D], dtype=tl.float32)
-            delta_part = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for rank in range(first, last):
-                frame = tl.where(rank < key, rank, rank + 1)
-                x_tile = tl.load(x_video + frame * stride_xt + x_tile_offs, mask=mask, other=0.0)
-                residual = x_tile.to(tl.float32) - key_tile
-                prob = tl.exp(tl.sum(residual * q[None, :], axis=1) - lse)
-                prob = tl.where(mask_n, prob, 0.0)
-                prob_grad = prob * tl.sum(residual * grad_r[None, :], axis=1)
-                # d score = p * (<grad_r, d> - <grad_r, r>); q already carries 1/sqrt(c).
-                grad_score = prob_grad - prob * grad_r_dot_r
-                grad_residual = prob[:, None] * grad_r[None, :] + grad_score[:, None] * q[None, :]
-                tl.store(grad_video + frame * N * C + grad_tile,
-                         grad_residual.to(grad_x_ptr.dtype.element_ty), mask=mask)
-                grad_key -= grad_residual
-                grad_q += tl.sum(prob_grad[:, None] * residual, axis=0)
-                r_part += tl.sum(prob[:, None] * residual, axis=0)
-                delta_part += tl.sum(prob_grad, axis=0)
-            part = pid_n.to(tl.int64) * NUM_ROWS + group0 + g
-            tl.store(part_r_ptr + part * C + chans, r_part, mask=mask_d)
-            tl.store(part_delta_ptr + part * NUM_HEADS + pid_c + offs_d, delta_part,
-                     mask=offs_d == 0)
-        else:
-            count = last - first
-            grad_residual = grad_r / (count * N).to(tl.float32)
-            grad_tile_value = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32) + grad_residual[None, :]
-            for rank in range(first, last):
-                frame = tl.where(rank < key, rank, rank + 1)
-                tl.store(grad_video + frame * N * C + grad_tile,
-                         grad_tile_value.to(grad_x_ptr.dtype.element_ty), mask=mask)
-            grad_key -= grad_tile_value * count.to(tl.float32)
+            key_tile = tl.load(x_video + key * stride_xt + x_tile_offs, mask=mask,
+                               other=0.0).to(tl.float32)
 
-    if SPATIAL:
-        # Spread each key token's gradient uniformly over its adaptive bin. A patch lies in at
-        # most BINS_PER_ROW x BINS_PER_COL bins (bins overlap when the grid does not divide),
-        # the first of them being floor(row * OUT_H / GRID_H).
-        patch_row = offs_n // GRID_W
-        patch_col = offs_n % GRID_W
-        # Runtime loops, not unrolled: unrolled, the compiler hoists every bin's gather and
-        # its 64-bit addresses at once and the attention backward spills.
-        for di in range(0, BINS_PER_ROW):
-            bin_i = (patch_row * OUT_H) // GRID_H + di
-            row_start = (bin_i * GRID_H) // OUT_H
-            row_end = ((bin_i + 1) * GRID_H + OUT_H - 1) // OUT_H
-            in_row = (bin_i < OUT_H) & (row_start <= patch_row)
-            for dj in range(0, BINS_PER_COL):
-                bin_j = (patch_col * OUT_W) // GRID_W + dj
-                col_start = (bin_j * GRID_W) // OUT_W
-                col_end = ((bin_j + 1) * GRID_W + OUT_W - 1) // OUT_W
-                inside = in_row & (bin_j < OUT_W) & (col_start <= patch_col) & mask_n
-                area = ((row_end - row_start) * (col_end - col_start)).to(tl.float32)
-                area = tl.where(inside, area, 1.0)
-                bin_rows = bin_i * OUT_W + bin_j
-                grad_bin = tl.load(grad_seq_ptr + token0 * C + bin_rows[:, None] * C + chans[None, :],
-                                   mask=inside[:, None] & mask_d[None, :], other=0.0)
-                grad_key += grad_bin.to(tl.float32) / area[:, None]
-    else:
-        grad_key += tl.load(grad_seq_ptr + token0 * C + offs_n[:, None] * C + chans[None, :],
-                            mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_video + key * N * C + grad_tile, grad_key.to(grad_x_ptr.dtype.element_ty),
-             mask=mask)
+        for g in range(0, num_groups):
+            first = g * FRAMES_PER_TOKEN
+            last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
+            token_row = (token0 + S + g) * C
+            grad_r = tl.load(grad_seq_ptr + token_row + chans, mask=mask_d,
+                             other=0.0).to(tl.float32)
+            if POOL_ATTN:
+                r = tl.load(seq_ptr + token_row + chans, mask=mask_d, other=0.0).to(tl.float32)
+                grad_r_dot_r = tl.sum(grad_r * r, axis=0)
+                lse = tl.load(lse_ptr + (group0 + g) * NUM_HEADS + pid_c)
+                # This group's share, over this patch block, of r = sum p d and of
+                # <grad_r, r> = sum p <grad_r, d>, both exact in float32: grad_query is
+                # sum p <grad_r, d> d - <grad_r, r> r, a difference of near-equal terms that the
+                # rounded r of the sequence would swamp.
+                r_part = tl.zeros([BLOCK_D], dtype=tl.float32)
+                delta_part = tl.zeros([BLOCK_D], dtype=tl.float32)
+                for rank in range(first, last):
+                    frame = tl.where(rank < key, rank, rank + 1)
+                    x_tile = tl.load(x_video + frame * stride_xt + x_tile_offs, mask=mask,
+                                     other=0.0)
+                    residual = x_tile.to(tl.float32) - key_tile
+                    prob = tl.exp(tl.sum(residual * q[None, :], axis=1) - lse)
+                    prob = tl.where(mask_n, prob, 0.0)
+                    prob_grad = prob * tl.sum(residual * grad_r[None, :], axis=1)
+                    # d score = p * (<grad_r, d> - <grad_r, r>); q already carries 1/sqrt(c).
+                    grad_score = prob_grad - prob * grad_r_dot_r
+                    grad_residual = (prob[:, None] * grad_r[None, :]
+                                     + grad_score[:, None] * q[None, :])
+                    tl.store(grad_video + frame * N * C + grad_tile,
+                             grad_residual.to(grad_x_ptr.dtype.element_ty), mask=mask)
+                    grad_key -= grad_residual
+                    grad_q += tl.sum(prob_grad[:, None] * residual, axis=0)
+                    r_part += tl.sum(prob[:, None] * residual, axis=0)
+                    delta_part += tl.sum(prob_grad, axis=0)
+                part = split.to(tl.int64) * NUM_ROWS + group0 + g
+                r_ptrs = part_r_ptr + part * C + chans
+                delta_ptrs = part_delta_ptr + part * NUM_HEADS + pid_c + offs_d * 0
+                # Merge into what earlier blocks of this program stored (barrier: another
+                # thread may have stored it).
+                tl.debug_barrier()
+                r_part += tl.load(r_ptrs, mask=mask_d & merge, other=0.0)
+                delta_part += tl.load(delta_ptrs, mask=merge, other=0.0)
+                tl.debug_barrier()
+                tl.store(r_ptrs, r_part, mask=mask_d)
+                tl.store(delta_ptrs, delta_part, mask=offs_d == 0)
+            else:
+                count = last - first
+                grad_residual = grad_r / (count * N).to(tl.float32)
+                grad_tile_value = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                                   + grad_residual[None, :])
+                for rank in range(first, last):
+                    frame = tl.where(rank < key, rank, rank + 1)
+                    tl.store(grad_video + frame * N * C + grad_tile,
+                             grad_tile_value.to(grad_x_ptr.dtype.element_ty), mask=mask)
+                grad_key -= grad_tile_value * count.to(tl.float32)
+
+        if SPATIAL:
+            # Spread each key token's gradient uniformly over its adaptive bin. A patch lies in at
+            # most BINS_PER_ROW x BINS_PER_COL bins (bins overlap when the grid does not divide),
+            # the first of them being floor(row * OUT_H / GRID_H).
+            patch_row = offs_n // GRID_W
+            patch_col = offs_n % GRID_W
+            # Runtime loops, not unrolled: unrolled, the compiler hoists every bin's gather and
+            # its 64-bit addresses at once and the attention backward spills.
+            for di in range(0, BINS_PER_ROW):
+                bin_i = (patch_row * OUT_H) // GRID_H + di
+                row_start = (bin_i * GRID_H) // OUT_H
+                row_end = ((bin_i + 1) * GRID_H + OUT_H - 1) // OUT_H
+                in_row = (bin_i < OUT_H) & (row_start <= patch_row)
+                for dj in range(0, BINS_PER_COL):
+                    bin_j = (patch_col * OUT_W) // GRID_W + dj
+                    col_start = (bin_j * GRID_W) // OUT_W
+                    col_end = ((bin_j + 1) * GRID_W + OUT_W - 1) // OUT_W
+                    inside = in_row & (bin_j < OUT_W) & (col_start <= patch_col) & mask_n
+                    area = ((row_end - row_start) * (col_end - col_start)).to(tl.float32)
+                    area = tl.where(inside, area, 1.0)
+                    bin_rows = bin_i * OUT_W + bin_j
+                    grad_bin = tl.load(grad_seq_ptr + token0 * C + bin_rows[:, None] * C
+                                       + chans[None, :],
+                                       mask=inside[:, None] & mask_d[None, :], other=0.0)
+                    grad_key += grad_bin.to(tl.float32) / area[:, None]
+        else:
+            grad_key += tl.load(grad_seq_ptr + token0 * C + offs_n[:, None] * C + chans[None, :],
+                                mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_video + key * N * C + grad_tile, grad_key.to(grad_x_ptr.dtype.element_ty),
+                 mask=mask)
     if POOL_ATTN:
-        part = video.to(tl.int64) * DQ_PARTS + pid_n
+        part = video.to(tl.int64) * DQ_PARTS + split
         tl.store(part_dq_ptr + part * C + chans, grad_q, mask=mask_d)
 
 
@@ -340,12 +382,6 @@ _bwd_attn = autotuned(encode_bwd_kernel, "attn_bwd")
 
 def _num_groups(num_frames: int, frames_per_token: int) -> int:
     return 0 if num_frames <= 1 else (num_frames - 1 + frames_per_token - 1) // frames_per_token
-
-
-def _min_block_n(kind: str) -> int:
-    pinned = configs.pinned(kind)
-    pool = [pinned] if pinned is not None else configs.active(kind)
-    return min(c.kwargs["BLOCK_N"] for c in pool)
 
 
 def _combine_block(channels: int) -> int:
@@ -399,12 +435,42 @@ class _Layout:
         return (self.grid[0], self.grid[1], self.spatial[0], self.spatial[1])
 
 
+# Programs per launch the patch-block splits aim for under the interpreter, where there is no
+# device to fill: small, so that tests see programs that merge several patch blocks.
+INTERPRET_TARGET_PROGRAMS = 6
+
+
+def _target_programs(device: torch.device) -> int:
+    """Enough programs to fill every SM a few times over (latency hiding for the frame loop)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRET_TARGET_PROGRAMS
+
+
+def _num_splits(num_patches: int, block_n: int, batch: int, channel_blocks: int,
+                target: int) -> int:
+    """Programs per (video, channel block): each owns every num_splits-th patch block."""
+    return max(1, min(triton.cdiv(num_patches, block_n),
+                      triton.cdiv(target, max(1, batch * channel_blocks))))
+
+
+def _max_splits(layout: "_Layout", kind: str, target: int) -> int:
+    """The most splits any config of ``kind`` can use: the partial buffers' leading size."""
+    pinned = configs.pinned(kind)
+    pool = [pinned] if pinned is not None else configs.active(kind)
+    fewest_channel_blocks = min(layout.channel_blocks(c.kwargs) for c in pool)
+    return max(_num_splits(layout.N, c.kwargs["BLOCK_N"], layout.batch, fewest_channel_blocks,
+                           target) for c in pool)
+
+
 def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequence, lse):
     kind = "attn_fwd" if layout.attn else "stream"
-    num_parts_max = triton.cdiv(layout.N, _min_block_n(kind))
+    target = _target_programs(x.device)
+    num_parts_max = _max_splits(layout, kind, target)
     part_acc = empty_output((num_parts_max, layout.num_rows, layout.C), torch.float32, x.device)
     if layout.attn:
-        part_max = empty_output((num_parts_max, layout.num_rows, layout.num_heads), torch.float32, x.device)
+        part_max = empty_output((num_parts_max, layout.num_rows, layout.num_heads),
+                                torch.float32, x.device)
         part_sum = empty_output(part_max.shape, torch.float32, x.device)
     else:
         part_max = part_sum = part_acc
@@ -414,7 +480,9 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
     extra = {"BLOCK_D": layout.head_block} if layout.attn else {}
 
     def grid(meta):
-        return (layout.batch, triton.cdiv(layout.N, meta["BLOCK_N"]), layout.channel_blocks(meta))
+        channel_blocks = layout.channel_blocks(meta)
+        splits = _num_splits(layout.N, meta["BLOCK_N"], layout.batch, channel_blocks, target)
+        return (layout.batch, splits, channel_blocks)
 
     meta = launch(
         encode_fwd_kernel, _fwd_attn if layout.attn else _fwd_stream, kind, grid,
@@ -438,8 +506,7 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
             part_acc, part_max, part_sum, key_index, cu_frames_arg, cu_tokens_arg,
             sequence, lse if layout.attn else part_acc,
             layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
-            triton.cdiv(layout.N, meta["BLOCK_N"]), layout.head_dim, layout.num_heads,
-            layout.frames_per_token,
+            grid(meta)[1], layout.head_dim, layout.num_heads, layout.frames_per_token,
             POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, DIVIDE=True, BLOCK_C=block_c,
         )
 
@@ -447,7 +514,9 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
 def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_tokens,
               layout: _Layout, grad_x):
     kind = "attn_bwd" if layout.attn else "stream"
-    num_parts_max = triton.cdiv(layout.N, _min_block_n(kind))
+    # The mean backward leaves no partials: one patch block per program, the most parallelism.
+    target = _target_programs(x.device) if layout.attn else 1 << 62
+    num_parts_max = _max_splits(layout, kind, target)
     grad_sequence = grad_sequence.contiguous()
     if layout.attn:
         part_dq = empty_output((layout.batch, num_parts_max, layout.C), torch.float32, x.device)
@@ -464,7 +533,9 @@ def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_t
     extra = {"BLOCK_D": layout.head_block} if layout.attn else {}
 
     def grid(meta):
-        return (layout.batch, triton.cdiv(layout.N, meta["BLOCK_N"]), layout.channel_blocks(meta))
+        channel_blocks = layout.channel_blocks(meta)
+        splits = _num_splits(layout.N, meta["BLOCK_N"], layout.batch, channel_blocks, target)
+        return (layout.batch, splits, channel_blocks)
 
     meta = launch(
         encode_bwd_kernel, _bwd_attn if layout.attn else _bwd_stream, kind, grid,
@@ -480,7 +551,7 @@ def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_t
     )
     if not layout.attn:
         return None
-    num_parts = triton.cdiv(layout.N, meta["BLOCK_N"])
+    num_parts = grid(meta)[1]
     # grad_query = scale * (sum_i p_i <grad_r, d_i> d_i - sum_groups <grad_r, r> r), every sum
     # over (video, patch block) in a fixed order: the same bits on every run.
     weighted = part_dq[:, :num_parts].sum(dim=(0, 1))

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton import configs
-from vtok_kernels.backends.triton.encode import combine_kernel, _combine_block, _num_groups
+from vtok_kernels.backends.triton.encode import (
+    _combine_block, _num_groups, _num_splits, _target_programs, combine_kernel)
 from vtok_kernels.backends.triton.launch import autotuned, launch
 
 
@@ -58,31 +59,39 @@ def expand_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     video = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     pid_c = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = pid_c * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
     mask_d = offs_d < C
-    mask = mask_n[:, None] & mask_d[None, :]
     key = tl.load(key_ptr + video).to(tl.int64)
-    tile = offs_n[:, None] * C + offs_d[None, :]
     grad_video = grad_frames_ptr + video * T * N * C
-    grad_key = tl.load(grad_video + key * N * C + tile, mask=mask, other=0.0).to(tl.float32)
-    for g in range(0, G):
-        first = g * FRAMES_PER_TOKEN
-        last = tl.minimum(first + FRAMES_PER_TOKEN, T - 1)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for rank in range(first, last):
-            frame = tl.where(rank < key, rank, rank + 1)
-            grad_tile = tl.load(grad_video + frame * N * C + tile, mask=mask,
-                                other=0.0).to(tl.float32)
-            grad_key += grad_tile
-            acc += tl.sum(grad_tile, axis=0)
-        part = pid_n.to(tl.int64) * NUM_ROWS + video * G + g
-        tl.store(part_acc_ptr + part * C + offs_d, acc, mask=mask_d)
-    tl.store(grad_key_tokens_ptr + video * N * C + tile,
-             grad_key.to(grad_key_tokens_ptr.dtype.element_ty), mask=mask)
+    # Patch blocks split, split + num_splits, ...; the per-group sums of a program's blocks are
+    # merged in place, as in encode's forward.
+    for block in range(split, tl.cdiv(N, BLOCK_N), num_splits):
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_n < N)[:, None] & mask_d[None, :]
+        tile = offs_n[:, None] * C + offs_d[None, :]
+        merge = (offs_d * 0 + block) > split
+        grad_key = tl.load(grad_video + key * N * C + tile, mask=mask, other=0.0).to(tl.float32)
+        for g in range(0, G):
+            first = g * FRAMES_PER_TOKEN
+            last = tl.minimum(first + FRAMES_PER_TOKEN, T - 1)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for rank in range(first, last):
+                frame = tl.where(rank < key, rank, rank + 1)
+                grad_tile = tl.load(grad_video + frame * N * C + tile, mask=mask,
+                                    other=0.0).to(tl.float32)
+                grad_key += grad_tile
+                acc += tl.sum(grad_tile, axis=0)
+            part_ptrs = part_acc_ptr + (split.to(tl.int64) * NUM_ROWS + video * G + g) * C + offs_d
+            # Another thread of this program may have stored the partial being merged.
+            tl.debug_barrier()
+            acc += tl.load(part_ptrs, mask=mask_d & merge, other=0.0)
+            tl.debug_barrier()
+            tl.store(part_ptrs, acc, mask=mask_d)
+        tl.store(grad_key_tokens_ptr + video * N * C + tile,
+                 grad_key.to(grad_key_tokens_ptr.dtype.element_ty), mask=mask)
 
 
 _expand_fwd = autotuned(expand_fwd_kernel, "stream")
@@ -116,9 +125,15 @@ def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
     grad_key_tokens = empty_output((B, N, C), grad_frames.dtype, grad_frames.device)
     grad_residual = empty_output((B, G, C), grad_frames.dtype, grad_frames.device)
     pool = [configs.pinned("stream")] if configs.pinned("stream") else configs.active("stream")
-    num_parts_max = triton.cdiv(N, min(c.kwargs["BLOCK_N"] for c in pool))
+    target = _target_programs(grad_frames.device)
+
+    def grid(meta):
+        channel_blocks = triton.cdiv(C, meta["BLOCK_D"])
+        return (B, _num_splits(N, meta["BLOCK_N"], B, channel_blocks, target), channel_blocks)
+
+    num_parts_max = max(grid(c.kwargs)[1] for c in pool)
     part_acc = empty_output((num_parts_max, B * G, C), torch.float32, grad_frames.device)
-    meta = launch(expand_bwd_kernel, _expand_bwd, "stream", _grid(B, N, C),
+    meta = launch(expand_bwd_kernel, _expand_bwd, "stream", grid,
                   grad_frames, key_index, grad_key_tokens, part_acc,
                   T, N, C, G, B * G, frames_per_token, 1)
     if B * G > 0:
@@ -127,7 +142,7 @@ def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
         combine_kernel[(B, G, triton.cdiv(C, block_c))](
             part_acc, part_acc, part_acc, key_index, key_index, key_index,
             grad_residual, part_acc,
-            T, N, C, 0, G, B * G, triton.cdiv(N, meta["BLOCK_N"]), C, 1, frames_per_token,
+            T, N, C, 0, G, B * G, grid(meta)[1], C, 1, frames_per_token,
             POOL_ATTN=False, IS_VARLEN=False, DIVIDE=False, BLOCK_C=block_c,
         )
     return grad_key_tokens, grad_residual
