@@ -369,7 +369,6 @@ GPU_CASES = [
 @pytest.mark.parametrize("shape,pool,heads,dtype", GPU_CASES)
 def test_gpu_realistic_shapes(shape, pool, heads, dtype):
     device = "cuda"
-    torch.manual_seed(torch.seed() % 2**31)
     B, T, N, C = shape
     x = features(shape, dtype, device).requires_grad_(True)
     query = (torch.randn(C, device=device) / math.sqrt(C)).requires_grad_(True) \
@@ -453,3 +452,21 @@ def test_split_extremes(monkeypatch, target):
     reference.expand(k64, r64, 2, 4, 1).backward(grad.double())
     assert_close(key_tokens.grad, k64.grad, torch.float32, "expand grad key")
     assert_close(residual.grad, r64.grad, torch.float32, "expand grad residual")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,index", list(_config_params()))
+@pytest.mark.parametrize("heads", [8, 16], ids=["head144", "head72"])
+def test_gpu_every_config_at_siglip_width(kind, index, heads):
+    """Each config the autotuner may pick, compiled for the real device, at SigLIP's width."""
+    configs, _, _ = _triton_modules()
+    config = configs.CONFIG_LISTS[kind][index]
+    head_block = 1 << (1152 // heads - 1).bit_length()
+    if not configs.fits(kind, config, head_block):
+        pytest.skip(f"pruned for a head block of {head_block}")
+    pool = "mean" if kind == "stream" else "attn"
+    with configs.pin(kind, config):
+        got, want = _encode_case("cuda", torch.bfloat16, shape=(2, 9, 729, 1152), pool=pool,
+                                 num_heads=heads if pool == "attn" else 1, frames_per_token=2,
+                                 spatial=(14, 14), grid=(27, 27))
+    _assert_all_close(got, want, torch.bfloat16, f"{pool} {config}")
