@@ -114,15 +114,19 @@ def test_gradcheck_encode(shape, opts, key):
     assert torch.autograd.gradcheck(lambda x: _Encode.apply(x, keys, query, opts), (x,))
 
 
-def test_gradcheck_encode_varlen():
-    opts = _options(pool="attn", num_heads=2, frames_per_token=2)
+@pytest.mark.parametrize("opts", [
+    _options(pool="attn", num_heads=2, frames_per_token=2),
+    _options(pool="mean", frames_per_token=2, spatial=(1, 2), grid=(2, 2)),
+], ids=["attn-fpt2", "mean-fpt2-spatial"])
+def test_gradcheck_encode_varlen(opts):
     lengths, N, C = [3, 1, 4], 4, 6
     cu_frames = torch.tensor([0, 3, 4, 8], dtype=torch.int64)
     groups = [reference.num_groups(t, 2) for t in lengths]
-    cu_tokens = torch.tensor([0] + torch.tensor([N + g for g in groups]).cumsum(0).tolist())
+    S = opts["spatial"][0] * opts["spatial"][1] if opts["spatial"] else N
+    cu_tokens = torch.tensor([0] + torch.tensor([S + g for g in groups]).cumsum(0).tolist())
     keys = torch.tensor([2, 0, 1], dtype=torch.int64)
     x = features((sum(lengths), N, C), torch.float64).requires_grad_(True)
-    query = _query(C, "attn")
+    query = _query(C, opts["pool"])
     assert torch.autograd.gradcheck(
         lambda x: _EncodeVarlen.apply(x, cu_frames, cu_tokens, keys, query, opts, max(lengths)), (x,))
 
@@ -268,6 +272,22 @@ def test_mean_round_trip_through_expand():
     frames = cpu.expand_fwd(K, R, keys, T, 1)
     sequence, _ = cpu.encode_fwd(frames, keys, None, **_options())
     assert torch.allclose(sequence[:, :N], K) and torch.allclose(sequence[:, N:], R)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("pool", ["mean", "attn"])
+def test_non_finite_values_propagate_as_in_the_reference(pool, value):
+    x = features((2, 4, 5, 8), torch.float32)
+    x[0, 2, 3, 1] = value
+    keys = torch.tensor([0, 1])
+    query = _query(8, pool)
+    opts = _options(pool=pool, num_heads=2 if pool == "attn" else 1)
+    sequence, _ = cpu.encode_fwd(x, keys, query, **opts)
+    ref = reference.encode(x, keys, query=query, **_ref_options(opts))
+    assert torch.equal(torch.isnan(sequence), torch.isnan(ref))
+    assert torch.equal(torch.isinf(sequence), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert_close(sequence[finite], ref[finite], torch.float32, "finite elements")
 
 
 def test_launcher_rejects_bad_params():
