@@ -1,12 +1,14 @@
 """Triton kernels of ``encode`` and ``encode_varlen``: fused residual + mean/attention pooling.
 
-Forward. A program owns one video, one block of BLOCK_N patches and one channel block (for
-attention pooling: exactly one head). It loads the key frame's tile once, keeps it in registers
-and streams the video's non-key frames through it, so x is read once and the residual tensor
-never exists. Each program leaves, per group, a partial result over its patch block (a sum, or
-an online-softmax state: running max, sum of weights, weighted sum); a small combine kernel
-merges the partials in a fixed order and writes the residual tokens and the log-sum-exp. No
-atomics: the result is bitwise reproducible.
+Forward. A program owns one video, one channel block (for attention pooling: exactly one head)
+and a set of patch blocks (every num_splits-th block of BLOCK_N patches). For each patch block
+it loads the key frame's tile once, keeps it in registers and streams the video's non-key
+frames through it, so x is read once and the residual tensor never exists. Per group, the
+program keeps one partial result (a sum, or an online-softmax state: running max, sum of
+weights, weighted sum) and merges each further patch block into it in place; a small combine
+kernel merges the programs' partials in a fixed order and writes the residual tokens and the
+log-sum-exp. num_splits is just large enough to fill the device, so the partials are a few
+percent of x. No atomics: the result is bitwise reproducible.
 
 Backward. The same decomposition: a program recomputes its residual tile per frame, writes the
 frame's gradient and accumulates the key frame's gradient (minus the sum over its residuals)
@@ -18,6 +20,7 @@ Batched and varlen share the kernels: IS_VARLEN switches how a video finds its f
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -440,10 +443,18 @@ class _Layout:
 INTERPRET_TARGET_PROGRAMS = 6
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _target_programs(device: torch.device) -> int:
-    """Enough programs to fill every SM a few times over (latency hiding for the frame loop)."""
+    """Enough programs to fill every SM several times over: the frame loop hides its load
+    latency only with several programs per SM. More splits cost little (the partials grow by
+    G x C floats per split and video, a few percent of x at 8 programs per SM)."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 8 * _multiprocessors(index)
     return INTERPRET_TARGET_PROGRAMS
 
 
