@@ -252,7 +252,9 @@ __global__ void __launch_bounds__(kThreads)
   const float* delta = bp.workspace + dq_partial_rows(p.batch, p.num_patches) * p.channels;
 
   __shared__ float query_s[kAttn ? kSegMax : 1];
-  __shared__ float dq_s[kAttn ? kWarps : 1][kAttn ? kSegMax : 1];
+  // Each thread's grad_query accumulator lives here, not in registers (which the loop needs):
+  // element j of thread t at dq_s[j][t], so a warp's accesses hit 32 distinct banks.
+  __shared__ float dq_s[kAttn ? kLaneElems : 1][kAttn ? kThreads : 1];
   if constexpr (kAttn) {
     const float scale = rsqrtf(static_cast<float>(p.channels / p.num_heads));
     for (int i = threadIdx.x; i < plan.seg_vecs * V; i += kThreads) query_s[i] = p.query[c0 + i] * scale;
@@ -260,81 +262,80 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   bool vec_ok[kK];
-  int64_t chan[kK];
+  // Channel of the k-th vector of this lane: recomputed where used (registers are the limit).
+  const auto chan = [&](int k) { return c0 + static_cast<int64_t>((k * lanes + lane_in_row) * V); };
 #pragma unroll
   for (int k = 0; k < kK; ++k) {
     const int vi = k * lanes + lane_in_row;
-    chan[k] = c0 + vi * V;
-    vec_ok[k] = k < plan.vecs_per_lane && vi < plan.seg_vecs && chan[k] < p.channels;
+    vec_ok[k] = k < plan.vecs_per_lane && vi < plan.seg_vecs && chan(k) < p.channels;
   }
 
-  float key[kK][V] = {};
   float key_grad[kK][V] = {};
-  float dq[kK][V] = {};
-#pragma unroll
-  for (int k = 0; k < kK; ++k)
-    if (row_ok && vec_ok[k]) load_vec<T, V>(x + video.key * p.x_stride_t + n * p.x_stride_n + chan[k], key[k]);
+  if constexpr (kAttn) {
+    for (int j = 0; j < kLaneElems; ++j) dq_s[j][threadIdx.x] = 0.0f;
+  }
+  const T* key_row = x + video.key * p.x_stride_t + n * p.x_stride_n;
 
   // Frames are walked in the same order by every row of the block, so the shuffles below see
-  // whole warps.
+  // whole warps. To stay within 128 registers, the key row and grad r are re-read per frame
+  // (L1 hits: this thread's key row and the block's shared grad r rows), not held.
   for (int64_t t = 0; t < video.frames; ++t) {
     if (t == video.key) continue;
     const int64_t group = group_of_frame(t, video.key, p.frames_per_token);
-    const int64_t grad_row = (video.seq_row0 + p.num_key_tokens + group) * p.channels;
-    float grad_r[kK][V] = {};
-    float d[kK][V] = {};
-#pragma unroll
-    for (int k = 0; k < kK; ++k) {
-      if (!vec_ok[k]) continue;
-      load_vec<T, V>(grad_seq + grad_row + chan[k], grad_r[k]);
-      if (row_ok) {
-        load_vec_stream<T, V>(x + t * p.x_stride_t + n * p.x_stride_n + chan[k], d[k]);
-#pragma unroll
-        for (int e = 0; e < V; ++e) d[k][e] -= key[k][e];
-      }
-    }
-    float dd[kK][V];
+    const T* grad_r_row = grad_seq + (video.seq_row0 + p.num_key_tokens + group) * p.channels;
+    T* out = grad_x + ((video.frame0 + t) * p.num_patches + n) * p.channels;
     if constexpr (kAttn) {
+      float d[kK][V] = {};
       float score = 0.0f, grad_dot = 0.0f;
 #pragma unroll
-      for (int k = 0; k < kK; ++k)
-        if (vec_ok[k])
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            score += query_s[(k * lanes + lane_in_row) * V + e] * d[k][e];
-            grad_dot += grad_r[k][e] * d[k][e];
-          }
-      score = row_sum(score, lanes);
-      grad_dot = row_sum(grad_dot, lanes);
-      const int64_t lse_index = (video.lse_row0 + group) * p.num_heads + seg;
-      // Rows past N take part in the shuffles only; their zero weight must not meet a
-      // non-finite delta.
-      const float prob = row_ok ? exp_f32(score - p.lse[lse_index]) : 0.0f;
-      const float coef = row_ok ? prob * (grad_dot - delta[lse_index]) : 0.0f;
-#pragma unroll
-      for (int k = 0; k < kK; ++k)
+      for (int k = 0; k < kK; ++k) {
+        if (!vec_ok[k] || !row_ok) continue;
+        float key[V], grad_r[V];
+        load_vec_stream<T, V>(x + t * p.x_stride_t + n * p.x_stride_n + chan(k), d[k]);
+        load_vec<T, V>(key_row + chan(k), key);
+        load_vec<T, V>(grad_r_row + chan(k), grad_r);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const float q = vec_ok[k] ? query_s[(k * lanes + lane_in_row) * V + e] : 0.0f;
-          dd[k][e] = prob * grad_r[k][e] + coef * q;
-          dq[k][e] += coef * d[k][e];
+          d[k][e] -= key[e];
+          score += query_s[(k * lanes + lane_in_row) * V + e] * d[k][e];
+          grad_dot += grad_r[e] * d[k][e];
         }
-    } else {
+      }
+      score = row_sum(score, lanes);  // every lane of the warp, rows past N included
+      grad_dot = row_sum(grad_dot, lanes);
+      if (row_ok) {
+        const int64_t lse_index = (video.lse_row0 + group) * p.num_heads + seg;
+        const float prob = exp_f32(score - p.lse[lse_index]);
+        const float coef = prob * (grad_dot - delta[lse_index]);
+#pragma unroll
+        for (int k = 0; k < kK; ++k) {
+          if (!vec_ok[k]) continue;
+          float grad_r[V], dd[V];
+          load_vec<T, V>(grad_r_row + chan(k), grad_r);
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            dd[e] = prob * grad_r[e] + coef * query_s[(k * lanes + lane_in_row) * V + e];
+            dq_s[k * V + e][threadIdx.x] += coef * d[k][e];
+            key_grad[k][e] -= dd[e];
+          }
+          store_vec<T, V>(out + chan(k), dd);
+        }
+      }
+    } else if (row_ok) {
+      // Mean: the gradient of every residual is grad r / count; x is not read.
       const GroupBounds bounds = group_bounds(group, video.frames, p.frames_per_token);
       const float inv_count = 1.0f / static_cast<float>((bounds.last - bounds.first) * p.num_patches);
 #pragma unroll
-      for (int k = 0; k < kK; ++k)
-#pragma unroll
-        for (int e = 0; e < V; ++e) dd[k][e] = grad_r[k][e] * inv_count;
-    }
-    if (row_ok) {
-      T* out = grad_x + ((video.frame0 + t) * p.num_patches + n) * p.channels;
-#pragma unroll
       for (int k = 0; k < kK; ++k) {
         if (!vec_ok[k]) continue;
-        store_vec<T, V>(out + chan[k], dd[k]);
+        float dd[V];
+        load_vec<T, V>(grad_r_row + chan(k), dd);
 #pragma unroll
-        for (int e = 0; e < V; ++e) key_grad[k][e] -= dd[k][e];
+        for (int e = 0; e < V; ++e) {
+          dd[e] *= inv_count;
+          key_grad[k][e] -= dd[e];
+        }
+        store_vec<T, V>(out + chan(k), dd);
       }
     }
   }
@@ -348,7 +349,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < kK; ++k) {
         if (!vec_ok[k]) continue;
         float g[V];
-        load_vec<T, V>(grad_keys + n * p.channels + chan[k], g);
+        load_vec<T, V>(grad_keys + n * p.channels + chan(k), g);
 #pragma unroll
         for (int e = 0; e < V; ++e) key_grad[k][e] += g[e];
       }
@@ -365,7 +366,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int k = 0; k < kK; ++k) {
             if (!vec_ok[k]) continue;
             float g[V];
-            load_vec<T, V>(grad_keys + (i * p.out_w + j) * p.channels + chan[k], g);
+            load_vec<T, V>(grad_keys + (i * p.out_w + j) * p.channels + chan(k), g);
 #pragma unroll
             for (int e = 0; e < V; ++e) key_grad[k][e] += g[e] * inv_area;
           }
@@ -375,26 +376,14 @@ __global__ void __launch_bounds__(kThreads)
     T* out = grad_x + ((video.frame0 + video.key) * p.num_patches + n) * p.channels;
 #pragma unroll
     for (int k = 0; k < kK; ++k)
-      if (vec_ok[k]) store_vec<T, V>(out + chan[k], key_grad[k]);
+      if (vec_ok[k]) store_vec<T, V>(out + chan(k), key_grad[k]);
   }
 
   if constexpr (kAttn) {
-    for (int offset = lanes; offset < 32; offset *= 2)
-#pragma unroll
-      for (int k = 0; k < kK; ++k)
-#pragma unroll
-        for (int e = 0; e < V; ++e) dq[k][e] += __shfl_xor_sync(kFullMask, dq[k][e], offset);
-    const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (lane < lanes) {
-#pragma unroll
-      for (int k = 0; k < kK; ++k)
-        if (vec_ok[k])
-#pragma unroll
-          for (int e = 0; e < V; ++e) dq_s[warp][(k * lanes + lane) * V + e] = dq[k][e];
-    }
+    // This block's partial grad_query row: the sum over its rows (threads lane_in_row + r *
+    // lanes), in a fixed order.
     __syncthreads();
-    if (warp == 0 && lane < lanes) {
+    if (threadIdx.x < lanes) {
       float* partial = bp.workspace + (b * gridDim.y + tile) * p.channels;
 #pragma unroll
       for (int k = 0; k < kK; ++k) {
@@ -402,8 +391,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           float sum = 0.0f;
-          for (int w = 0; w < kWarps; ++w) sum += dq_s[w][(k * lanes + lane) * V + e];
-          partial[chan[k] + e] = sum;
+          for (int r = 0; r < rows_per_block; ++r) sum += dq_s[k * V + e][r * lanes + threadIdx.x];
+          partial[chan(k) + e] = sum;
         }
       }
     }
