@@ -27,9 +27,9 @@ import time
 from typing import Iterable, Optional
 
 ARCHS = ("sm_80", "sm_90")
-# Head sizes of the shapes we serve (SigLIP 1152 / 8 or 16 heads, CLIP 1024 / 8 or 16 heads)
-# round up to these power-of-two channel blocks.
-ATTN_HEAD_BLOCKS = (128, 256)
+# Head sizes of the shapes we serve (SigLIP 1152 / 8 or 16 heads: 144, 72; CLIP 1024 / 8 or
+# 16 heads: 128, 64) round up to these power-of-two channel blocks.
+ATTN_HEAD_BLOCKS = (128, 256, 64)
 
 
 @dataclasses.dataclass
@@ -134,7 +134,7 @@ def triton_cases(quick: bool = False) -> list[Case]:
         {"POOL_ATTN": False, "IS_VARLEN": True, "WRITE_KEY": True}, only_default=True)
     add("encode_bwd[mean]", enc, "encode_bwd_kernel", stream,
         {"POOL_ATTN": False, **base, "SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1})
-    for block_d in ATTN_HEAD_BLOCKS[: 1 if quick else None]:
+    for block_d in ATTN_HEAD_BLOCKS[: 1 if quick else None]:  # quick: 128 only
         add(f"encode_fwd[attn,head<={block_d}]", enc, "encode_fwd_kernel",
             attn("attn_fwd", block_d),
             {"POOL_ATTN": True, **base, "WRITE_KEY": True, "BLOCK_D": block_d})
@@ -142,7 +142,7 @@ def triton_cases(quick: bool = False) -> list[Case]:
             attn("attn_bwd", block_d),
             {"POOL_ATTN": True, **base, "SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1,
              "BLOCK_D": block_d})
-    block = ATTN_HEAD_BLOCKS[-1]
+    block = max(ATTN_HEAD_BLOCKS)  # the variants below at the heaviest head block
     add("encode_fwd[attn,varlen]", enc, "encode_fwd_kernel", attn("attn_fwd", block),
         {"POOL_ATTN": True, "IS_VARLEN": True, "WRITE_KEY": True, "BLOCK_D": block},
         only_default=True)
@@ -152,6 +152,18 @@ def triton_cases(quick: bool = False) -> list[Case]:
     add("encode_bwd[mean,varlen,spatial]", enc, "encode_bwd_kernel", stream,
         {"POOL_ATTN": False, "IS_VARLEN": True, "SPATIAL": True, "BINS_PER_ROW": 2,
          "BINS_PER_COL": 2}, only_default=True)
+    # The other feature dtypes, at the default configs (bfloat16 above).
+    for dtype in ("fp16", "fp32"):
+        feature_types = {**types, **{name: f"*{dtype}" for name in (
+            "x_ptr", "seq_ptr", "grad_seq_ptr", "grad_x_ptr")}}
+        add(f"encode_fwd[mean,{dtype}]", enc, "encode_fwd_kernel", stream,
+            {"POOL_ATTN": False, **base, "WRITE_KEY": True}, feature_types, only_default=True)
+        add(f"encode_fwd[attn,{dtype}]", enc, "encode_fwd_kernel", attn("attn_fwd", block),
+            {"POOL_ATTN": True, **base, "WRITE_KEY": True, "BLOCK_D": block}, feature_types,
+            only_default=True)
+        add(f"encode_bwd[attn,{dtype}]", enc, "encode_bwd_kernel", attn("attn_bwd", block),
+            {"POOL_ATTN": True, **base, "SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1,
+             "BLOCK_D": block}, feature_types, only_default=True)
     single = [configs._config(4, num_stages=1)]
     for pool in (False, True):
         add(f"combine[{'attn' if pool else 'mean'}]", enc, "combine_kernel", single,
