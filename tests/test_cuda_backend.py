@@ -94,14 +94,20 @@ def test_pack_writes_fields_at_their_offsets():
     assert at(cuda_nvrtc.ENCODE_BWD_PARAMS.fields["workspace_elems"][1], 8) == 7
 
 
-@pytest.mark.parametrize("vec", [1, 2, 4, 8])
+@pytest.mark.parametrize("vec", [1, 4, 8])
 def test_row_plan_covers_each_segment(vec):
-    for seg_vecs in range(1, cuda_nvrtc.LANE_ELEMS * 32 // vec + 1):
+    max_k = cuda_nvrtc.max_vecs_per_lane(vec)
+    for seg_vecs in range(1, 32 * max_k + 1):
         lanes, k, seg, _ = cuda_nvrtc.plan_rows(seg_vecs, 1, vec)
         assert lanes in (1, 2, 4, 8, 16, 32) and seg == seg_vecs
-        assert 1 <= k <= cuda_nvrtc.LANE_ELEMS // vec
-        assert lanes * k >= seg_vecs > lanes * (k - 1) or lanes == 32 or k == cuda_nvrtc.LANE_ELEMS // vec
-    assert cuda_nvrtc.plan_rows(cuda_nvrtc.LANE_ELEMS * 32 // vec + 1, 1, vec)[0] == 0
+        assert 1 <= k <= max_k and lanes * k >= seg_vecs > lanes * (k - 1)
+    assert cuda_nvrtc.plan_rows(32 * max_k + 1, 1, vec)[0] == 0
+
+
+def test_wide_float32_heads_take_the_scalar_path():
+    fields = _fake_encode_fields(C=768, heads=1, dtype=0)
+    assert cuda_nvrtc.encode_plan(fields) == (1, 32, 24, 768, 1)
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields(C=1024, heads=2, dtype=0))[0] == 4
 
 
 def _fake_encode_fields(C=1152, heads=8, pool=1, dtype=2, x=4096, seq=8192, stride_n=None, varlen=False):
@@ -116,6 +122,7 @@ def _fake_encode_fields(C=1152, heads=8, pool=1, dtype=2, x=4096, seq=8192, stri
 PLAN_CASES = [
     dict(), dict(pool=0, heads=1), dict(C=1024, heads=16, dtype=0), dict(C=12, heads=3, dtype=1),
     dict(x=4098), dict(stride_n=1160), dict(C=100, heads=1, pool=0, dtype=0), dict(varlen=True),
+    dict(C=640, heads=1, dtype=0), dict(C=768, heads=1, dtype=2),
 ]
 
 

@@ -15,8 +15,11 @@ namespace cuda {
 constexpr int kThreads = 256;  // every kernel; launch bounds and shared arrays depend on it
 constexpr int kWarps = kThreads / 32;
 // Channels one lane holds per row (K vectors of V): bounds registers (forward: acc, key, d;
-// backward also key_grad, dq, grad_r) and the widest head a block can pool: 32 * 24 = 768 (K = 3 fits SigLIP heads of 144 bf16 channels).
+// backward: d, key_grad) and the widest head a block pools, 32 * 24 = 768 channels. float32
+// rows (V = 4) stop at K = 4: K = 6 needs more than 128 registers and spills; wider float32
+// heads take the scalar path (launch plan below).
 constexpr int kLaneElems = 24;
+VTOK_HOST_DEVICE constexpr int max_vecs_per_lane(int vec) { return vec == 4 ? 4 : kLaneElems / vec; }
 constexpr int kSegMax = 32 * kLaneElems;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -40,7 +43,7 @@ struct VecWidth {
 // mirrored by vtok_kernels/backends/cuda_plan.py for the CuPy loader.
 struct RowPlan {
   int32_t lanes = 0;          // power of two in [1, 32]; 0 means unsupported
-  int32_t vecs_per_lane = 0;  // K <= kLaneElems / V
+  int32_t vecs_per_lane = 0;  // K <= max_vecs_per_lane(V)
   int32_t seg_vecs = 0;       // vectors of V elements per segment
   int32_t num_segments = 0;
 };
@@ -49,7 +52,7 @@ struct RowPlan {
 // Lanes per row minimising idle lanes for a segment of seg_vecs vectors, ties to more lanes.
 inline RowPlan plan_rows(int64_t seg_vecs, int64_t num_segments, int vec) {
   RowPlan plan;
-  const int max_k = kLaneElems / vec;
+  const int max_k = max_vecs_per_lane(vec);
   int64_t best_waste = -1;
   for (int lanes = 32; lanes >= 1; lanes /= 2) {
     const int64_t k = (seg_vecs + lanes - 1) / lanes;

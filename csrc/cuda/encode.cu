@@ -50,8 +50,12 @@ RowPlan to_row_plan(const PlanInfo& info) {
 }  // namespace
 
 PlanInfo encode_plan(const EncodeParams& p, bool backward, const void* grad_sequence, const void* grad_x) {
-  const int vec = backward ? encode_vector_width(p, grad_sequence, grad_x) : encode_vector_width(p, nullptr, nullptr);
-  const RowPlan plan = plan_segments(p.channels, vec, p.pool == Pool::kAttn, p.num_heads);
+  int vec = backward ? encode_vector_width(p, grad_sequence, grad_x) : encode_vector_width(p, nullptr, nullptr);
+  RowPlan plan = plan_segments(p.channels, vec, p.pool == Pool::kAttn, p.num_heads);
+  if (plan.lanes == 0 && vec > 1) {  // a head too wide for 16-byte rows: the scalar path
+    vec = 1;
+    plan = plan_segments(p.channels, vec, p.pool == Pool::kAttn, p.num_heads);
+  }
   return {vec, plan.lanes, plan.vecs_per_lane, plan.seg_vecs, plan.num_segments};
 }
 

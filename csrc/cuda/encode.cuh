@@ -23,7 +23,7 @@ template <typename T, int V, int kMode>
 __global__ void __launch_bounds__(kThreads)
     residual_fwd_kernel(const EncodeParams p, const RowPlan plan) {
   constexpr bool kAttn = kMode == kAttnPool;
-  constexpr int kK = kLaneElems / V;
+  constexpr int kK = max_vecs_per_lane(V);
   const int lanes = plan.lanes;
   const int lane_in_row = threadIdx.x % lanes;
   const int slot = threadIdx.x / lanes;
@@ -59,6 +59,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t base = 0; base < p.num_patches; base += rows_per_pass) {
     const int64_t n = base + slot;
     const bool row_ok = n < p.num_patches;
+    // The key row is loaded once per patch row and reused by the group's frames.
     float key[kK][V] = {};
     if constexpr (kMode != kGroupSum) {
 #pragma unroll
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) attn_delta_kernel(const EncodeBwdPar
 template <typename T, int V, bool kAttn>
 __global__ void __launch_bounds__(kThreads)
     encode_bwd_kernel(const EncodeBwdParams bp, const RowPlan plan) {
-  constexpr int kK = kLaneElems / V;
+  constexpr int kK = max_vecs_per_lane(V);
   const EncodeParams& p = bp.fwd;
   const int lanes = plan.lanes;
   const int lane_in_row = threadIdx.x % lanes;

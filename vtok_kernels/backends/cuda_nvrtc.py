@@ -137,9 +137,14 @@ def layout(dtype: np.dtype) -> tuple[int, dict]:
 
 # ------------------------------------------------------------------ launch plan (mirrors csrc/cuda)
 
+def max_vecs_per_lane(vec: int) -> int:
+    """common.cuh max_vecs_per_lane."""
+    return 4 if vec == 4 else LANE_ELEMS // vec
+
+
 def plan_rows(seg_vecs: int, num_segments: int, vec: int) -> tuple[int, int, int, int]:
     """(lanes, vecs_per_lane, seg_vecs, num_segments): common.cuh plan_rows."""
-    max_k = LANE_ELEMS // vec
+    max_k = max_vecs_per_lane(vec)
     best, lanes_k = -1, (0, 0)
     for lanes in (32, 16, 8, 4, 2, 1):
         k = -(-seg_vecs // lanes)
@@ -180,7 +185,11 @@ def encode_vector_width(p: dict, grad_sequence: int = 0, grad_x: int = 0) -> int
 def encode_plan(p: dict, backward: bool = False, grad_sequence: int = 0, grad_x: int = 0):
     """(vec, lanes, vecs_per_lane, seg_vecs, num_segments), as the extension's cuda_encode_plan."""
     vec = encode_vector_width(p, grad_sequence, grad_x) if backward else encode_vector_width(p)
-    return (vec,) + plan_segments(p["channels"], vec, p["pool"] == ATTN, p["num_heads"])
+    plan = plan_segments(p["channels"], vec, p["pool"] == ATTN, p["num_heads"])
+    if plan[0] == 0 and vec > 1:  # a head too wide for 16-byte rows: the scalar path
+        vec = 1
+        plan = plan_segments(p["channels"], vec, p["pool"] == ATTN, p["num_heads"])
+    return (vec,) + plan
 
 
 def num_groups(frames: int, frames_per_token: int) -> int:
