@@ -637,6 +637,7 @@ EMULATED = [
     ("attn-spatial-overlap-framestrided", (2, 9, 15, 32), "attn", 1, 2, [2, 3], [3, 5], 0, 2),
     ("attn-T1", (2, 1, 9, 32), "attn", 2, 1, [], [], 0, 1),
     ("attn-C-odd", (1, 4, 9, 21), "attn", 3, 1, [], [], 0, 1),
+    ("attn-wide-head-scalar", (1, 3, 9, 640), "attn", 1, 1, [], [], 0, 1),
 ]
 
 
