@@ -174,13 +174,16 @@ class VTokEncoder(nn.Module):
         key_index overrides the module's default for this call: an int, an int tensor [B], or a
         method of :func:`vtok_kernels.select_key_frames`.
         """
+        if isinstance(x, Tensor) and x.dim() > 0 and x.shape[-1] != self.in_dim:
+            raise ValueError(f"x: expected {self.in_dim} channels (in_dim) in the last dim, got shape {tuple(x.shape)}")
         key = self.key_index if key_index is None else key_index
         if isinstance(key, str):
             if key not in KEY_FRAME_METHODS:
                 raise ValueError(f"key_index: expected an int, a tensor or one of {KEY_FRAME_METHODS}, got {key!r}")
             key = 0 if key == "first" else select_key_frames(x, key, cu_frames)
-        # The kernels read a float32 query (or x's dtype); .float() is a no-op for a float32 module.
-        query = self.query.float() if self.query is not None else None
+        query = self.query
+        if query is not None and query.dtype not in (x.dtype, torch.float32):
+            query = query.float()  # a bfloat16 module with float32 features: the API takes either
         options = dict(pool=self.pool, query=query, num_heads=self.num_heads,
                        frames_per_token=self.frames_per_token, spatial=self.spatial, grid=self.grid,
                        backend=self.backend)
