@@ -372,6 +372,8 @@ def _describe(signature: str) -> tuple[str, str, bool]:
     if not targs:
         return kernel, "-", True
     args = [a.strip() for a in targs.split(",")]
+    if args[0].isdigit():
+        return kernel, f"block={args[0]}", True
     dtype = _TYPE_NAMES.get(args[0], args[0])
     parts = [f"T={dtype}"]
     default = True
