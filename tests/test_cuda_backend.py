@@ -332,7 +332,7 @@ def _check_encode(shape, dtype, pool="mean", num_heads=1, frames_per_token=1, ke
     """cuda against the float64 reference; offset > 0 misaligns x (the scalar path)."""
     C = shape[-1]
     storage = features(shape[:-1] + (C + offset,), dtype, "cuda")
-    x = storage[..., offset:].requires_grad_(backward) if not backward else storage[..., offset:].detach().requires_grad_(True)
+    x = storage[..., offset:].detach().requires_grad_(backward)
     query = torch.randn(C, device="cuda", requires_grad=True) if pool == "attn" else None
     options = dict(pool=pool, num_heads=num_heads, frames_per_token=frames_per_token, spatial=spatial, grid=grid)
     out = vk.encode(x, key_index, query=query, backend="cuda", **options)
