@@ -77,18 +77,23 @@ class Scale:
     presets: tuple[str, ...]
     frames: tuple[int, ...]
     dtype: torch.dtype
-    # torch.compile of the reference unrolls its per-video, per-group Python loops: compile time
-    # grows with B * G, so it runs at the smallest frame count only, and for these ops.
+    # torch.compile recompiles for every shape (dynamic=False: the compiled baseline at its best),
+    # so the compiled baselines run at the smallest frame count only, and for these ops. Of the
+    # reference it unrolls the per-video, per-group Python loops: compile time grows with B * G
+    # (for B = 8, T = 16 it took 6 to 8 minutes on the 2-core CI machine), so the GPU scale leaves
+    # it out and keeps torch.compile of the naive version as its compiled baseline.
     compile_ops: tuple[str, ...] = OPS
+    compile_naive_ops: tuple[str, ...] = NAIVE_OPS
     round_budget_s: float = 2.0  # timed seconds per row, split into rounds
     min_rounds: int = 3
     max_rounds: int = 30
 
 
 SCALES = {
-    "cpu": Scale("cpu", 1, ("clip", "siglip"), (16,), torch.float32),
+    "cpu": Scale("cpu", 1, ("clip", "siglip"), (16,), torch.float32,
+                 compile_ops=("encode-mean", "encode-attn"), round_budget_s=1.5),
     "gpu": Scale("gpu", 8, ("clip", "siglip", "vae"), (16, 32, 64), torch.bfloat16,
-                 compile_ops=("encode-mean", "encode-attn"), round_budget_s=0.3, min_rounds=10,
+                 compile_ops=(), round_budget_s=0.3, min_rounds=10,
                  max_rounds=100),
     "full": Scale("full", 8, ("clip", "siglip", "vae"), (16, 32, 64), torch.bfloat16,
                   round_budget_s=0.5, min_rounds=10, max_rounds=100),
@@ -153,6 +158,8 @@ def cases(device: str, scale: Scale) -> list[Case]:
                 for mode in MODES:
                     for impl in impls:
                         if impl == "compile" and (frames != min(scale.frames) or op not in scale.compile_ops):
+                            continue
+                        if impl == "compile-naive" and (frames != min(scale.frames) or op not in scale.compile_naive_ops):
                             continue
                         if impl.endswith("naive") and op not in NAIVE_OPS:
                             continue
