@@ -178,12 +178,12 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, repeats: 
     """The bandwidth of ``dst.copy_(src)`` on ``device`` in bytes/s (read + write counted): the
     roofline that the benchmark rows are divided by.
 
-    The buffer is far larger than the last-level cache (1 GiB on a GPU, 256 MiB on a CPU), so the
+    The buffer is far larger than the last-level cache (1 GiB on a GPU, 512 MiB on a CPU), so the
     copy streams from memory as the kernels do. The best of the repeats is the bandwidth the
     device can reach; the median is kept too.
     """
     if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+        nbytes = (1 << 30) if device.type == "cuda" else (512 << 20)
     if repeats is None:
         repeats = 20 if device.type == "cuda" else 5
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
