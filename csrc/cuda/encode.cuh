@@ -7,9 +7,9 @@
 // order), so the result does not depend on scheduling. Key tokens are a second, small kernel.
 //
 // Backward: one block per (channel segment, tile of patch rows, video) walks all frames of the
-// video for its rows, keeping the key-frame row and its gradient in registers; every element of
-// grad_x is written exactly once and grad_query goes through per-block partial rows reduced in a
-// fixed order: no atomics, so the backward is deterministic.
+// video for its rows, accumulating the key frame's gradient on chip (registers) across them;
+// every element of grad_x is written exactly once and grad_query goes through per-block partial
+// rows reduced in a fixed order: no atomics, so the backward is deterministic.
 #include "common.cuh"
 
 namespace vtok {
