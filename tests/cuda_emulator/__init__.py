@@ -51,10 +51,21 @@ def _source() -> str:
     return "\n".join(lines) + "\n"
 
 
+_PROBE: list = []
+
+
 def unavailable_reason() -> Optional[str]:
-    if shutil.which("g++") is None:
-        return "the CUDA emulator needs g++ (C++20)"
-    return None
+    """None if g++ can build the emulator (C++20 <barrier>, _Float16), else why not."""
+    if not _PROBE:
+        if shutil.which("g++") is None:
+            _PROBE.append("the CUDA emulator needs g++")
+        else:
+            probe = "#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; return (int)(float)h - 1; }\n"
+            proc = subprocess.run(["g++", "-std=c++20", "-x", "c++", "-", "-o", "/dev/null", "-pthread"],
+                                  input=probe, capture_output=True, text=True)
+            _PROBE.append(None if proc.returncode == 0 else
+                          f"the CUDA emulator needs g++ with C++20 <barrier> and _Float16: {proc.stderr[-300:]}")
+    return _PROBE[0]
 
 
 _LIB = None
