@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import records, roofline
+import vtok_kernels as vk
 from vtok_kernels import selection, telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,22 +193,25 @@ def test_records_write_tables_and_plot(tmp_path):
 # --------------------------------------------------------------------------------- selection
 def test_measured_order_from_a_record():
     table = records.measured_order(records.records_from_benchmark_json(_sample_json()))
-    assert table["by_kind"]["cuda"]["encode"] == ["cuda", "triton"]
-    assert table["by_kind"]["cuda"]["expand"] == ["triton", "cuda"]
-    assert table["by_device"]["NVIDIA H100 80GB HBM3"]["expand"] == ["triton", "cuda"]
-    assert table["by_kind"]["cpu"]["encode"] == ["cpu", "torch"]
-    assert "reference" not in table["by_kind"]["cuda"]["encode"]  # baselines are never picked
+    assert table["cuda"]["encode"] == ["cuda", "triton"]
+    assert table["cuda"]["expand"] == ["triton", "cuda"]
+    assert table["cpu"]["encode"] == ["cpu", "torch"]
+    assert "reference" not in table["cuda"]["encode"]  # baselines are never picked
 
 
-def test_selection_order_prefers_the_device_then_the_kind_then_the_default():
-    by_device = {"NVIDIA H100 80GB HBM3": {"expand": ["triton", "cuda"]}}
-    by_kind = {"cuda": {"expand": ["cuda", "triton"]}, "cpu": {"encode": ["torch", "triton", "cpu"]}}
-    h100 = selection.order("cuda", "expand", "NVIDIA H100 80GB HBM3", by_device, by_kind)
-    assert h100 == ["triton", "cuda", "torch"]
-    assert selection.order("cuda", "expand", "NVIDIA A100", by_device, by_kind) == ["cuda", "triton", "torch"]
-    assert selection.order("cuda", "encode", None, by_device, by_kind) == ["cuda", "triton", "torch"]
+def test_selection_order_prefers_the_record_then_the_default():
+    measured = {"cuda": {"expand": ["triton", "cuda"]}, "cpu": {"encode": ["torch", "triton", "cpu"]}}
+    assert selection.order("cuda", "expand", measured) == ["triton", "cuda", "torch"]
+    assert selection.order("cuda", "encode", measured) == ["cuda", "triton", "torch"]
     # a CPU record can reorder cpu and torch but never makes "auto" pick interpreted Triton
-    assert selection.order("cpu", "encode", None, by_device, by_kind) == ["torch", "cpu"]
+    assert selection.order("cpu", "encode", measured) == ["torch", "cpu"]
+    assert selection.order("cpu", "expand", {}) == ["cpu", "torch"]
+
+
+def test_auto_traces_without_a_graph_break():
+    compiled = torch.compile(lambda x: vk.encode(x).sequence, fullgraph=True, backend="eager")
+    x = torch.randn(1, 3, 4, 8)
+    torch.testing.assert_close(compiled(x), vk.reference.encode(x))
 
 
 def test_pick_returns_an_available_backend():

@@ -1,73 +1,62 @@
-"""``backend="auto"``: the fastest backend for a device and op according to the recorded benchmarks.
+"""``backend="auto"``: the fastest backend for a device kind and op according to the recorded
+benchmarks.
 
 The records live in ``benchmarks/results/``; ``python -m benchmarks.records`` turns them into
-``vtok_kernels/_measured_order.py``: per GPU name and per device kind, per op, the backends that
-were measured, fastest first (by the geometric mean over every measured shape of the time over
-the fastest backend's time). A GPU's own name is preferred over its kind. Backends that no record
-ranks follow in the default order, which prefers compiled kernels; a backend is picked only where
-it is available and takes the dtype, and ``torch`` (the reference) is the last resort.
+``vtok_kernels/_measured_order.py``: per device kind ("cpu", "cuda") and op, the backends that
+were measured, fastest first (by the geometric mean over every measured shape and GPU of the time
+over the fastest backend's time). Backends that no record ranks follow in the default order,
+which prefers compiled kernels; a backend is picked only where it is available and takes the
+dtype, and ``torch`` (the reference) is the last resort.
+
+``pick`` also runs inside ``torch.compile(fullgraph=True)`` traces of ``vk.encode``, where its
+answer is a constant of the trace.
 """
 from __future__ import annotations
 
-import functools
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 
 from vtok_kernels import backends
 
+try:
+    from vtok_kernels._measured_order import BY_KIND as MEASURED_ORDER
+except ImportError:  # no record generated yet: the default order decides
+    MEASURED_ORDER: Mapping = {}
+
 OPS = ("encode", "encode_varlen", "expand")
 DEFAULT_ORDER = {
     "cuda": ("cuda", "triton", "torch"),
-    "cpu": ("cpu", "torch"),  # interpreted Triton is for tests, never picked by "auto"
+    "cpu": ("cpu", "torch"),
 }
-# Backends "auto" never picks on a device kind, whatever a record says.
+# Backends "auto" never picks on a device kind, whatever a record says: Triton on the CPU is its
+# interpreter, meant for tests.
 NEVER = {"cpu": ("triton",)}
 
 
-def _measured_tables() -> tuple[Mapping, Mapping]:
-    try:
-        from vtok_kernels import _measured_order
-    except ImportError:  # no record generated yet
-        return {}, {}
-    return getattr(_measured_order, "BY_DEVICE", {}), getattr(_measured_order, "BY_KIND", {})
-
-
-@functools.lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> Optional[str]:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_name(device)
-
-
-def order(device_type: str, op: str = "encode", device_name: Optional[str] = None,
-          by_device: Optional[Mapping] = None, by_kind: Optional[Mapping] = None) -> list[str]:
-    """Backends to try for ``op`` on a device, best first: measured on this GPU model, then on
-    this device kind, then the default order, then ``torch``. Tables default to the generated
-    ``_measured_order`` module."""
-    if by_device is None or by_kind is None:
-        measured_device, measured_kind = _measured_tables()
-        by_device = measured_device if by_device is None else by_device
-        by_kind = measured_kind if by_kind is None else by_kind
+def order(device_type: str, op: str = "encode", measured: Optional[Mapping] = None) -> list[str]:
+    """Backends to try for ``op`` on a device kind, best first: as measured (``measured``, by
+    default the generated table), then the default order, then ``torch``."""
+    measured = MEASURED_ORDER if measured is None else measured
     candidates: list[str] = []
-    sources: Sequence = (
-        (by_device.get(device_name, {}) if device_name else {}).get(op, ()),
-        by_kind.get(device_type, {}).get(op, ()),
-        DEFAULT_ORDER.get(device_type, ()),
-        ("torch",),
-    )
-    for names in sources:
+    for names in (measured.get(device_type, {}).get(op, ()), DEFAULT_ORDER.get(device_type, ()), ("torch",)):
         for name in names:
             if name not in candidates and name in backends.KNOWN_BACKENDS and name not in NEVER.get(device_type, ()):
                 candidates.append(name)
     return candidates
 
 
+# The answer depends on constants only (tables, the registry, what this machine has): a traced
+# call runs it once at trace time instead of tracing the registry's imports.
+@torch.compiler.assume_constant_result
+def _pick(device_type: str, dtype: torch.dtype, op: str) -> str:
+    for name in order(device_type, op):
+        if backends.unavailable_reason(name, device_type) is None and dtype in backends.get(name).dtypes:
+            return name
+    return "torch"
+
+
 def pick(device: torch.device, dtype: torch.dtype, op: str = "encode") -> str:
     """The backend ``"auto"`` runs for ``op`` ("encode", "encode_varlen" or "expand") on
     ``device`` with features of ``dtype``."""
-    device = torch.device(device)
-    for name in order(device.type, op, _device_name(device)):
-        if backends.unavailable_reason(name, device.type) is None and dtype in backends.get(name).dtypes:
-            return name
-    return "torch"
+    return _pick(device.type, dtype, op)
