@@ -235,7 +235,8 @@ def make_inputs(case: Case, generator: Optional[torch.Generator] = None) -> dict
     N, C = preset.num_patches, preset.channels
 
     def randn(*shape, scale=1.0, dtype=dtype):
-        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+        # drawn on the device: a GPU row's gigabyte of features would take seconds on the host
+        return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
 
     grad = case.backward
     if case.op == "expand":

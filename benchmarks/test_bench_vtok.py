@@ -76,12 +76,13 @@ def test_bench(benchmark, case: cases.Case, request):
         # CUDA-event timing; no public API sets a per-test timer, so the fixture's own is replaced
         benchmark._timer = roofline.CudaEventTimer()
         setup = roofline.L2Flush(device)
-    before = telemetry.snapshot()
+    gpu_index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    before = telemetry.snapshot(gpu_index)
     # two calls ran already; a slow row needs no further warm-up round
     warmup_rounds = 0 if estimate > 0.5 else 1
     benchmark.pedantic(work.call, setup=setup, rounds=_rounds(estimate, scale),
                        warmup_rounds=warmup_rounds, iterations=1)
-    after = telemetry.snapshot()
+    after = telemetry.snapshot(gpu_index)
 
     seconds = benchmark.stats.stats.median
     moved = case.bytes_moved()

@@ -47,6 +47,32 @@ def test_expand_bytes_by_hand():
     assert roofline.expand_bytes(1, 5, 2, 1, 2, frames_per_token=3) == (2 + 2) * 2 + 5 * 2 * 2
 
 
+def test_cuda_event_timer_returns_the_device_time_between_its_two_calls(monkeypatch):
+    clock = {"now_ms": 0.0}
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at_ms = None
+
+        def record(self):
+            self.at_ms = clock["now_ms"]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at_ms - self.at_ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = roofline.CudaEventTimer()
+    for elapsed_ms in (3.0, 0.5):
+        start = timer()
+        clock["now_ms"] += elapsed_ms
+        assert timer() - start == pytest.approx(elapsed_ms / 1e3)
+    assert repr(timer) == "CudaEventTimer()"
+
+
 def test_copy_bandwidth_is_measured():
     bw = roofline.copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, repeats=2)
     assert bw["bytes_per_s"] >= bw["median_bytes_per_s"] > 0
