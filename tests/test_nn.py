@@ -495,3 +495,19 @@ def test_no_gradient_and_compiles_without_a_break():
 def test_select_key_frames_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         vk.select_key_frames(*args)
+
+
+# ------------------------------------------------------------------------------------- examples
+def test_train_step_example_runs_and_learns(capsys):
+    """examples/train_step.py, as a user runs it, on the CPU: it trains (the loss falls)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("vtok_train_step_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    losses = example.main(["--steps", "40", "--device", "cpu"])
+    assert len(losses) == 40 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
+    assert "40 steps" in capsys.readouterr().out
