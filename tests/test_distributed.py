@@ -1,6 +1,6 @@
-"""VTokEncoder under DistributedDataParallel: two CPU processes (gloo on loopback) train on the two
-halves of each global batch and end with the same parameters as one process training on the
-whole batch. Gradients reach every parameter through the fused op's registered backward, so DDP's
+"""VTokEncoder under DistributedDataParallel and under FSDP2 (fully_shard): two CPU processes
+(gloo on loopback) train on the two halves of each global batch and end with the same parameters
+as one process training on the whole batch. Gradients reach every parameter through the fused op's registered backward, so DDP's
 all-reduce hooks see them as they see any other gradient."""
 from __future__ import annotations
 
@@ -54,6 +54,21 @@ def _materialise(model: nn.Module, batches) -> None:
         model(batches[0][0][:1])  # LazyLinear takes its input width from a first call
 
 
+def _train_fsdp2(backend: str, batches, rows: slice) -> dict:
+    """FSDP2 (fully_shard), float32: the tokenizer one unit, the root the rest. Returns the
+    gathered full state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(backend)
+    _materialise(model, batches)
+    fully_shard(model[0])
+    fully_shard(model)
+    _train(model, batches, rows)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 def _worker(rank: int, port: int, result_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -69,7 +84,8 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
             _materialise(model, batches)
             ddp = nn.parallel.DistributedDataParallel(model)
             _train(ddp, batches, rows)
-            results[backend] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            results["ddp", backend] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            results["fsdp2", backend] = _train_fsdp2(backend, batches, rows)
         torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -82,11 +98,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_ddp_matches_single_process(tmp_path):
+def test_ddp_and_fsdp2_match_single_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     batches = _batches()
-    for backend in BACKENDS:
+    runs = [(wrapper, backend) for backend in BACKENDS for wrapper in ("ddp", "fsdp2")]
+    assert set(per_rank[0]) == set(runs)
+    for wrapper, backend in runs:
         single = _model(backend)
         _materialise(single, batches)
         initial = {k: v.clone() for k, v in single.state_dict().items()}
@@ -94,5 +112,5 @@ def test_ddp_matches_single_process(tmp_path):
         for name, expected in single.state_dict().items():
             assert not torch.equal(expected, initial[name]), f"{name} did not train"
             for rank in range(WORLD_SIZE):
-                assert_close(per_rank[rank][backend][name], expected, torch.float32,
-                             f"{backend}: rank {rank} {name}")
+                assert_close(per_rank[rank][wrapper, backend][name], expected, torch.float32,
+                             f"{wrapper} {backend}: rank {rank} {name}")
