@@ -22,41 +22,30 @@ namespace cpu {
 namespace VTOK_CPU_ISA {
 namespace {
 
+// Key token s of video v: a copy of the key frame's patch, or the mean of its adaptive bin.
 template <typename T>
-void key_tokens_fwd(const EncodeParams& p, const std::vector<Video>& videos, int num_threads) {
+void key_token_fwd(const EncodeParams& p, const Video& v, int64_t s, acc_t<T>* acc) {
   using Acc = acc_t<T>;
-  const int64_t C = p.channels, S = p.num_key_tokens;
-  T* seq = static_cast<T*>(p.sequence);
-#pragma omp parallel num_threads(num_threads)
-  {
-    std::vector<Acc> acc(static_cast<size_t>(C));
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < p.batch * S; ++task) {
-      const int64_t b = task / S, s = task % S;
-      const Video& v = videos[b];
-      T* out = seq + (v.seq_row + s) * C;
-      if (!p.spatial) {
-        const T* src = x_row<T>(p, v, v.key, s);
-        std::copy(src, src + C, out);
-        continue;
-      }
-      const Bin rows = adaptive_bin(s / p.out_w, p.grid_h, p.out_h);
-      const Bin cols = adaptive_bin(s % p.out_w, p.grid_w, p.out_w);
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int64_t h = rows.start; h < rows.end; ++h) {
-        for (int64_t w = cols.start; w < cols.end; ++w) {
-          const T* src = x_row<T>(p, v, v.key, h * p.grid_w + w);
-          Acc* a = acc.data();
-          VTOK_SIMD
-          for (int64_t c = 0; c < C; ++c) a[c] += load(src[c]);
-        }
-      }
-      const Acc count = static_cast<Acc>((rows.end - rows.start) * (cols.end - cols.start));
-      Acc* a = acc.data();
+  const int64_t C = p.channels;
+  T* out = static_cast<T*>(p.sequence) + (v.seq_row + s) * C;
+  if (!p.spatial) {
+    const T* src = x_row<T>(p, v, v.key, s);
+    std::copy(src, src + C, out);
+    return;
+  }
+  const Bin rows = adaptive_bin(s / p.out_w, p.grid_h, p.out_h);
+  const Bin cols = adaptive_bin(s % p.out_w, p.grid_w, p.out_w);
+  std::fill(acc, acc + C, Acc(0));
+  for (int64_t h = rows.start; h < rows.end; ++h) {
+    for (int64_t w = cols.start; w < cols.end; ++w) {
+      const T* VTOK_RESTRICT src = x_row<T>(p, v, v.key, h * p.grid_w + w);
       VTOK_SIMD
-      for (int64_t c = 0; c < C; ++c) out[c] = store<T>(a[c] / count);
+      for (int64_t c = 0; c < C; ++c) acc[c] += load(src[c]);
     }
   }
+  const Acc count = static_cast<Acc>((rows.end - rows.start) * (cols.end - cols.start));
+  VTOK_SIMD
+  for (int64_t c = 0; c < C; ++c) out[c] = store<T>(acc[c] / count);
 }
 
 // Per-thread scratch of the residual-token forward: a block of key rows, a block of residual
@@ -158,10 +147,16 @@ void encode_fwd_impl(const EncodeParams& p, int num_threads) {
   std::vector<Acc> query(p.pool == Pool::kAttn ? p.channels : 0);
   for (size_t c = 0; c < query.size(); ++c) query[c] = static_cast<Acc>(p.query[c]);
 
-  key_tokens_fwd<T>(p, videos, num_threads);
+  // One parallel region (each region ends in a barrier, which costs a scheduler time slice
+  // whenever a thread has been preempted on a busy machine): key tokens, then residual tokens
+  // without waiting in between.
 #pragma omp parallel num_threads(num_threads)
   {
     GroupScratch<Acc> scratch(p.channels, p.num_heads);
+#pragma omp for schedule(static) nowait
+    for (int64_t task = 0; task < p.batch * p.num_key_tokens; ++task)
+      key_token_fwd<T>(p, videos[task / p.num_key_tokens], task % p.num_key_tokens,
+                       scratch.acc.data());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < starts.back(); ++task) {
       const int64_t b = video_of_task(starts, task);
