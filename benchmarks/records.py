@@ -261,11 +261,12 @@ def readme_table(records: list[dict]) -> str:
                   "| op | pass | shape | fastest backend | ms | roofline (best) | reference ms | compile ms | naive ms | compile-naive ms | speed-up vs fastest baseline | peak MB: backend / reference / naive |",
                   "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         configs = _configs(record["rows"])
-        # Where the compiled baselines ran only at some frame counts, the table keeps those, so
-        # that every line compares against every baseline. The record's own table has
+        # Where the compiled baselines ran only at some frame counts, the table keeps those
+        # shapes, so that a line compares against every baseline measured for its op. The record's own table has
         # every row.
-        with_compile = {k for k, v in configs.items() if "compile" in v or "compile-naive" in v}
-        keys = sorted(with_compile or configs, key=lambda k: (
+        compiled_shapes = {k[2:] for k, v in configs.items() if "compile" in v or "compile-naive" in v}
+        shown = [k for k in configs if k[2:] in compiled_shapes] or list(configs)
+        keys = sorted(shown, key=lambda k: (
             OP_ORDER.index(k[0]) if k[0] in OP_ORDER else 99, k[1], k[2:]))
         for key in keys:
             impls = configs[key]
