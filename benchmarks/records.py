@@ -351,13 +351,14 @@ def plot(record: dict, path: Path) -> None:
         ax_bw = axes[2 * (p // cols)][p % cols]
         ax_mem = axes[2 * (p // cols) + 1][p % cols]
         shapes = sorted({k[2:] for k in configs if k[:2] == op_mode})
-        width = 0.8 / max(1, len(impls))
-        for j, impl in enumerate(impls):
+        present = [i for i in impls if any(i in configs[op_mode + shape] for shape in shapes)]
+        width = 0.8 / max(1, len(present))
+        for j, impl in enumerate(present):
             xs, gbs, mems = [], [], []
             for s, shape in enumerate(shapes):
                 row = configs[op_mode + shape].get(impl)
                 if row is not None:
-                    xs.append(s + (j - (len(impls) - 1) / 2) * width)
+                    xs.append(s + (j - (len(present) - 1) / 2) * width)
                     gbs.append(row["gb_per_s"])
                     mems.append(max(row.get("peak_memory_bytes") or 0, 1) / 2**20)
             ax_bw.bar(xs, gbs, width, label=impl, color=colors.get(impl))
@@ -375,8 +376,13 @@ def plot(record: dict, path: Path) -> None:
     for p in range(len(panels), panel_rows * cols):
         axes[2 * (p // cols)][p % cols].axis("off")
         axes[2 * (p // cols) + 1][p % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.suptitle(f"vtok_kernels on {record['device']['name']} ({record.get('datetime') or record['date']})",
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = [i for i in impls if i in legend] + [l for l in legend if l not in impls]
+    handles = [legend[l] for l in labels]
+    fig.suptitle(f"vtok_kernels on {record['device']['name']} ({(record.get('datetime') or record['date'])[:16]})",
                  fontsize=11, y=0.995)
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.975), ncol=len(labels), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
