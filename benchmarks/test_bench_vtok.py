@@ -2,13 +2,16 @@
 
 Commands (from the repository root)::
 
-    # the CPU rows (one video of 16 frames of CLIP and SigLIP, float32; ~8 minutes on 2 cores)
+    # the CPU rows: 72, one video of 16 frames of CLIP and SigLIP, float32 (about 6 minutes on
+    # 2 cores at a load average of 6)
     pytest benchmarks/ --benchmark-only -m "not gpu" --benchmark-json=bench-cpu.json
-    # the GPU rows (8 videos x 16/32/64 frames of CLIP, SigLIP and a VAE latent, bfloat16);
-    # benchmarks/gpu_proof.sh OUTDIR bench runs this
+    # the GPU rows: 264, 8 videos x 16/32/64 frames of CLIP, SigLIP and a VAE latent, bfloat16
+    # (benchmarks/gpu_proof.sh OUTDIR bench selects them with -k gpu)
     pytest benchmarks/ --benchmark-only -m gpu --benchmark-json=OUTDIR/bench.json
-    # then the committed record, its markdown table and plot, and the README table
+    # then the record, its markdown table and plot, README-table.md and auto's table
     python -m benchmarks.records bench-cpu.json
+    # and what VTok saves downstream: tokens and one attention layer per video
+    python -m benchmarks.token_economy --out benchmarks/results
 
 ``--bench-scale tiny|cpu|gpu|full`` (or ``VTOK_BENCH_SCALE``) changes the shapes (cases.py).
 ``-k`` selects rows by id, ``{device}-{op}-{mode}-{impl}-{preset}-B{b}xT{t}-{dtype}``, e.g.
