@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import records, roofline
+from benchmarks import cases, records, roofline
 import vtok_kernels as vk
 from vtok_kernels import selection, telemetry
 
@@ -256,6 +256,21 @@ def test_committed_selection_table_matches_the_committed_records():
 
 
 # ------------------------------------------------------------------------------ the suite
+def test_scales_keep_the_slow_baselines_where_they_are_affordable():
+    cpu = cases.cases("cpu", cases.SCALES["cpu"])
+    assert {c.impl for c in cpu} == {"cpu", "torch", "reference", "compile", "naive", "compile-naive"}
+    assert {(c.preset.name, c.frames, c.batch) for c in cpu} == {("clip", 16, 1), ("siglip", 16, 1)}
+    gpu = cases.cases("cuda", cases.SCALES["gpu"])
+    assert {c.impl for c in gpu} == {"cuda", "triton", "reference", "naive", "compile-naive"}
+    assert {c.frames for c in gpu if c.impl == "compile-naive"} == {16}
+    assert {c.frames for c in gpu if c.impl == "cuda"} == {16, 32, 64}
+    assert len({c.id for c in cpu + gpu}) == len(cpu) + len(gpu)  # ids select rows with -k
+    varlen = next(c for c in gpu if c.op == "encode_varlen" and c.frames == 32)
+    assert varlen.video_frames == (32, 16) * 4
+    assert varlen.bytes_moved() == roofline.encode_bytes(
+        roofline.EncodeShape((32, 16) * 4, varlen.preset.num_patches, varlen.preset.channels, 2))
+
+
 def test_suite_runs_end_to_end(tmp_path):
     """A few rows of the suite at the tiny scale, then the records script on its JSON."""
     out = tmp_path / "bench.json"
