@@ -252,8 +252,9 @@ def make_inputs(case: Case, generator: Optional[torch.Generator] = None) -> dict
                 "cu_frames": torch.tensor(offsets, dtype=torch.int32, device=device)}
     inputs = {"x": randn(case.batch, case.frames, N, C).requires_grad_(grad)}
     if case.pool == "attn":
-        # scores of order one: the softmax neither collapses onto one patch nor flattens out
-        inputs["query"] = randn(C, scale=1.0 / math.sqrt(C), dtype=torch.float32).requires_grad_(grad)
+        # a unit-normal query gives scores <q_j, d_j> / sqrt(c) of order one (d has variance 2):
+        # the softmax neither collapses onto one patch nor flattens out
+        inputs["query"] = randn(C, dtype=torch.float32).requires_grad_(grad)
     return inputs
 
 
