@@ -159,6 +159,8 @@ def _device_loader_name() -> tuple[str, Optional[str]]:
                   "; or install CuPy for the run-time compile: pip install cupy-cuda12x")
     result = (name if reason is None else "", reason)
     _device_loader[capability] = result
+    if result[0]:
+        BACKEND.loader = result[0]  # what info() reports: the loader that serves this device
     return result
 
 
@@ -447,7 +449,7 @@ def compile_rows(archs: list[str]) -> list[dict]:
     return rows
 
 
-register(Backend(
+BACKEND = register(Backend(
     name="cuda",
     availability=availability,
     impls=dict(
