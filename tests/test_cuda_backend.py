@@ -722,3 +722,35 @@ def test_emulated_backward_is_deterministic(emulated):
     first = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 3, 2, [], [])
     again = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 3, 2, [], [])
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("pool, heads", [("mean", 1), ("attn", 2)])
+def test_emulated_non_finite_values_propagate_as_in_the_reference(emulated, pool, heads):
+    x = features((2, 5, 11, 16), torch.float32)
+    x[0, 2, 3, 5] = float("nan")   # a non-key frame of video 0
+    x[1, 0, 7, 12] = float("nan")  # the key frame of video 1
+    keys = torch.tensor([0, 0])
+    query = torch.randn(16) if pool == "attn" else None
+    seq, _ = emulated.encode_fwd(x, keys, query, pool, heads, 2, [], [])
+    ref = reference.encode(x.double(), keys, pool=pool, query=query.double() if query is not None else None,
+                           num_heads=heads, frames_per_token=2)
+    assert torch.equal(torch.isnan(seq), torch.isnan(ref)), "NaN positions differ from the reference"
+    assert torch.isnan(seq).any() and not torch.isnan(seq[0, 11 + 1]).any()  # group 1 of video 0 is clean
+    finite = ~torch.isnan(ref)
+    assert torch.allclose(seq[finite].double(), ref[finite], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool, heads", [("mean", 1), ("attn", 8)])
+def test_non_finite_values_propagate_as_in_the_reference(pool, heads):
+    x = features((2, 9, 37, 256), torch.bfloat16, "cuda")
+    x[0, 2, 3, 5] = float("nan")
+    x[1, 0, 7, 200] = float("inf")
+    keys = torch.tensor([0, 0], device="cuda")
+    query = torch.randn(256, device="cuda") if pool == "attn" else None
+    out = vk.encode(x, keys, pool=pool, query=query, num_heads=heads, frames_per_token=2, backend="cuda")
+    ref = reference.encode(x.double(), keys, pool=pool, query=query.double() if query is not None else None,
+                           num_heads=heads, frames_per_token=2)
+    torch.cuda.synchronize()  # returns: no hang
+    assert torch.equal(torch.isnan(out.sequence), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out.sequence), torch.isinf(ref))
