@@ -262,17 +262,7 @@ def test_compile_fullgraph_matches_eager(backend, pool):
         assert_close(got, want, torch.float32, "compiled grad")
 
 
-NEGATIVE_KEY_SPECIALISES_T = pytest.mark.xfail(
-    strict=True, reason="a negative int key_index is normalised per video into a host list and "
-    "deduplicated with `len(set(normalized))` in vtok_kernels/api.py (_key_tensor), which "
-    "specialises the frame count")
-MEDOID_SPECIALISES_T = pytest.mark.xfail(
-    strict=True, reason="a tensor key_index goes through `len(set(num_frames))` in "
-    "vtok_kernels/api.py (_key_tensor), which specialises the frame count")
-
-
-@pytest.mark.parametrize("key_index", [0, pytest.param(-1, marks=NEGATIVE_KEY_SPECIALISES_T),
-                                       pytest.param("medoid", marks=MEDOID_SPECIALISES_T)])
+@pytest.mark.parametrize("key_index", [0, -1, "medoid"])
 @pytest.mark.parametrize("backend", _compile_params(ALL_BACKENDS))
 def test_compile_dynamic_frame_count_does_not_recompile(backend, key_index):
     """One graph serves every frame count. Recompiles are decided by dynamo's guards, before
@@ -291,8 +281,6 @@ def test_compile_dynamic_frame_count_does_not_recompile(backend, key_index):
             assert_close(out, module(x), torch.float32, f"T={frames}")
 
 
-@pytest.mark.xfail(strict=True, reason="api.encode builds a host list of B frame counts "
-                   "(`[T] * B` in vtok_kernels/api.py), which specialises the batch size")
 def test_compile_dynamic_batch_does_not_recompile():
     torch._dynamo.reset()
     module = VTokEncoder(12, 8, num_heads=2, backend="torch")
@@ -351,13 +339,8 @@ def test_autocast_bfloat16_features_float32_parameters(backend, compiled):
 
 
 # ---------------------------------------------------------------------------------- CUDA graphs
-TENSOR_KEY_SYNCS = pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="api.encode checks a tensor key_index on the host "
-    "(`bool(out_of_range.any())` in vtok_kernels/api.py, _key_tensor), a sync that stream capture forbids")
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("key_index", [0, pytest.param("medoid", marks=TENSOR_KEY_SYNCS)])
+@pytest.mark.parametrize("key_index", [0, "medoid"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_graph_training_step_replays_like_eager(backend, key_index):
     """A whole forward + backward captured with make_graphed_callables replays, on fresh data,

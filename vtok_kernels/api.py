@@ -117,46 +117,48 @@ def _check_pool(pool, query, num_heads, x: Tensor) -> Optional[Tensor]:
     return query.float().contiguous()
 
 
-def _key_tensor(key_index, num_frames: Sequence[int], device: torch.device) -> Tensor:
+def _key_tensor(key_index, num_frames: Union[int, Sequence[int]], batch: int, device: torch.device) -> Tensor:
     """Checks key_index against every video's frame count; returns int64 [B] in [0, T_b).
 
-    An int key is checked on the host and costs no device synchronisation (CUDA-graph safe); a
-    tensor key must be read to be checked, except under torch.compile, where the check is a
-    device-side assert.
+    ``num_frames`` is one T for a batch (it may be symbolic under torch.compile: nothing here
+    specialises on T or B) or a host list of T_b for varlen. An int key is checked on the host,
+    with no device synchronisation; a tensor key has to be read to be checked, except under
+    torch.compile or CUDA-graph capture, where the check is a device-side assert instead.
     """
-    B = len(num_frames)
+    uniform = not isinstance(num_frames, (list, tuple))
     if _is_int(key_index):
-        for b, t in enumerate(num_frames):
+        for b, t in enumerate([num_frames] if uniform else num_frames):
             if not -t <= key_index < t:
+                video = "every video" if uniform else f"video {b}"
                 raise ValueError(
-                    f"key_index: {key_index} is out of range [-{t}, {t}) for video {b} of {t} frames"
+                    f"key_index: {key_index} is out of range [-{t}, {t}) for {video} of {t} frames"
                 )
-        normalized = [key_index + t if key_index < 0 else key_index for t in num_frames]
-        if len(set(normalized)) == 1:
-            return torch.full((B,), normalized[0], dtype=torch.int64, device=device)
-        return torch.tensor(normalized, dtype=torch.int64, device=device)
+        if uniform:
+            key = key_index + num_frames if key_index < 0 else key_index
+            return torch.full((batch,), key, dtype=torch.int64, device=device)
+        keys = [key_index + t if key_index < 0 else key_index for t in num_frames]
+        return torch.tensor(keys, dtype=torch.int64, device=device)
     if not isinstance(key_index, Tensor):
         raise TypeError(f"key_index: expected an int or an integer tensor, got {type(key_index).__name__}")
     if key_index.dtype.is_floating_point or key_index.dtype.is_complex or key_index.dtype == torch.bool:
         raise TypeError(f"key_index: expected an int or an integer tensor, got dtype {key_index.dtype}")
-    if key_index.shape not in ((B,), ()):
-        raise ValueError(f"key_index: expected an int or a tensor of shape [B] = [{B}], got {tuple(key_index.shape)}")
+    if key_index.dim() > 1 or (key_index.dim() == 1 and key_index.shape[0] != batch):
+        raise ValueError(f"key_index: expected an int or a tensor of shape [B] = [{batch}], got {tuple(key_index.shape)}")
     if key_index.device != device:
         raise ValueError(f"key_index: expected device {device} (x's), got {key_index.device}")
-    keys = key_index.to(torch.int64).expand(B)
-    if len(set(num_frames)) == 1:
-        lengths = torch.full((B,), num_frames[0], dtype=torch.int64, device=device)
+    keys = key_index.to(torch.int64).expand(batch)
+    if uniform:
+        lengths = torch.full((batch,), num_frames, dtype=torch.int64, device=device)
     else:
         lengths = torch.tensor(list(num_frames), dtype=torch.int64, device=device)
     out_of_range = (keys < -lengths) | (keys >= lengths)
-    if torch.compiler.is_compiling():
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing:
         torch._assert_async(~out_of_range.any(), "key_index out of range")
     elif bool(out_of_range.any()):
         b = int(out_of_range.nonzero()[0, 0])
-        t = num_frames[b]
-        raise ValueError(
-            f"key_index: {int(keys[b])} is out of range [-{t}, {t}) for video {b} of {t} frames"
-        )
+        t = int(lengths[b])
+        raise ValueError(f"key_index: {int(keys[b])} is out of range [-{t}, {t}) for video {b} of {t} frames")
     return torch.where(keys < 0, keys + lengths, keys).contiguous()
 
 
@@ -221,7 +223,7 @@ def encode(
     x, grid_from_shape = _prepare_features(x, 2)
     B, T, N, C = x.shape
     spatial_list, grid_list = _check_grid_and_spatial(N, grid, spatial, grid_from_shape)
-    keys = _key_tensor(key_index, [T] * B, x.device)
+    keys = _key_tensor(key_index, T, B, x.device)
     sequence, _ = ops.encode(x, keys, q, pool, num_heads, frames_per_token, spatial_list, grid_list, name)
     S = spatial_list[0] * spatial_list[1] if spatial_list else N
     return EncodeOutput(sequence, sequence[:, :S], sequence[:, S:])
@@ -275,7 +277,7 @@ def encode_varlen(
     offsets = _check_cu_frames(cu_frames, F, x.device)
     host = offsets.tolist()
     lengths = [b - a for a, b in zip(host[:-1], host[1:])]
-    keys = _key_tensor(key_index, lengths, x.device)
+    keys = _key_tensor(key_index, lengths, len(lengths), x.device)
     S = spatial_list[0] * spatial_list[1] if spatial_list else N
     tokens_per_video = [S + num_groups(t, frames_per_token) for t in lengths]
     cu_host = [0]
@@ -316,7 +318,7 @@ def expand(
             f"and frames_per_token={frames_per_token}, got {tuple(residual_tokens.shape)}"
         )
     name = _select_backend(backend, key_tokens.device, key_tokens.dtype)
-    keys = _key_tensor(key_index, [num_frames] * B, key_tokens.device)
+    keys = _key_tensor(key_index, num_frames, B, key_tokens.device)
     if key_tokens.stride(-1) != 1:
         key_tokens = key_tokens.contiguous()
     if residual_tokens.stride(-1) != 1:
