@@ -121,7 +121,10 @@ class VTokEncoder(nn.Module):
         self.key_index, self.backend = key_index, backend
 
         factory = dict(device=device, dtype=dtype)
-        self.query = nn.Parameter(torch.empty(in_dim, **factory)) if pool == "attn" else None
+        if pool == "attn":
+            self.query = nn.Parameter(torch.empty(in_dim, **factory))
+        else:
+            self.register_parameter("query", None)
         self.residual_mlp = _mlp(in_dim, self.hidden_dim, out_dim, **factory)  # the paper's g_phi
         if key_projection == "linear":
             self.key_proj = nn.Linear(in_dim, out_dim, **factory)
@@ -130,7 +133,10 @@ class VTokEncoder(nn.Module):
         else:
             self.key_proj = nn.Identity()
         # Row 0 is added to key tokens, row 1 to residual tokens.
-        self.type_embedding = nn.Parameter(torch.empty(2, out_dim, **factory)) if type_embeddings else None
+        if type_embeddings:
+            self.type_embedding = nn.Parameter(torch.empty(2, out_dim, **factory))
+        else:
+            self.register_parameter("type_embedding", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
