@@ -724,19 +724,24 @@ def test_emulated_backward_is_deterministic(emulated):
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-@pytest.mark.parametrize("pool, heads", [("mean", 1), ("attn", 2)])
-def test_emulated_non_finite_values_propagate_as_in_the_reference(emulated, pool, heads):
+@pytest.mark.parametrize("pool, heads, bad, query_sign", [
+    ("mean", 1, float("nan"), 1), ("attn", 2, float("nan"), 1),
+    ("mean", 1, float("inf"), 1), ("attn", 2, float("inf"), 1), ("attn", 2, float("inf"), -1),
+])
+def test_emulated_non_finite_values_propagate_as_in_the_reference(emulated, pool, heads, bad, query_sign):
     x = features((2, 5, 11, 16), torch.float32)
-    x[0, 2, 3, 5] = float("nan")   # a non-key frame of video 0
-    x[1, 0, 7, 12] = float("nan")  # the key frame of video 1
+    x[0, 2, 3, 5] = bad   # a non-key frame of video 0
+    x[1, 0, 7, 12] = bad  # the key frame of video 1: every residual at patch 7
     keys = torch.tensor([0, 0])
-    query = torch.randn(16) if pool == "attn" else None
+    # The sign of the query at the bad channels decides whether the scores go to +inf or -inf.
+    query = torch.randn(16).abs() * query_sign if pool == "attn" else None
     seq, _ = emulated.encode_fwd(x, keys, query, pool, heads, 2, [], [])
     ref = reference.encode(x.double(), keys, pool=pool, query=query.double() if query is not None else None,
                            num_heads=heads, frames_per_token=2)
     assert torch.equal(torch.isnan(seq), torch.isnan(ref)), "NaN positions differ from the reference"
-    assert torch.isnan(seq).any() and not torch.isnan(seq[0, 11 + 1]).any()  # group 1 of video 0 is clean
-    finite = ~torch.isnan(ref)
+    assert torch.equal(torch.isinf(seq), torch.isinf(ref)), "inf positions differ from the reference"
+    assert torch.isfinite(seq[0, 11 + 1]).all()  # group 1 of video 0 holds no bad value
+    finite = torch.isfinite(ref)
     assert torch.allclose(seq[finite].double(), ref[finite], rtol=1e-5, atol=1e-6)
 
 

@@ -149,7 +149,12 @@ __global__ void __launch_bounds__(kThreads)
   float denom = 1.0f;
   if constexpr (kMode == kMeanPool) denom = static_cast<float>((bounds.last - bounds.first) * p.num_patches);
   if constexpr (kAttn) denom = state.sum;
-  const float inv = 1.0f / denom;
+  float inv = 1.0f / denom;
+  if constexpr (kAttn) {
+    // An infinite maximum score (inf in x) makes softmax NaN in the reference (inf - inf); the
+    // streaming softmax would instead average the infinite rows. Propagate NaN as it does.
+    if (!(state.max > -INFINITY && state.max < INFINITY)) inv = __int_as_float(0x7fffffff);
+  }
   T* out = static_cast<T*>(p.sequence) + (video.seq_row0 + p.num_key_tokens + group) * p.channels + c0;
 #pragma unroll
   for (int k = 0; k < kK; ++k) {
