@@ -290,6 +290,18 @@ def test_compile_dynamic_batch_does_not_recompile():
         compiled(torch.randn(3, 5, 6, 12))
 
 
+def test_compile_packed_input_matches_eager():
+    """Packed videos compile too, with a graph break where encode_varlen reads cu_frames on the
+    host (to check the offsets and size the output)."""
+    torch._dynamo.reset()
+    module = _randomize(VTokEncoder(12, 8, num_heads=2, key_index="medoid", backend="torch"), seed=9)
+    frames, cu_frames = torch.randn(9, 6, 12), torch.tensor([0, 4, 9])
+    compiled = torch.compile(module, backend="aot_eager")(frames, cu_frames)
+    eager = module(frames, cu_frames)
+    assert torch.equal(compiled.cu_tokens, eager.cu_tokens)
+    assert_close(compiled.sequence, eager.sequence, torch.float32, "compiled packed tokens")
+
+
 # ------------------------------------------------------------------------------------- autocast
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
