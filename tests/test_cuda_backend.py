@@ -4,7 +4,6 @@ NVRTC, availability messages), and on a GPU (marked ``gpu``) parity at realistic
 CUDA-graph replay, deterministic backward and bit-equal loaders."""
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -675,8 +674,8 @@ def test_emulated_varlen_matches_reference(emulated, pool):
     cu_frames = torch.tensor([0, 3, 4, 9])
     keys = torch.tensor([2, 0, 1])
     query = torch.randn(C) if pool == "attn" else None
-    S, groups = 4, [1, 0, 2]
-    cu_tokens = torch.tensor([0, S + 1, 2 * S + 1, 3 * S + 3])
+    S, groups = 4, [1, 0, 2]  # 2x2 key tokens; ceil((T - 1) / 2) residual tokens per video
+    cu_tokens = torch.tensor([0] + torch.tensor([S + g for g in groups]).cumsum(0).tolist())
     seq, lse = emulated.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool, 2 if query is not None else 1,
                                           2, [2, 2], [3, 3], 5, 3 * S + 3)
     x64 = x.double().requires_grad_(True)

@@ -10,8 +10,6 @@ against ``offsetof`` / ``sizeof``. The launch plan (vector width, row plan, grid
 from __future__ import annotations
 
 import functools
-import math
-import os
 from pathlib import Path
 from typing import Optional
 
