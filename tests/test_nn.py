@@ -15,7 +15,6 @@ from vtok_kernels import backends, reference
 from vtok_kernels.nn import INIT_STD, VTokEncoder
 from tests.utils import TOLERANCE, assert_close, backend_device, rel_err
 
-KERNEL_BACKENDS = [name for name in backends.KNOWN_BACKENDS if name != "torch"]
 ALL_BACKENDS = list(backends.KNOWN_BACKENDS)
 
 
