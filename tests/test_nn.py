@@ -467,6 +467,25 @@ def test_medoid_reads_strided_views_and_finds_a_planted_medoid():
     assert vk.select_key_frames(planted, "medoid").tolist() == [3, 3]
 
 
+def test_medoid_in_frame_chunks_matches_one_pass(monkeypatch):
+    """Eager selection walks x in chunks of frames to bound its float32 temporaries; chunks of
+    one, two and three frames (ragged last chunk) give the one-pass answer, batched and packed."""
+    from vtok_kernels import keyframes
+
+    x = torch.randn(3, 7, 5, 6) + torch.randn(3, 1, 5, 6) * 5
+    packed, cu = x.reshape(21, 5, 6)[:17], torch.tensor([0, 4, 5, 12, 17])
+    expected = vk.select_key_frames(x, "medoid")
+    expected_packed = vk.select_key_frames(packed, "medoid", cu)
+    frame_bytes = 5 * 6 * 4
+    for frames_per_chunk in (1, 2, 3):
+        monkeypatch.setattr(keyframes, "_CHUNK_BYTES", frames_per_chunk * frame_bytes * 3)  # B = 3
+        assert len(keyframes._frame_chunks(7, frame_bytes // 4 * 3)) == -(-7 // frames_per_chunk)
+        assert torch.equal(vk.select_key_frames(x, "medoid"), expected)
+        monkeypatch.setattr(keyframes, "_CHUNK_BYTES", frames_per_chunk * frame_bytes)
+        assert torch.equal(vk.select_key_frames(packed, "medoid", cu), expected_packed)
+    _assert_medoid(expected, x)
+
+
 def test_first_middle_and_usable_as_key_index():
     x = torch.randn(3, 6, 4, 8)
     assert vk.select_key_frames(x, "first").tolist() == [0, 0, 0]
