@@ -637,6 +637,7 @@ EMULATED = [
     ("attn-T1", (2, 1, 9, 32), "attn", 2, 1, [], [], 0, 1),
     ("attn-C-odd", (1, 4, 9, 21), "attn", 3, 1, [], [], 0, 1),
     ("attn-wide-head-scalar", (1, 3, 9, 640), "attn", 1, 1, [], [], 0, 1),
+    ("attn-one-lane-per-row", (2, 4, 300, 12), "attn", 3, 2, [], [], 0, 1),  # 257+ rows: two passes
 ]
 
 
