@@ -204,3 +204,22 @@ def test_backward_is_deterministic(backend):
         runs.append((out.sequence.detach(), gx, gq))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pool", ["mean", "attn"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_values_propagate_as_in_the_reference(backend, pool):
+    """A NaN or an infinity in the features gives NaN / inf exactly where the reference has them."""
+    device = backend_device(backend)
+    x = features((2, 4, 5, 12), torch.float32, device)
+    x[0, 2, 1, 0] = float("nan")
+    x[1, 3, 4, 7] = float("inf")
+    x[1, 1, 0, 2] = -float("inf")
+    query = torch.randn(12, device=device) if pool == "attn" else None
+    heads = 3 if pool == "attn" else 1
+    out = vk.encode(x, pool=pool, query=query, num_heads=heads, backend=backend).sequence
+    ref = reference.encode(x.double(), pool=pool, query=query, num_heads=heads)
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN pattern differs from the reference"
+    assert torch.equal(out.isinf(), ref.isinf()), "inf pattern differs from the reference"
+    finite = ref.isfinite()
+    assert_close(out[finite], ref[finite], torch.float32, f"{backend} finite part")

@@ -2,10 +2,6 @@
 // Device helpers shared by every CUDA kernel: storage types, conversions, vector access, the
 // per-video view of the params, and the row plan that maps a channel segment onto lanes.
 // Compiled by nvcc (the extension) and by NVRTC (CuPy) from this same text: no CUDA headers.
-#if defined(__CUDACC_RTC__) && !defined(INFINITY)
-// NVRTC has no <cmath>; the softmax helpers of index_math.h need INFINITY.
-#define INFINITY __int_as_float(0x7f800000)
-#endif
 #include "vtok/index_math.h"
 #include "vtok/params.h"
 

@@ -11,6 +11,10 @@
 typedef long long int64_t;
 typedef int int32_t;
 typedef unsigned int uint32_t;
+// Nor <cmath>: the softmax helpers of index_math.h need INFINITY.
+#if !defined(INFINITY)
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 #else
 #include <cstdint>
 #endif
