@@ -3,6 +3,7 @@
 A video of T frames with N patch tokens becomes N + (T - 1) tokens: the key frame's tokens and
 one residual token per other frame (its features minus the key frame's, pooled over space).
 """
+from vtok_kernels import backends as _backends
 from vtok_kernels import reference
 from vtok_kernels.api import (
     EncodeOutput,
@@ -18,6 +19,10 @@ from vtok_kernels import nn
 
 __version__ = "0.1.0"
 
+# The backends register themselves on import. Doing it here, not on the first call, lets that
+# first call sit inside torch.compile(fullgraph=True): dynamo cannot trace an import.
+_backends._load_all()
+
 __all__ = [
     "EncodeOutput",
     "EncodeVarlenOutput",
@@ -26,5 +31,7 @@ __all__ = [
     "encode_varlen",
     "expand",
     "info",
+    "nn",
     "reference",
+    "select_key_frames",
 ]

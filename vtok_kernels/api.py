@@ -113,8 +113,9 @@ def _check_pool(pool, query, num_heads, x: Tensor) -> Optional[Tensor]:
         raise ValueError(f"query: expected device {x.device} (x's), got {query.device}")
     if C % num_heads:
         raise ValueError(f"num_heads: C = {C} must be divisible by num_heads = {num_heads}")
-    # The kernels read a float32 query; .float() is differentiable, so the gradient flows back.
-    return query.float().contiguous()
+    # The kernels read a float32 query (float64 next to float64 features, for gradcheck); the
+    # cast is differentiable, so the gradient flows back in the caller's dtype.
+    return query.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
 
 
 def _key_tensor(key_index, num_frames: Union[int, Sequence[int]], batch: int, device: torch.device) -> Tensor:

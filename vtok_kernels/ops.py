@@ -33,6 +33,13 @@ def _grad_query_or_empty(grad_query: Optional[Tensor], like: Tensor) -> Tensor:
     return grad_query if grad_query is not None else like.new_empty(_EMPTY, dtype=torch.float32)
 
 
+def _like_query(grad_query: Optional[Tensor], query: Optional[Tensor]) -> Optional[Tensor]:
+    # Backends return a float32 grad_query; a float64 query (gradcheck) gets its own dtype back.
+    if grad_query is None or query is None or grad_query.dtype == query.dtype:
+        return grad_query
+    return grad_query.to(query.dtype)
+
+
 # --------------------------------------------------------------------------------------- encode
 @torch.library.custom_op("vtok::encode", mutates_args=())
 def encode(
@@ -62,13 +69,13 @@ def encode_backward(
         grad_sequence.contiguous(), x, key_index, query, sequence, lse, pool, num_heads,
         frames_per_token, tuple(spatial), tuple(grid),
     )
-    return grad_x, _grad_query_or_empty(grad_query, x)
+    return grad_x, _grad_query_or_empty(_like_query(grad_query, query), x)
 
 
 @encode_backward.register_fake
 def _(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads, frames_per_token,
       spatial, grid, backend):
-    grad_query = query.new_empty(query.shape, dtype=torch.float32) if query is not None else None
+    grad_query = query.new_empty(query.shape) if query is not None else None
     return x.new_empty(x.shape), _grad_query_or_empty(grad_query, x)
 
 
@@ -122,13 +129,13 @@ def encode_varlen_backward(
         grad_sequence.contiguous(), x, cu_frames, cu_tokens, key_index, query, sequence, lse,
         pool, num_heads, frames_per_token, tuple(spatial), tuple(grid), max_frames,
     )
-    return grad_x, _grad_query_or_empty(grad_query, x)
+    return grad_x, _grad_query_or_empty(_like_query(grad_query, query), x)
 
 
 @encode_varlen_backward.register_fake
 def _(grad_sequence, x, cu_frames, cu_tokens, key_index, query, sequence, lse, pool, num_heads,
       frames_per_token, spatial, grid, max_frames, backend):
-    grad_query = query.new_empty(query.shape, dtype=torch.float32) if query is not None else None
+    grad_query = query.new_empty(query.shape) if query is not None else None
     return x.new_empty(x.shape), _grad_query_or_empty(grad_query, x)
 
 

@@ -9,7 +9,8 @@ Normalised arguments (the API guarantees them before any backend runs):
 * ``x``: ``[B, T, N, C]`` (batched) or ``[F, N, C]`` (varlen, frames packed), float16 /
   bfloat16 / float32 (float64 where the backend says so), channel stride 1, any other strides.
 * ``key_index``: int64 ``[B]`` on x's device, already in ``[0, T_b)``.
-* ``query``: float32 ``[C]`` contiguous, or ``None`` when ``pool == "mean"``.
+* ``query``: float32 ``[C]`` contiguous (float64 when x is float64; a backend may compute in
+  float32 and return a float32 gradient), or ``None`` when ``pool == "mean"``.
 * ``pool``: ``"mean"`` or ``"attn"``; ``num_heads`` >= 1 divides C (1 for mean).
 * ``spatial``: ``()`` for no spatial pooling (S = N key tokens) or ``(h, w)``; then ``grid`` is
   ``(H, W)`` with H*W = N, h <= H, w <= W, and S = h*w. ``grid`` is ``()`` otherwise.
