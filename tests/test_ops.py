@@ -109,3 +109,19 @@ def test_compile_has_one_forward_op_per_encode():
                   backend=recorder, fullgraph=True)(x, q)
     code = recorder.graphs[0].code
     assert code.count("torch.ops.vtok.encode.default") == 1
+
+
+def test_gradcheck_through_the_ops_in_float64():
+    """The registered autograd of every op, checked numerically through the public API."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    keys = torch.tensor([1, -1])
+    assert torch.autograd.gradcheck(
+        lambda x, q: vk.encode(x, keys, "attn", q, 2, 2, spatial=(2, 2), grid=(2, 3), backend="torch").sequence, (x, q))
+    frames = torch.randn(5, 6, 6, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 1, 5])
+    assert torch.autograd.gradcheck(
+        lambda f, q: vk.encode_varlen(f, cu, -1, "attn", q, 3, backend="torch").sequence, (frames, q))
+    K = torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(2, 2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda K, R: vk.expand(K, R, keys, 4, 2, backend="torch"), (K, R))
