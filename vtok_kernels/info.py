@@ -43,11 +43,24 @@ def info() -> dict:
     }
 
 
+def _format_extension(ext: dict) -> str:
+    if not ext.get("built"):
+        return f"not built: {ext.get('reason')}"
+    parts = [f"built with {ext.get('cxx_compiler', '?')}",
+             "OpenMP" if ext.get("openmp") else "no OpenMP",
+             f"CPU kernels for {ext.get('cpu_isas_compiled', '?')} (running {ext.get('cpu_isa', '?')})"]
+    if ext.get("cuda"):
+        parts.append(f"CUDA kernels by {ext.get('cuda_compiler', 'nvcc')} for sm_{ext.get('cuda_archs', '?')}")
+    else:
+        parts.append(f"no CUDA kernels: {ext.get('cuda_reason')}")
+    return "; ".join(parts)
+
+
 def format_info(data: dict) -> str:
     lines = [
         f"vtok_kernels {data['vtok_kernels']}  torch {data['torch']}  python {data['python']}",
         f"devices: {', '.join(data['devices'])}" + (f" ({data['cuda_device']})" if data["cuda_device"] else ""),
-        f"extension vtok_kernels._C: " + ("built" if data["extension"].get("built") else f"not built: {data['extension'].get('reason')}"),
+        "extension vtok_kernels._C: " + _format_extension(data["extension"]),
         "backends:",
     ]
     for name, entry in data["backends"].items():
