@@ -50,7 +50,8 @@ def _format_extension(ext: dict) -> str:
              "OpenMP" if ext.get("openmp") else "no OpenMP",
              f"CPU kernels for {ext.get('cpu_isas_compiled', '?')} (running {ext.get('cpu_isa', '?')})"]
     if ext.get("cuda"):
-        parts.append(f"CUDA kernels by {ext.get('cuda_compiler', 'nvcc')} for sm_{ext.get('cuda_archs', '?')}")
+        archs = ", ".join(f"sm_{a}" for a in str(ext.get("cuda_archs", "?")).replace(";", ",").split(","))
+        parts.append(f"CUDA kernels by {ext.get('cuda_compiler', 'nvcc')} for {archs}")
     else:
         parts.append(f"no CUDA kernels: {ext.get('cuda_reason')}")
     return "; ".join(parts)
