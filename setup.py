@@ -28,6 +28,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 STATUS_FILE = "_build_status.json"
@@ -165,11 +166,28 @@ class CMakeBuild(build_ext):
         return output
 
 
+class BuildPyWithKernelSources(build_py):
+    """Ships csrc/include and csrc/cuda inside the package (vtok_kernels/csrc/...): the CuPy
+    loader compiles the CUDA kernels from them at run time when _C was built without nvcc."""
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:
+            return  # an editable install reads them from the checkout
+        for folder in ("include", "cuda"):
+            source = ROOT / "csrc" / folder
+            target = Path(self.build_lib) / "vtok_kernels" / "csrc" / folder
+            for path in source.rglob("*"):
+                if path.suffix in (".h", ".cuh", ".cu"):
+                    self.mkpath(str((target / path.relative_to(source)).parent))
+                    self.copy_file(str(path), str(target / path.relative_to(source)), preserve_mode=False)
+
+
 def main() -> None:
     setup(
         packages=find_packages(include=["vtok_kernels", "vtok_kernels.*"]),
         ext_modules=[CMakeExtension("vtok_kernels._C")],
-        cmdclass={"build_ext": CMakeBuild},
+        cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithKernelSources},
         zip_safe=False,
     )
 
