@@ -87,6 +87,12 @@ class Backend:
         raise AttributeError(f"backend {self.__dict__.get('name')!r} has no op {op!r}")
 
 
+def impls_of(namespace: dict) -> dict:
+    """The six ops of a backend module that defines them under their own names:
+    ``impls=impls_of(globals())``."""
+    return {op: namespace[op] for op in OPS}
+
+
 _REGISTRY: dict[str, Backend] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 

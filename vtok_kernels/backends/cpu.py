@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from vtok_kernels import _extension
-from vtok_kernels.backends import Backend, empty_output, register
+from vtok_kernels.backends import Backend, empty_output, impls_of, register
 from vtok_kernels.backends import _params
 
 
@@ -105,14 +105,7 @@ register(
     Backend(
         name="cpu",
         availability=_availability,
-        impls={
-            "encode_fwd": encode_fwd,
-            "encode_bwd": encode_bwd,
-            "encode_varlen_fwd": encode_varlen_fwd,
-            "encode_varlen_bwd": encode_varlen_bwd,
-            "expand_fwd": expand_fwd,
-            "expand_bwd": expand_bwd,
-        },
+        impls=impls_of(globals()),
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         loader="extension",
     )

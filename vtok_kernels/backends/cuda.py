@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from vtok_kernels.backends import Backend, empty_output, register
+from vtok_kernels.backends import Backend, empty_output, impls_of, register
 from vtok_kernels.backends import cuda_nvrtc
 
 MAX_HEAD_DIM = cuda_nvrtc.MAX_HEAD_DIM
@@ -452,14 +452,7 @@ def compile_rows(archs: list[str]) -> list[dict]:
 BACKEND = register(Backend(
     name="cuda",
     availability=availability,
-    impls=dict(
-        encode_fwd=encode_fwd,
-        encode_bwd=encode_bwd,
-        encode_varlen_fwd=encode_varlen_fwd,
-        encode_varlen_bwd=encode_varlen_bwd,
-        expand_fwd=expand_fwd,
-        expand_bwd=expand_bwd,
-    ),
+    impls=impls_of(globals()),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     loader=_default_loader_name(),
 ))

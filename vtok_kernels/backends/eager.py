@@ -10,7 +10,7 @@ import contextlib
 import torch
 
 from vtok_kernels import reference
-from vtok_kernels.backends import Backend, register
+from vtok_kernels.backends import Backend, impls_of, register
 
 
 def _options(pool, num_heads, frames_per_token, spatial, grid) -> dict:
@@ -101,14 +101,7 @@ register(
     Backend(
         name="torch",
         availability=lambda device_type: None,
-        impls={
-            "encode_fwd": encode_fwd,
-            "encode_bwd": encode_bwd,
-            "encode_varlen_fwd": encode_varlen_fwd,
-            "encode_varlen_bwd": encode_varlen_bwd,
-            "expand_fwd": expand_fwd,
-            "expand_bwd": expand_bwd,
-        },
+        impls=impls_of(globals()),
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         loader="reference",
     )
