@@ -2,8 +2,8 @@
 
 Commands (from the repository root)::
 
-    # the CPU rows: 72, one video of 16 frames of CLIP and SigLIP, float32 (about 6 minutes on
-    # 2 cores at a load average of 6)
+    # the CPU rows: 72, one video of 16 frames of CLIP and SigLIP, float32 (100 s on an idle
+    # 2-core machine, 6 minutes at a load average of 6)
     pytest benchmarks/ --benchmark-only -m "not gpu" --benchmark-json=bench-cpu.json
     # the GPU rows: 264, 8 videos x 16/32/64 frames of CLIP, SigLIP and a VAE latent, bfloat16
     # (benchmarks/gpu_proof.sh OUTDIR bench selects them with -k gpu)
