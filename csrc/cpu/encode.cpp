@@ -176,13 +176,12 @@ void key_token_grad(const EncodeParams& p, const T* grad_key_tokens, int64_t n, 
     for (int64_t c = 0; c < C; ++c) grad[c] += load(g[c]);
     return;
   }
-  const int64_t row = n / p.grid_w, col = n % p.grid_w;
-  for (int64_t i = 0; i < p.out_h; ++i) {
+  const Bin row_bins = bins_holding(n / p.grid_w, p.grid_h, p.out_h);
+  const Bin col_bins = bins_holding(n % p.grid_w, p.grid_w, p.out_w);
+  for (int64_t i = row_bins.start; i < row_bins.end; ++i) {
     const Bin rows = adaptive_bin(i, p.grid_h, p.out_h);
-    if (row < rows.start || row >= rows.end) continue;
-    for (int64_t j = 0; j < p.out_w; ++j) {
+    for (int64_t j = col_bins.start; j < col_bins.end; ++j) {
       const Bin cols = adaptive_bin(j, p.grid_w, p.out_w);
-      if (col < cols.start || col >= cols.end) continue;
       const Acc count = static_cast<Acc>((rows.end - rows.start) * (cols.end - cols.start));
       const T* VTOK_RESTRICT g = grad_key_tokens + (i * p.out_w + j) * C;
       VTOK_SIMD

@@ -56,6 +56,13 @@ VTOK_HOST_DEVICE Bin adaptive_bin(int64_t i, int64_t in_size, int64_t out_size) 
   return {start, end};
 }
 
+// The output bins whose adaptive bin holds input position `pos` (bins may overlap): bin i holds
+// pos iff floor(i*in/out) <= pos < ceil((i+1)*in/out), i.e. i in
+// [floor(pos*out/in), ceil((pos+1)*out/in)) -- the adaptive bin of pos with in and out swapped.
+VTOK_HOST_DEVICE Bin bins_holding(int64_t pos, int64_t in_size, int64_t out_size) {
+  return adaptive_bin(pos, out_size, in_size);
+}
+
 // Varlen: video b owns frames [cu_frames[b], cu_frames[b+1]) and output rows
 // [cu_tokens[b], cu_tokens[b+1]); its first group's row in the packed lse.
 VTOK_HOST_DEVICE int64_t varlen_group_offset(const int64_t* cu_tokens, int64_t video,
