@@ -9,10 +9,10 @@ each sequence. The attention has the same width for every row (``--heads`` x ``-
 default 16 x 64 = 1024, a language model's layer after the projector), so the rows differ only by
 their token count.
 
-Attention over L tokens costs O(L^2): on a CPU the naive sequences (9k to 47k tokens) take minutes
-each. Sequences longer than ``--max-tokens`` (default 4096 on the CPU, no limit on a GPU) are
-not run; their time is estimated from a run at ``--max-tokens`` tokens scaled by (L / max)^2 and
-printed with a leading "≈".
+Attention over L tokens costs O(L^2): on a CPU the naive sequences (9k to 66k tokens) take up to
+minutes each. Sequences longer than ``--max-tokens`` (default 12,000 on the CPU, which runs the
+16-frame CLIP and SigLIP sequences; no limit on a GPU) are not run; their time is estimated from
+a run at ``--max-tokens`` tokens scaled by (L / max)^2 and printed with a leading "≈".
 """
 from __future__ import annotations
 
@@ -103,14 +103,14 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="longest sequence actually run (default: 4096 on the CPU, all on a GPU)")
+                        help="longest sequence actually run (default: 12000 on the CPU, all on a GPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per sequence")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for token-economy-<device>.{md,json} (default: print only)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    max_tokens = args.max_tokens if args.max_tokens is not None else (None if device.type == "cuda" else 4096)
+    max_tokens = args.max_tokens if args.max_tokens is not None else (None if device.type == "cuda" else 12000)
     repeats = args.repeats or (10 if device.type == "cuda" else 3)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     host = telemetry.host_info()
