@@ -12,7 +12,7 @@ For each device in the input it writes, under ``benchmarks/results/``:
   and shape, and peak memory against the eager reference.
 
 From all records in the folder it regenerates ``README-table.md`` (the summary README.md
-includes) and ``vtok_kernels/_measured_order.py``, the table ``backend="auto"`` reads
+includes, with the token-economy tables of ``benchmarks/token_economy.py`` appended) and ``vtok_kernels/_measured_order.py``, the table ``backend="auto"`` reads
 (``vtok_kernels.selection``): per device kind and op, the backends from fastest to slowest.
 """
 from __future__ import annotations
@@ -407,7 +407,10 @@ def regenerate(folder: Path = RESULTS, selection_path: Optional[Path] = SELECTIO
     """README-table.md (and the selection table) from every record in ``folder``."""
     records = load_records(folder)
     readme = folder / "README-table.md"
-    readme.write_text(readme_table(records))
+    text = readme_table(records)
+    for economy in sorted(folder.glob("token-economy-*.md")):  # from benchmarks/token_economy.py
+        text += "\n### Token economy\n\n" + economy.read_text()
+    readme.write_text(text)
     written = [readme]
     if selection_path is not None:
         selection_path.write_text(selection_module(records))
