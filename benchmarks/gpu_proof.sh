@@ -150,7 +150,17 @@ run_bench() {
     --benchmark-json="$OUTDIR/bench.json" >"$OUTDIR/bench.log" 2>&1
   local status=$?
   case $status in
-    0) record bench ok "$(tail -n 1 "$OUTDIR/bench.log")" ;;
+    0)
+      record bench ok "$(tail -n 1 "$OUTDIR/bench.log")"
+      # The committed form: record JSON, markdown table and plot, plus the downstream attention
+      # time per sequence; copy OUTDIR/results/* into benchmarks/results/ and commit them.
+      if "$PY" -m benchmarks.records "$OUTDIR/bench.json" --results "$OUTDIR/results" >"$OUTDIR/records.log" 2>&1 &&
+        "$PY" -m benchmarks.token_economy --device cuda --out "$OUTDIR/results" >>"$OUTDIR/records.log" 2>&1; then
+        record records ok "written to $OUTDIR/results"
+      else
+        record records FAIL "see records.log"
+      fi
+      ;;
     5) record bench FAIL "no GPU benchmarks collected under benchmarks/ (-m gpu)" ;;
     *) record bench FAIL "exit $status, see bench.log" ;;
   esac

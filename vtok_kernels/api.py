@@ -164,7 +164,7 @@ def _key_tensor(key_index, num_frames: Union[int, Sequence[int]], batch: int, de
 
 
 # ----------------------------------------------------------------------------------- backend
-def _select_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
+def _select_backend(backend, device: torch.device, dtype: torch.dtype, op: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     if backend == "auto":
@@ -172,7 +172,7 @@ def _select_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
     if backend == "auto":
         from vtok_kernels import selection
 
-        return selection.pick(device, dtype)
+        return selection.pick(device, dtype, op)
     impl = backends.get(backend)  # ValueError for an unknown name
     reason = impl.unavailable_reason(device.type)
     if reason is not None:
@@ -220,7 +220,7 @@ def encode(
     _check_features(x, "x", (4, 5), "of shape [B, T, N, C] or [B, T, H, W, C]")
     q = _check_pool(pool, query, num_heads, x)
     _check_positive_int(frames_per_token, "frames_per_token")
-    name = _select_backend(backend, x.device, x.dtype)
+    name = _select_backend(backend, x.device, x.dtype, "encode")
     x, grid_from_shape = _prepare_features(x, 2)
     B, T, N, C = x.shape
     spatial_list, grid_list = _check_grid_and_spatial(N, grid, spatial, grid_from_shape)
@@ -271,7 +271,7 @@ def encode_varlen(
     _check_features(x, "x", (3, 4), "of shape [F, N, C] or [F, H, W, C]")
     q = _check_pool(pool, query, num_heads, x)
     _check_positive_int(frames_per_token, "frames_per_token")
-    name = _select_backend(backend, x.device, x.dtype)
+    name = _select_backend(backend, x.device, x.dtype, "encode_varlen")
     x, grid_from_shape = _prepare_features(x, 1)
     F, N, C = x.shape
     spatial_list, grid_list = _check_grid_and_spatial(N, grid, spatial, grid_from_shape)
@@ -318,7 +318,7 @@ def expand(
             f"residual_tokens: expected shape [B, G, C] = [{B}, {G}, {C}] for num_frames={num_frames} "
             f"and frames_per_token={frames_per_token}, got {tuple(residual_tokens.shape)}"
         )
-    name = _select_backend(backend, key_tokens.device, key_tokens.dtype)
+    name = _select_backend(backend, key_tokens.device, key_tokens.dtype, "expand")
     keys = _key_tensor(key_index, num_frames, B, key_tokens.device)
     if key_tokens.stride(-1) != 1:
         key_tokens = key_tokens.contiguous()
