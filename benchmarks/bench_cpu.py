@@ -18,7 +18,6 @@ run.
 """
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
@@ -27,28 +26,13 @@ import pytest
 import torch
 
 import vtok_kernels as vk
+from benchmarks.cases import naive_encode  # the same vectorised baseline as the main suite
 from vtok_kernels import _extension, reference
 
 SHAPES = {"4x16x196x256": (4, 16, 196, 256), "2x32x576x1024": (2, 32, 576, 1024)}
 POOLS = {"attn": 8, "mean": 1}
 IMPLS = ("cpu", "eager-reference", "eager-naive", "compile-reference", "compile-naive")
 KEY = 0
-
-
-def naive_encode(x, query, pool: str, num_heads: int):
-    """x: [B, T, N, C] -> [B, N + T - 1, C], key frame 0, one frame per token, all in eager ops."""
-    B, T, N, C = x.shape
-    key = x[:, KEY]
-    residual = x[:, KEY + 1:] - key[:, None]  # [B, T-1, N, C]
-    if pool == "mean":
-        tokens = residual.mean(dim=2)
-    else:
-        c = C // num_heads
-        d = residual.reshape(B, T - 1, N, num_heads, c)
-        scores = torch.einsum("btnhc,hc->btnh", d, query.reshape(num_heads, c)) / math.sqrt(c)
-        weights = torch.softmax(scores, dim=2)
-        tokens = torch.einsum("btnh,btnhc->bthc", weights, d).reshape(B, T - 1, C)
-    return torch.cat([key, tokens], dim=1)
 
 
 def _reference(x, query, pool, num_heads):
