@@ -360,12 +360,15 @@ __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < V; ++e) key_grad[k][e] += g[e];
       }
     } else {
-      const Bin row_bins = bins_holding(n / p.grid_w, p.grid_h, p.out_h);
-      const Bin col_bins = bins_holding(n % p.grid_w, p.grid_w, p.out_w);
-      for (int64_t i = row_bins.start; i < row_bins.end; ++i) {
+      // Scanning every bin, rather than only bins_holding(n)'s, keeps the V=1 variants spill-free
+      // on sm_90a (140 registers; with bins_holding ptxas chose 128 and spilled: compile-check).
+      const int64_t h = n / p.grid_w, w = n % p.grid_w;
+      for (int64_t i = 0; i < p.out_h; ++i) {
         const Bin rows = adaptive_bin(i, p.grid_h, p.out_h);
-        for (int64_t j = col_bins.start; j < col_bins.end; ++j) {
+        if (h < rows.start || h >= rows.end) continue;
+        for (int64_t j = 0; j < p.out_w; ++j) {
           const Bin cols = adaptive_bin(j, p.grid_w, p.out_w);
+          if (w < cols.start || w >= cols.end) continue;
           const float inv_area = 1.0f / static_cast<float>((rows.end - rows.start) * (cols.end - cols.start));
 #pragma unroll
           for (int k = 0; k < kK; ++k) {
