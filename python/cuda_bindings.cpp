@@ -13,6 +13,7 @@
 #include "cuda/launch.h"
 #include "vtok/index_math.h"
 #include "vtok/params.h"
+#include "vtok/params_check.h"
 
 namespace py = pybind11;
 using namespace vtok;
@@ -30,35 +31,13 @@ void check_dtype(DType dtype) {
 
 void check_encode(const EncodeParams& p) {
   check_dtype(p.dtype);
-  require(p.x != nullptr && p.sequence != nullptr && p.key_index != nullptr,
-          "x, sequence and key_index must be device pointers, got 0");
-  require(p.batch >= 1 && p.num_frames >= 1 && p.num_patches >= 1 && p.channels >= 1,
-          "batch, num_frames, num_patches and channels must be >= 1");
-  require(p.frames_per_token >= 1, "frames_per_token must be >= 1");
-  require(p.num_heads >= 1 && p.channels % p.num_heads == 0, "num_heads must divide channels");
-  require((p.cu_frames == nullptr) == (p.cu_tokens == nullptr),
-          "cu_frames and cu_tokens must both be set (varlen) or both be 0 (batched)");
-  if (p.cu_frames == nullptr)
-    require(p.num_groups == num_groups(p.num_frames, p.frames_per_token),
-            "num_groups must be ceil((num_frames - 1) / frames_per_token)");
+  const char* error = encode_params_error(p);
+  require(error == nullptr, error != nullptr ? error : "");
   if (p.pool == Pool::kAttn) {
-    require(p.query != nullptr, "attn pooling needs query");
     // Varlen: whether any video has a residual token is known on the device only.
     require(p.lse != nullptr || p.cu_frames != nullptr || p.num_groups == 0, "attn pooling needs lse");
     require(p.channels / p.num_heads <= cuda::kMaxHeadDim,
             "attention heads wider than " + std::to_string(cuda::kMaxHeadDim) + " channels are not supported");
-  } else {
-    require(p.pool == Pool::kMean, "pool must be mean or attn");
-    require(p.num_heads == 1, "mean pooling takes num_heads == 1");
-  }
-  if (p.spatial) {
-    require(p.grid_h >= 1 && p.grid_w >= 1 && p.grid_h * p.grid_w == p.num_patches,
-            "grid_h * grid_w must equal num_patches");
-    require(p.out_h >= 1 && p.out_w >= 1 && p.out_h <= p.grid_h && p.out_w <= p.grid_w,
-            "spatial (out_h, out_w) must fit in the grid");
-    require(p.num_key_tokens == p.out_h * p.out_w, "num_key_tokens must be out_h * out_w");
-  } else {
-    require(p.num_key_tokens == p.num_patches, "num_key_tokens must be num_patches without spatial");
   }
 }
 

@@ -195,8 +195,8 @@ def _encode_params(module, **overrides):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(dtype=3), "dtype"),
-    (dict(x=0), "device pointers"),
-    (dict(num_heads=7), "num_heads must divide"),
+    (dict(x=0), "must be set"),
+    (dict(num_heads=7), "divide channels"),
     (dict(num_groups=14), "num_groups"),
     (dict(query=0), "query"),
     (dict(cu_frames=128), "cu_frames and cu_tokens"),

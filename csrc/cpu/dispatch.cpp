@@ -7,6 +7,7 @@
 
 #include "cpu/kernels.h"
 #include "vtok/index_math.h"
+#include "vtok/params_check.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -102,34 +103,15 @@ void require(bool ok, const std::string& message) {
   }
 
 void check(const EncodeParams& p) {
-  require(p.x != nullptr && p.sequence != nullptr && p.key_index != nullptr,
-          "encode: x, sequence and key_index must be set");
-  require(p.batch >= 1 && p.num_patches >= 1 && p.channels >= 1 && p.num_frames >= 1,
-          "encode: batch, num_frames, num_patches and channels must be >= 1");
-  require(p.frames_per_token >= 1, "encode: frames_per_token must be >= 1");
-  require(p.num_heads >= 1 && p.channels % p.num_heads == 0,
-          "encode: num_heads must be >= 1 and divide channels");
-  require((p.cu_frames == nullptr) == (p.cu_tokens == nullptr),
-          "encode: cu_frames and cu_tokens are set together (varlen) or not at all");
+  const char* error = encode_params_error(p);
+  require(error == nullptr, std::string("encode: ") + (error != nullptr ? error : ""));
   if (p.pool == Pool::kAttn) {
+    // On the CPU the varlen offsets are host memory: a video with a residual token needs lse.
     const bool has_groups = p.cu_frames != nullptr
                                 ? p.cu_tokens[p.batch] > p.batch * p.num_key_tokens
                                 : p.num_groups > 0;
-    require(p.query != nullptr && (p.lse != nullptr || !has_groups),
-            "encode: attn pooling needs query and lse");
+    require(p.lse != nullptr || !has_groups, "encode: attn pooling needs lse");
   }
-  if (p.spatial) {
-    require(p.grid_h >= 1 && p.grid_w >= 1 && p.grid_h * p.grid_w == p.num_patches,
-            "encode: grid must satisfy grid_h * grid_w == num_patches");
-    require(p.out_h >= 1 && p.out_w >= 1 && p.out_h <= p.grid_h && p.out_w <= p.grid_w,
-            "encode: spatial must be within the grid");
-    require(p.num_key_tokens == p.out_h * p.out_w, "encode: num_key_tokens must be out_h * out_w");
-  } else {
-    require(p.num_key_tokens == p.num_patches, "encode: num_key_tokens must equal num_patches");
-  }
-  if (p.cu_frames == nullptr)
-    require(p.num_groups == num_groups(p.num_frames, p.frames_per_token),
-            "encode: num_groups must be ceil((num_frames - 1) / frames_per_token)");
 }
 
 void check(const EncodeBwdParams& p) {
