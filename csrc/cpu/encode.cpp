@@ -190,6 +190,25 @@ void key_token_grad(const EncodeParams& p, const T* grad_key_tokens, int64_t n, 
   }
 }
 
+// Calls visit(d) with the residual row d = x[t, n] - x[key, n] (accumulation type) of every
+// patch n and frame t of one group; the key row is converted once per patch.
+template <typename T, typename Acc, typename Visit>
+void for_each_group_residual(const EncodeParams& p, const Video& v, GroupBounds bounds, Acc* key,
+                             Acc* d, Visit&& visit) {
+  const int64_t C = p.channels;
+  for (int64_t n = 0; n < p.num_patches; ++n) {
+    load_row(key, x_row<T>(p, v, v.key, n), C);
+    for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
+      const T* VTOK_RESTRICT xt = x_row<T>(p, v, nonkey_frame(rank, v.key), n);
+      Acc* VTOK_RESTRICT dv = d;
+      const Acc* VTOK_RESTRICT kv = key;
+      VTOK_SIMD
+      for (int64_t c = 0; c < C; ++c) dv[c] = load(xt[c]) - kv[c];
+      visit(static_cast<const Acc*>(d));
+    }
+  }
+}
+
 template <typename T>
 void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
   using Acc = acc_t<T>;
@@ -230,18 +249,10 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
         const GroupBounds bounds = group_bounds(g, v.frames, p.frames_per_token);
         if (kRecomputeLse) {
           std::fill(state.begin(), state.end(), softmax_init_t<Acc>());
-          for (int64_t n = 0; n < N; ++n) {
-            load_row(key.data(), x_row<T>(p, v, v.key, n), C);
-            for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
-              const T* VTOK_RESTRICT xt = x_row<T>(p, v, nonkey_frame(rank, v.key), n);
-              Acc* VTOK_RESTRICT dv = d.data();
-              const Acc* VTOK_RESTRICT kv = key.data();
-              VTOK_SIMD
-              for (int64_t c = 0; c < C; ++c) dv[c] = load(xt[c]) - kv[c];
-              for (int64_t h = 0; h < H; ++h)
-                softmax_merge_t(state[h], {scale * dot(query.data() + h * hc, dv + h * hc, hc), Acc(1)});
-            }
-          }
+          for_each_group_residual<T>(p, v, bounds, key.data(), d.data(), [&](const Acc* dv) {
+            for (int64_t h = 0; h < H; ++h)
+              softmax_merge_t(state[h], {scale * dot(query.data() + h * hc, dv + h * hc, hc), Acc(1)});
+          });
           for (int64_t h = 0; h < H; ++h) lse[task * H + h] = softmax_lse_t(state[h]);
         }
         load_row(gr.data(), grad_seq + row * C, C);
@@ -251,21 +262,13 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
           continue;
         }
         std::fill(sums, sums + H, Acc(0));
-        for (int64_t n = 0; n < N; ++n) {
-          load_row(key.data(), x_row<T>(p, v, v.key, n), C);
-          for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
-            const T* VTOK_RESTRICT xt = x_row<T>(p, v, nonkey_frame(rank, v.key), n);
-            Acc* VTOK_RESTRICT dv = d.data();
-            const Acc* VTOK_RESTRICT kv = key.data();
-            VTOK_SIMD
-            for (int64_t c = 0; c < C; ++c) dv[c] = load(xt[c]) - kv[c];
-            for (int64_t h = 0; h < H; ++h) {
-              const int64_t o = h * hc;
-              const Acc s = scale * dot(query.data() + o, dv + o, hc);
-              sums[h] += exp_acc(s - lse[task * H + h]) * dot(gr.data() + o, dv + o, hc);
-            }
+        for_each_group_residual<T>(p, v, bounds, key.data(), d.data(), [&](const Acc* dv) {
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t o = h * hc;
+            const Acc s = scale * dot(query.data() + o, dv + o, hc);
+            sums[h] += exp_acc(s - lse[task * H + h]) * dot(gr.data() + o, dv + o, hc);
           }
-        }
+        });
       }
     }
   }
