@@ -93,6 +93,8 @@ inline const T* x_row(const EncodeParams& p, const Video& v, int64_t t, int64_t 
   return static_cast<const T*>(p.x) + v.x_offset + t * p.x_stride_t + n * p.x_stride_n;
 }
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 template <typename Acc>
 inline Acc dot(const Acc* VTOK_RESTRICT a, const Acc* VTOK_RESTRICT b, int64_t n) {
   Acc sum = 0;

@@ -1,11 +1,13 @@
 // encode (batched and varlen), forward and backward, on the CPU.
 //
-// Forward: one task per (video, group) reads that group's frames and the key frame once and
-// streams them through an online softmax (attn) or a running sum (mean); another per (video, key
-// token) writes the key tokens. Nothing of size [T, N, C] is ever allocated.
-// Backward: one task per (video, block of patches) walks every frame of those patches, so the
-// key frame's gradient (minus the sum over frames) is a private, ordered sum: no atomics, and
-// the same bits for any thread count. grad_query is reduced from per-task partials in task order.
+// Attention pooling. Forward: one task per (video, group) reads that group's frames and the key
+// frame once and streams them through an online softmax. Backward: one task per (video, block of
+// patches) walks every frame of those patches, so the key frame's gradient (minus the sum over
+// frames) is a private, ordered sum: no atomics, and the same bits for any thread count.
+// grad_query is reduced from per-task partials in task order.
+// Mean pooling has kernels of its own (encode_fwd_mean, encode_bwd_mean): with nothing to
+// compute per element but a sum, they are arranged around memory traffic alone.
+// Nothing of size [T, N, C] is ever allocated.
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -48,7 +50,7 @@ void key_token_fwd(const EncodeParams& p, const Video& v, int64_t s, acc_t<T>* a
   for (int64_t c = 0; c < C; ++c) out[c] = store<T>(acc[c] / count);
 }
 
-// Per-thread scratch of the residual-token forward: a block of key rows, a block of residual
+// Per-thread scratch of the attention forward: a block of key rows, a block of residual
 // rows (both in the accumulation type), scores, the accumulator and the softmax states.
 template <typename Acc>
 struct GroupScratch {
@@ -59,11 +61,10 @@ struct GroupScratch {
 };
 
 template <typename T>
-void residual_token_fwd(const EncodeParams& p, const Video& v, int64_t g, const acc_t<T>* query,
-                        GroupScratch<acc_t<T>>& scratch) {
+void attn_token_fwd(const EncodeParams& p, const Video& v, int64_t g, const acc_t<T>* query,
+                    GroupScratch<acc_t<T>>& scratch) {
   using Acc = acc_t<T>;
   const int64_t C = p.channels, N = p.num_patches, H = p.num_heads, hc = C / H;
-  const bool attn = p.pool == Pool::kAttn;
   const Acc scale = Acc(1) / std::sqrt(static_cast<Acc>(hc));
   const GroupBounds bounds = group_bounds(g, v.frames, p.frames_per_token);
   Acc* VTOK_RESTRICT acc = scratch.acc.data();
@@ -77,22 +78,6 @@ void residual_token_fwd(const EncodeParams& p, const Video& v, int64_t g, const 
       load_row(scratch.key.data() + i * C, x_row<T>(p, v, v.key, n0 + i), C);
     for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
       const int64_t t = nonkey_frame(rank, v.key);
-      if (!attn) {
-        for (int64_t i = 0; i < nb; ++i) {
-          const T* VTOK_RESTRICT xt = x_row<T>(p, v, t, n0 + i);
-          const Acc* VTOK_RESTRICT k = scratch.key.data() + i * C;
-          // Summing a block of patches apart before adding it to the running total keeps the
-          // rounding error of long groups (frames_per_token * N terms) small.
-          Acc* VTOK_RESTRICT part = scratch.residual.data();
-          if (i == 0) std::fill(part, part + C, Acc(0));
-          VTOK_SIMD
-          for (int64_t c = 0; c < C; ++c) part[c] += load(xt[c]) - k[c];
-        }
-        const Acc* VTOK_RESTRICT part = scratch.residual.data();
-        VTOK_SIMD
-        for (int64_t c = 0; c < C; ++c) acc[c] += part[c];
-        continue;
-      }
       for (int64_t i = 0; i < nb; ++i) {
         const T* VTOK_RESTRICT xt = x_row<T>(p, v, t, n0 + i);
         const Acc* VTOK_RESTRICT k = scratch.key.data() + i * C;
@@ -125,12 +110,6 @@ void residual_token_fwd(const EncodeParams& p, const Video& v, int64_t g, const 
   }
 
   T* out = static_cast<T*>(p.sequence) + (v.seq_row + p.num_key_tokens + g) * C;
-  if (!attn) {
-    const Acc inv = Acc(1) / static_cast<Acc>((bounds.last - bounds.first) * N);
-    VTOK_SIMD
-    for (int64_t c = 0; c < C; ++c) out[c] = store<T>(acc[c] * inv);
-    return;
-  }
   for (int64_t h = 0; h < H; ++h) {
     const Acc inv = Acc(1) / scratch.state[h].sum;
     VTOK_SIMD
@@ -139,17 +118,150 @@ void residual_token_fwd(const EncodeParams& p, const Video& v, int64_t g, const 
   }
 }
 
+// Patches per task of the mean forward: its key rows (converted once) stay in L2 while the
+// frames stream past them. Fixed, like kPatchBlock, so the order of the sums is too.
+constexpr int64_t kMeanTaskPatches = 8 * kPatchBlock;
+// Frames a mean-forward task reads side by side (see encode_fwd_mean).
+constexpr int64_t kFrameTile = 4;
+
+template <typename T, typename Acc>
+inline void add_residuals1(Acc* VTOK_RESTRICT part, const T* VTOK_RESTRICT x,
+                           const Acc* VTOK_RESTRICT k, int64_t C) {
+  VTOK_SIMD
+  for (int64_t c = 0; c < C; ++c) part[c] += load(x[c]) - k[c];
+}
+
+// part[f * C + c] += x_f[c] - k[c] for four frames' rows at once.
+template <typename T, typename Acc>
+inline void add_residuals4(Acc* VTOK_RESTRICT part, const T* const* rows, int64_t offset,
+                           const Acc* VTOK_RESTRICT k, int64_t C) {
+  const T* VTOK_RESTRICT x0 = rows[0] + offset;
+  const T* VTOK_RESTRICT x1 = rows[1] + offset;
+  const T* VTOK_RESTRICT x2 = rows[2] + offset;
+  const T* VTOK_RESTRICT x3 = rows[3] + offset;
+  Acc* VTOK_RESTRICT p0 = part;
+  Acc* VTOK_RESTRICT p1 = part + C;
+  Acc* VTOK_RESTRICT p2 = part + 2 * C;
+  Acc* VTOK_RESTRICT p3 = part + 3 * C;
+  VTOK_SIMD
+  for (int64_t c = 0; c < C; ++c) {
+    const Acc kc = k[c];
+    p0[c] += load(x0[c]) - kc;
+    p1[c] += load(x1[c]) - kc;
+    p2[c] += load(x2[c]) - kc;
+    p3[c] += load(x3[c]) - kc;
+  }
+}
+
+template <typename Acc>
+inline void add_row(Acc* VTOK_RESTRICT sum, const Acc* VTOK_RESTRICT row, int64_t C) {
+  VTOK_SIMD
+  for (int64_t c = 0; c < C; ++c) sum[c] += row[c];
+}
+
+// Mean pooling, forward. A task per (video, block of patches, run of groups) converts the
+// block's key rows once and streams the run's frames through them, leaving one partial sum per
+// (group, block); then each group's partials are added in block order. x is read once and the
+// key frame once per run, where a task per group (as attn has) would read the key frame again
+// for every group. Runs exist only to give every thread work: each (group, block) partial is
+// summed by one task in one order whatever the runs are, so they may follow the thread count.
 template <typename T>
-void encode_fwd_impl(const EncodeParams& p, int num_threads) {
+void encode_fwd_mean(const EncodeParams& p, const std::vector<Video>& videos,
+                     const std::vector<int64_t>& starts, int num_threads) {
   using Acc = acc_t<T>;
-  const std::vector<Video> videos = videos_of(p);
-  const std::vector<int64_t> starts = group_starts(videos);
-  std::vector<Acc> query(p.pool == Pool::kAttn ? p.channels : 0);
+  const int64_t C = p.channels, N = p.num_patches, S = p.num_key_tokens;
+  const int64_t blocks = ceil_div(N, kMeanTaskPatches);
+  int64_t max_groups = 1;
+  for (const Video& v : videos) max_groups = std::max(max_groups, v.groups);
+  const int64_t wanted_tasks = 4 * int64_t(num_threads);
+  const int64_t runs = std::min(max_groups, ceil_div(wanted_tasks, p.batch * blocks));
+  const int64_t run_groups = ceil_div(max_groups, runs);
+  T* sequence = static_cast<T*>(p.sequence);
+  // [flat group index][patch block][C]
+  std::vector<Acc> partials(starts.back() * blocks * C);
+
+  // One parallel region: every loop's barrier costs a scheduler time slice whenever a thread
+  // has been preempted on a busy machine.
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<Acc> key(kMeanTaskPatches * C), part(kFrameTile * C), frame_sum(kFrameTile * C);
+    if (p.spatial) {
+#pragma omp for schedule(static) nowait
+      for (int64_t task = 0; task < p.batch * S; ++task)
+        key_token_fwd<T>(p, videos[task / S], task % S, part.data());
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < p.batch * blocks * runs; ++task) {
+      const int64_t b = task / (blocks * runs), block = task / runs % blocks, run = task % runs;
+      const Video& v = videos[b];
+      const int64_t first = run * run_groups * p.frames_per_token;
+      const int64_t last = std::min(v.frames - 1, (run + 1) * run_groups * p.frames_per_token);
+      const int64_t n0 = block * kMeanTaskPatches, nb = std::min(kMeanTaskPatches, N - n0);
+      const bool copy_key = !p.spatial && run == 0;
+      if (first >= last && !copy_key) continue;
+      for (int64_t i = 0; i < nb; ++i) {
+        const T* row = x_row<T>(p, v, v.key, n0 + i);
+        load_row(key.data() + i * C, row, C);
+        if (copy_key) std::copy(row, row + C, sequence + (v.seq_row + n0 + i) * C);
+      }
+      // Frames in fours: four streams from memory per core instead of one, and each key row
+      // loaded once for all four. A frame's sum over the block (kPatchBlock patches apart, then
+      // added up) does not depend on how frames are tiled, and is added to its group's total
+      // in frame order, so neither do the bits.
+      for (int64_t rank0 = first; rank0 < last; rank0 += kFrameTile) {
+        const int64_t tile = std::min(kFrameTile, last - rank0);
+        const T* rows[kFrameTile];
+        for (int64_t f = 0; f < tile; ++f) {
+          rows[f] = x_row<T>(p, v, nonkey_frame(rank0 + f, v.key), n0);
+          std::fill(frame_sum.begin() + f * C, frame_sum.begin() + (f + 1) * C, Acc(0));
+        }
+        for (int64_t i0 = 0; i0 < nb; i0 += kPatchBlock) {
+          std::fill(part.begin(), part.begin() + tile * C, Acc(0));
+          for (int64_t i = i0; i < std::min(nb, i0 + kPatchBlock); ++i) {
+            const Acc* k = key.data() + i * C;
+            const int64_t offset = i * p.x_stride_n;
+            if (tile == kFrameTile) {
+              add_residuals4(part.data(), rows, offset, k, C);
+            } else {
+              for (int64_t f = 0; f < tile; ++f)
+                add_residuals1(part.data() + f * C, rows[f] + offset, k, C);
+            }
+          }
+          for (int64_t f = 0; f < tile; ++f)
+            add_row(frame_sum.data() + f * C, part.data() + f * C, C);
+        }
+        for (int64_t f = 0; f < tile; ++f) {
+          const int64_t rank = rank0 + f, g = rank / p.frames_per_token;
+          Acc* sum = partials.data() + ((starts[b] + g) * blocks + block) * C;
+          if (rank % p.frames_per_token == 0) std::fill(sum, sum + C, Acc(0));
+          add_row(sum, frame_sum.data() + f * C, C);
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t flat = 0; flat < starts.back(); ++flat) {
+      const int64_t b = video_of_task(starts, flat), g = flat - starts[b];
+      const GroupBounds bounds = group_bounds(g, videos[b].frames, p.frames_per_token);
+      Acc* VTOK_RESTRICT acc = part.data();
+      std::fill(acc, acc + C, Acc(0));
+      for (int64_t block = 0; block < blocks; ++block)
+        add_row(acc, partials.data() + (flat * blocks + block) * C, C);
+      const Acc inv = Acc(1) / static_cast<Acc>((bounds.last - bounds.first) * N);
+      T* VTOK_RESTRICT out = sequence + (videos[b].seq_row + S + g) * C;
+      VTOK_SIMD
+      for (int64_t c = 0; c < C; ++c) out[c] = store<T>(acc[c] * inv);
+    }
+  }
+}
+
+template <typename T>
+void encode_fwd_attn(const EncodeParams& p, const std::vector<Video>& videos,
+                     const std::vector<int64_t>& starts, int num_threads) {
+  using Acc = acc_t<T>;
+  std::vector<Acc> query(p.channels);
   for (size_t c = 0; c < query.size(); ++c) query[c] = static_cast<Acc>(p.query[c]);
 
-  // One parallel region (each region ends in a barrier, which costs a scheduler time slice
-  // whenever a thread has been preempted on a busy machine): key tokens, then residual tokens
-  // without waiting in between.
+  // One parallel region, as above: key tokens, then residual tokens without waiting in between.
 #pragma omp parallel num_threads(num_threads)
   {
     GroupScratch<Acc> scratch(p.channels, p.num_heads);
@@ -160,9 +272,19 @@ void encode_fwd_impl(const EncodeParams& p, int num_threads) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < starts.back(); ++task) {
       const int64_t b = video_of_task(starts, task);
-      residual_token_fwd<T>(p, videos[b], task - starts[b], query.data(), scratch);
+      attn_token_fwd<T>(p, videos[b], task - starts[b], query.data(), scratch);
     }
   }
+}
+
+template <typename T>
+void encode_fwd_impl(const EncodeParams& p, int num_threads) {
+  const std::vector<Video> videos = videos_of(p);
+  const std::vector<int64_t> starts = group_starts(videos);
+  if (p.pool == Pool::kAttn)
+    encode_fwd_attn<T>(p, videos, starts, num_threads);
+  else
+    encode_fwd_mean<T>(p, videos, starts, num_threads);
 }
 
 // Adds to `grad` the key-token gradient of key-frame patch n: its own token's gradient, or with
@@ -209,20 +331,85 @@ void for_each_group_residual(const EncodeParams& p, const Video& v, GroupBounds 
   }
 }
 
+// Mean pooling, backward. The gradient does not depend on x: every row of a non-key frame is
+// its group's gradient over the group's element count, and row n of the key frame is its
+// key-token gradient minus the sum of those over the frames, a sum that is the same for every n.
+// With no sum over patches left to order, each thread takes one contiguous range of grad_x's
+// rows. That matters more than the arithmetic: a fresh grad_x is faulted in (and zeroed by the
+// OS) on first touch, and where threads split it by patch blocks, as attn's backward does, they
+// fault on the same huge pages at once and wait on each other.
 template <typename T>
-void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
+void encode_bwd_mean(const EncodeBwdParams& bp, const std::vector<Video>& videos,
+                     const std::vector<int64_t>& starts, int num_threads) {
+  using Acc = acc_t<T>;
+  const EncodeParams& p = bp.fwd;
+  const int64_t C = p.channels, N = p.num_patches, S = p.num_key_tokens;
+  const T* grad_seq = static_cast<const T*>(bp.grad_sequence);
+  T* grad_x = static_cast<T*>(bp.grad_x);
+
+  // Per group the gradient of each of its rows, rounded to T once; per video the sum of those
+  // over its non-key frames, in frame order; per packed frame its video.
+  std::vector<T> row_grad(starts.back() * C);
+  std::vector<Acc> frame_sum(videos.size() * C, Acc(0)), scaled(C);
+  std::vector<int64_t> video_of_frame;
+  for (size_t b = 0; b < videos.size(); ++b) {
+    const Video& v = videos[b];
+    video_of_frame.resize(v.frame0 + v.frames, static_cast<int64_t>(b));
+    Acc* VTOK_RESTRICT sum = frame_sum.data() + b * C;
+    for (int64_t g = 0; g < v.groups; ++g) {
+      const GroupBounds bounds = group_bounds(g, v.frames, p.frames_per_token);
+      const Acc inv = Acc(1) / static_cast<Acc>((bounds.last - bounds.first) * N);
+      Acc* VTOK_RESTRICT sc = scaled.data();
+      load_row(sc, grad_seq + (v.seq_row + S + g) * C, C);
+      VTOK_SIMD
+      for (int64_t c = 0; c < C; ++c) sc[c] *= inv;
+      store_row(row_grad.data() + (starts[b] + g) * C, sc, C);
+      for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
+        VTOK_SIMD
+        for (int64_t c = 0; c < C; ++c) sum[c] += sc[c];
+      }
+    }
+  }
+
+  const int64_t rows = static_cast<int64_t>(video_of_frame.size()) * N;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t part = 0; part < num_threads; ++part) {
+    std::vector<Acc> grad_key(C);
+    const int64_t end = rows * (part + 1) / num_threads;
+    for (int64_t row = rows * part / num_threads; row < end; ++row) {
+      const int64_t frame = row / N, n = row % N, b = video_of_frame[frame];
+      const Video& v = videos[b];
+      const int64_t t = frame - v.frame0;
+      T* VTOK_RESTRICT out = grad_x + row * C;
+      if (t != v.key) {
+        const int64_t g = group_of_frame(t, v.key, p.frames_per_token);
+        const T* src = row_grad.data() + (starts[b] + g) * C;
+        std::copy(src, src + C, out);
+        continue;
+      }
+      Acc* VTOK_RESTRICT gk = grad_key.data();
+      std::fill(gk, gk + C, Acc(0));
+      key_token_grad(p, grad_seq + v.seq_row * C, n, gk);
+      const Acc* VTOK_RESTRICT sum = frame_sum.data() + b * C;
+      VTOK_SIMD
+      for (int64_t c = 0; c < C; ++c) gk[c] -= sum[c];
+      store_row(out, gk, C);
+    }
+  }
+}
+
+template <typename T>
+void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos,
+                     const std::vector<int64_t>& starts, int num_threads) {
   using Acc = acc_t<T>;
   const EncodeParams& p = bp.fwd;
   const int64_t C = p.channels, N = p.num_patches, H = p.num_heads, hc = C / H;
   const int64_t S = p.num_key_tokens;
-  const bool attn = p.pool == Pool::kAttn;
   const Acc scale = Acc(1) / std::sqrt(static_cast<Acc>(hc));
-  const std::vector<Video> videos = videos_of(p);
-  const std::vector<int64_t> starts = group_starts(videos);
   const T* grad_seq = static_cast<const T*>(bp.grad_sequence);
   const T* seq = static_cast<const T*>(p.sequence);
   T* grad_x = static_cast<T*>(bp.grad_x);
-  std::vector<Acc> query(attn ? C : 0);
+  std::vector<Acc> query(C);
   for (size_t c = 0; c < query.size(); ++c) query[c] = static_cast<Acc>(p.query[c]);
 
   // Per group and head: lse and <grad r, r>. float32 / float64 sequences hold r exactly as the
@@ -233,8 +420,8 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
   // the same kind of pass, so that its gradients are exact to double precision (gradcheck).
   constexpr bool kRecomputeGradDotR = sizeof(T) == 2;
   constexpr bool kRecomputeLse = std::is_same<T, double>::value;
-  std::vector<Acc> grad_dot_r(attn ? starts.back() * H : 0), lse(attn ? starts.back() * H : 0);
-  if (attn) {
+  std::vector<Acc> grad_dot_r(starts.back() * H), lse(starts.back() * H);
+  {
 #pragma omp parallel num_threads(num_threads)
     {
       std::vector<Acc> key(C), d(C), gr(C);
@@ -275,7 +462,7 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
 
   const int64_t blocks = (N + kPatchBlock - 1) / kPatchBlock;
   const int64_t tasks = p.batch * blocks;
-  std::vector<Acc> grad_query_parts(attn ? tasks * C : 0);
+  std::vector<Acc> grad_query_parts(tasks * C);
   int64_t max_groups = 0;
   for (const Video& v : videos) max_groups = std::max(max_groups, v.groups);
 
@@ -290,22 +477,13 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
       const Video& v = videos[b];
       const T* grad_key_tokens = grad_seq + v.seq_row * C;
       const T* grad_res_tokens = grad_key_tokens + S * C;
-      // The residual tokens' gradients, converted once per task; for mean already divided by
-      // the group's element count.
-      for (int64_t g = 0; g < v.groups; ++g) {
-        Acc* dst = grad_groups.data() + g * C;
-        load_row(dst, grad_res_tokens + g * C, C);
-        if (!attn) {
-          const GroupBounds gb = group_bounds(g, v.frames, p.frames_per_token);
-          const Acc inv = Acc(1) / static_cast<Acc>((gb.last - gb.first) * N);
-          VTOK_SIMD
-          for (int64_t c = 0; c < C; ++c) dst[c] *= inv;
-        }
-      }
-      Acc* grad_q = attn ? grad_query_parts.data() + task * C : nullptr;
-      if (attn) std::fill(grad_q, grad_q + C, Acc(0));
-      const Acc* gdr = attn ? grad_dot_r.data() + starts[b] * H : nullptr;
-      const Acc* lse_b = attn ? lse.data() + starts[b] * H : nullptr;
+      // The residual tokens' gradients, converted once per task.
+      for (int64_t g = 0; g < v.groups; ++g)
+        load_row(grad_groups.data() + g * C, grad_res_tokens + g * C, C);
+      Acc* grad_q = grad_query_parts.data() + task * C;
+      std::fill(grad_q, grad_q + C, Acc(0));
+      const Acc* gdr = grad_dot_r.data() + starts[b] * H;
+      const Acc* lse_b = lse.data() + starts[b] * H;
 
       // Frames outer, the block's patches inner: each frame's rows of the block are one
       // contiguous stretch of x and grad_x (prefetcher- and TLB-friendly), while every patch
@@ -314,7 +492,7 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
         Acc* gk = grad_key.data() + i * C;
         std::fill(gk, gk + C, Acc(0));
         key_token_grad(p, grad_key_tokens, n0 + i, gk);
-        if (attn) load_row(key.data() + i * C, x_row<T>(p, v, v.key, n0 + i), C);
+        load_row(key.data() + i * C, x_row<T>(p, v, v.key, n0 + i), C);
       }
       for (int64_t rank = 0; rank < v.frames - 1; ++rank) {
         const int64_t t = nonkey_frame(rank, v.key);
@@ -323,14 +501,6 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
         for (int64_t i = 0; i < nb; ++i) {
           Acc* VTOK_RESTRICT gk = grad_key.data() + i * C;
           T* VTOK_RESTRICT gx = grad_x + ((v.frame0 + t) * N + n0 + i) * C;
-          if (!attn) {
-            VTOK_SIMD
-            for (int64_t c = 0; c < C; ++c) {
-              gx[c] = store<T>(gr[c]);
-              gk[c] -= gr[c];
-            }
-            continue;
-          }
           const T* VTOK_RESTRICT xt = x_row<T>(p, v, t, n0 + i);
           Acc* VTOK_RESTRICT dv = d.data();
           const Acc* VTOK_RESTRICT kv = key.data() + i * C;
@@ -361,13 +531,21 @@ void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
     }
   }
 
-  if (attn) {
-    for (int64_t c = 0; c < C; ++c) {
-      Acc sum = 0;
-      for (int64_t task = 0; task < tasks; ++task) sum += grad_query_parts[task * C + c];
-      bp.grad_query[c] = static_cast<float>(sum);
-    }
+  for (int64_t c = 0; c < C; ++c) {
+    Acc sum = 0;
+    for (int64_t task = 0; task < tasks; ++task) sum += grad_query_parts[task * C + c];
+    bp.grad_query[c] = static_cast<float>(sum);
   }
+}
+
+template <typename T>
+void encode_bwd_impl(const EncodeBwdParams& bp, int num_threads) {
+  const std::vector<Video> videos = videos_of(bp.fwd);
+  const std::vector<int64_t> starts = group_starts(videos);
+  if (bp.fwd.pool == Pool::kAttn)
+    encode_bwd_attn<T>(bp, videos, starts, num_threads);
+  else
+    encode_bwd_mean<T>(bp, videos, starts, num_threads);
 }
 
 int64_t work(const EncodeParams& p) {
