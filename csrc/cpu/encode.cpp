@@ -50,79 +50,77 @@ void key_token_fwd(const EncodeParams& p, const Video& v, int64_t s, acc_t<T>* a
   for (int64_t c = 0; c < C; ++c) out[c] = store<T>(acc[c] / count);
 }
 
-// Per-thread scratch of the attention forward: a block of key rows, a block of residual
-// rows (both in the accumulation type), scores, the accumulator and the softmax states.
-template <typename Acc>
-struct GroupScratch {
-  std::vector<Acc> key, residual, score, acc;
-  std::vector<SoftmaxStateT<Acc>> state;
-  GroupScratch(int64_t C, int64_t H)
-      : key(kPatchBlock * C), residual(kPatchBlock * C), score(kPatchBlock), acc(C), state(H) {}
+// Patches per forward task: its key rows (converted once) stay in L2 while the frames stream
+// past them. Fixed, like kPatchBlock, so the order of the sums is too.
+constexpr int64_t kTaskPatches = 8 * kPatchBlock;
+// Frames the mean forward reads side by side (see encode_fwd_mean).
+constexpr int64_t kFrameTile = 4;
+
+// How the forwards split their work: a task per (video, block of kTaskPatches patches, run of
+// groups) converts the block's key rows once and streams the run's frames through them, leaving
+// one partial result per (group, block); then each group's partials are combined in block
+// order, as flash decoding splits a long sequence. x is read once and the key frame once per
+// run, where a task per group would read the key frame again for every group. Runs exist only
+// to give every thread work: each (group, block) partial is made by one task in one order
+// whatever the runs are, so they may follow the thread count without changing a bit.
+struct SplitPlan {
+  int64_t blocks, runs, run_groups;
+
+  SplitPlan(const EncodeParams& p, const std::vector<Video>& videos, int num_threads) {
+    blocks = ceil_div(p.num_patches, kTaskPatches);
+    int64_t max_groups = 1;
+    for (const Video& v : videos) max_groups = std::max(max_groups, v.groups);
+    runs = std::min(max_groups, ceil_div(4 * int64_t(num_threads), p.batch * blocks));
+    run_groups = ceil_div(max_groups, runs);
+  }
+  int64_t tasks(const EncodeParams& p) const { return p.batch * blocks * runs; }
+  // Index of (flat group, block) in a [flat group][block] array of partials.
+  int64_t slot(int64_t flat_group, int64_t block) const { return flat_group * blocks + block; }
 };
 
+struct SplitTask {
+  int64_t video, block, n0, nb;
+  int64_t first, last;  // ranks of the non-key frames the task streams
+  bool copy_key;        // the task writes its block's key tokens (no spatial pooling, first run)
+};
+
+inline SplitTask split_task(const EncodeParams& p, const std::vector<Video>& videos,
+                            const SplitPlan& plan, int64_t task) {
+  SplitTask st;
+  st.video = task / (plan.blocks * plan.runs);
+  st.block = task / plan.runs % plan.blocks;
+  const int64_t run = task % plan.runs;
+  st.n0 = st.block * kTaskPatches;
+  st.nb = std::min(kTaskPatches, p.num_patches - st.n0);
+  st.first = run * plan.run_groups * p.frames_per_token;
+  st.last = std::min(videos[st.video].frames - 1,
+                     (run + 1) * plan.run_groups * p.frames_per_token);
+  st.copy_key = !p.spatial && run == 0;
+  return st;
+}
+
+// Converts the task's key rows into `key`, and copies them to the key tokens if the task owns them.
 template <typename T>
-void attn_token_fwd(const EncodeParams& p, const Video& v, int64_t g, const acc_t<T>* query,
-                    GroupScratch<acc_t<T>>& scratch) {
-  using Acc = acc_t<T>;
-  const int64_t C = p.channels, N = p.num_patches, H = p.num_heads, hc = C / H;
-  const Acc scale = Acc(1) / std::sqrt(static_cast<Acc>(hc));
-  const GroupBounds bounds = group_bounds(g, v.frames, p.frames_per_token);
-  Acc* VTOK_RESTRICT acc = scratch.acc.data();
-  std::fill(scratch.acc.begin(), scratch.acc.end(), Acc(0));
-  for (auto& st : scratch.state) st = softmax_init_t<Acc>();
-
-  for (int64_t n0 = 0; n0 < N; n0 += kPatchBlock) {
-    const int64_t nb = std::min(kPatchBlock, N - n0);
-    // The key block is converted once and reused by every frame of the group.
-    for (int64_t i = 0; i < nb; ++i)
-      load_row(scratch.key.data() + i * C, x_row<T>(p, v, v.key, n0 + i), C);
-    for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
-      const int64_t t = nonkey_frame(rank, v.key);
-      for (int64_t i = 0; i < nb; ++i) {
-        const T* VTOK_RESTRICT xt = x_row<T>(p, v, t, n0 + i);
-        const Acc* VTOK_RESTRICT k = scratch.key.data() + i * C;
-        Acc* VTOK_RESTRICT d = scratch.residual.data() + i * C;
-        VTOK_SIMD
-        for (int64_t c = 0; c < C; ++c) d[c] = load(xt[c]) - k[c];
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        Acc* score = scratch.score.data();
-        Acc block_max = static_cast<Acc>(-INFINITY);
-        for (int64_t i = 0; i < nb; ++i) {
-          score[i] = scale * dot(query + h * hc, scratch.residual.data() + i * C + h * hc, hc);
-          block_max = score[i] > block_max ? score[i] : block_max;
-        }
-        Acc block_sum = 0;
-        for (int64_t i = 0; i < nb; ++i) {
-          score[i] = exp_acc(score[i] - block_max);
-          block_sum += score[i];
-        }
-        const MergeScaleT<Acc> ms = softmax_merge_t(scratch.state[h], {block_max, block_sum});
-        Acc* VTOK_RESTRICT a = acc + h * hc;
-        if (ms.a != Acc(1)) {
-          VTOK_SIMD
-          for (int64_t c = 0; c < hc; ++c) a[c] *= ms.a;
-        }
-        for (int64_t i = 0; i < nb; ++i)
-          axpy(a, ms.b * score[i], scratch.residual.data() + i * C + h * hc, hc);
-      }
-    }
-  }
-
-  T* out = static_cast<T*>(p.sequence) + (v.seq_row + p.num_key_tokens + g) * C;
-  for (int64_t h = 0; h < H; ++h) {
-    const Acc inv = Acc(1) / scratch.state[h].sum;
-    VTOK_SIMD
-    for (int64_t c = h * hc; c < (h + 1) * hc; ++c) out[c] = store<T>(acc[c] * inv);
-    p.lse[(v.group_row + g) * H + h] = static_cast<float>(softmax_lse_t(scratch.state[h]));
+void load_key_block(const EncodeParams& p, const Video& v, const SplitTask& st, acc_t<T>* key) {
+  const int64_t C = p.channels;
+  for (int64_t i = 0; i < st.nb; ++i) {
+    const T* row = x_row<T>(p, v, v.key, st.n0 + i);
+    load_row(key + i * C, row, C);
+    if (st.copy_key)
+      std::copy(row, row + C, static_cast<T*>(p.sequence) + (v.seq_row + st.n0 + i) * C);
   }
 }
 
-// Patches per task of the mean forward: its key rows (converted once) stay in L2 while the
-// frames stream past them. Fixed, like kPatchBlock, so the order of the sums is too.
-constexpr int64_t kMeanTaskPatches = 8 * kPatchBlock;
-// Frames a mean-forward task reads side by side (see encode_fwd_mean).
-constexpr int64_t kFrameTile = 4;
+// With spatial pooling the key tokens are bin means, whose bins cross the patch blocks: a loop
+// of their own. To be run inside a parallel region (no barrier after it).
+template <typename T>
+void spatial_key_tokens(const EncodeParams& p, const std::vector<Video>& videos,
+                        acc_t<T>* scratch) {
+  const int64_t S = p.num_key_tokens;
+#pragma omp for schedule(static) nowait
+  for (int64_t task = 0; task < p.batch * S; ++task)
+    key_token_fwd<T>(p, videos[task / S], task % S, scratch);
+}
 
 template <typename T, typename Acc>
 inline void add_residuals1(Acc* VTOK_RESTRICT part, const T* VTOK_RESTRICT x,
@@ -159,65 +157,42 @@ inline void add_row(Acc* VTOK_RESTRICT sum, const Acc* VTOK_RESTRICT row, int64_
   for (int64_t c = 0; c < C; ++c) sum[c] += row[c];
 }
 
-// Mean pooling, forward. A task per (video, block of patches, run of groups) converts the
-// block's key rows once and streams the run's frames through them, leaving one partial sum per
-// (group, block); then each group's partials are added in block order. x is read once and the
-// key frame once per run, where a task per group (as attn has) would read the key frame again
-// for every group. Runs exist only to give every thread work: each (group, block) partial is
-// summed by one task in one order whatever the runs are, so they may follow the thread count.
+// Mean pooling, forward, split as SplitPlan says; a partial is a sum of residual rows.
 template <typename T>
 void encode_fwd_mean(const EncodeParams& p, const std::vector<Video>& videos,
                      const std::vector<int64_t>& starts, int num_threads) {
   using Acc = acc_t<T>;
   const int64_t C = p.channels, N = p.num_patches, S = p.num_key_tokens;
-  const int64_t blocks = ceil_div(N, kMeanTaskPatches);
-  int64_t max_groups = 1;
-  for (const Video& v : videos) max_groups = std::max(max_groups, v.groups);
-  const int64_t wanted_tasks = 4 * int64_t(num_threads);
-  const int64_t runs = std::min(max_groups, ceil_div(wanted_tasks, p.batch * blocks));
-  const int64_t run_groups = ceil_div(max_groups, runs);
-  T* sequence = static_cast<T*>(p.sequence);
-  // [flat group index][patch block][C]
-  std::vector<Acc> partials(starts.back() * blocks * C);
+  const SplitPlan plan(p, videos, num_threads);
+  std::vector<Acc> partials(plan.slot(starts.back(), 0) * C);
 
   // One parallel region: every loop's barrier costs a scheduler time slice whenever a thread
   // has been preempted on a busy machine.
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<Acc> key(kMeanTaskPatches * C), part(kFrameTile * C), frame_sum(kFrameTile * C);
-    if (p.spatial) {
-#pragma omp for schedule(static) nowait
-      for (int64_t task = 0; task < p.batch * S; ++task)
-        key_token_fwd<T>(p, videos[task / S], task % S, part.data());
-    }
+    std::vector<Acc> key(kTaskPatches * C), part(kFrameTile * C), frame_sum(kFrameTile * C);
+    if (p.spatial) spatial_key_tokens<T>(p, videos, part.data());
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < p.batch * blocks * runs; ++task) {
-      const int64_t b = task / (blocks * runs), block = task / runs % blocks, run = task % runs;
-      const Video& v = videos[b];
-      const int64_t first = run * run_groups * p.frames_per_token;
-      const int64_t last = std::min(v.frames - 1, (run + 1) * run_groups * p.frames_per_token);
-      const int64_t n0 = block * kMeanTaskPatches, nb = std::min(kMeanTaskPatches, N - n0);
-      const bool copy_key = !p.spatial && run == 0;
-      if (first >= last && !copy_key) continue;
-      for (int64_t i = 0; i < nb; ++i) {
-        const T* row = x_row<T>(p, v, v.key, n0 + i);
-        load_row(key.data() + i * C, row, C);
-        if (copy_key) std::copy(row, row + C, sequence + (v.seq_row + n0 + i) * C);
-      }
+    for (int64_t task = 0; task < plan.tasks(p); ++task) {
+      const SplitTask st = split_task(p, videos, plan, task);
+      const Video& v = videos[st.video];
+      if (st.first >= st.last && !st.copy_key) continue;
+      load_key_block<T>(p, v, st, key.data());
       // Frames in fours: four streams from memory per core instead of one, and each key row
       // loaded once for all four. A frame's sum over the block (kPatchBlock patches apart, then
-      // added up) does not depend on how frames are tiled, and is added to its group's total
-      // in frame order, so neither do the bits.
-      for (int64_t rank0 = first; rank0 < last; rank0 += kFrameTile) {
-        const int64_t tile = std::min(kFrameTile, last - rank0);
+      // added up, which keeps the rounding error of long sums small) does not depend on how
+      // frames are tiled, and is added to its group's total in frame order, so neither do the
+      // bits.
+      for (int64_t rank0 = st.first; rank0 < st.last; rank0 += kFrameTile) {
+        const int64_t tile = std::min(kFrameTile, st.last - rank0);
         const T* rows[kFrameTile];
         for (int64_t f = 0; f < tile; ++f) {
-          rows[f] = x_row<T>(p, v, nonkey_frame(rank0 + f, v.key), n0);
+          rows[f] = x_row<T>(p, v, nonkey_frame(rank0 + f, v.key), st.n0);
           std::fill(frame_sum.begin() + f * C, frame_sum.begin() + (f + 1) * C, Acc(0));
         }
-        for (int64_t i0 = 0; i0 < nb; i0 += kPatchBlock) {
+        for (int64_t i0 = 0; i0 < st.nb; i0 += kPatchBlock) {
           std::fill(part.begin(), part.begin() + tile * C, Acc(0));
-          for (int64_t i = i0; i < std::min(nb, i0 + kPatchBlock); ++i) {
+          for (int64_t i = i0; i < std::min(st.nb, i0 + kPatchBlock); ++i) {
             const Acc* k = key.data() + i * C;
             const int64_t offset = i * p.x_stride_n;
             if (tile == kFrameTile) {
@@ -232,7 +207,7 @@ void encode_fwd_mean(const EncodeParams& p, const std::vector<Video>& videos,
         }
         for (int64_t f = 0; f < tile; ++f) {
           const int64_t rank = rank0 + f, g = rank / p.frames_per_token;
-          Acc* sum = partials.data() + ((starts[b] + g) * blocks + block) * C;
+          Acc* sum = partials.data() + plan.slot(starts[st.video] + g, st.block) * C;
           if (rank % p.frames_per_token == 0) std::fill(sum, sum + C, Acc(0));
           add_row(sum, frame_sum.data() + f * C, C);
         }
@@ -244,35 +219,131 @@ void encode_fwd_mean(const EncodeParams& p, const std::vector<Video>& videos,
       const GroupBounds bounds = group_bounds(g, videos[b].frames, p.frames_per_token);
       Acc* VTOK_RESTRICT acc = part.data();
       std::fill(acc, acc + C, Acc(0));
-      for (int64_t block = 0; block < blocks; ++block)
-        add_row(acc, partials.data() + (flat * blocks + block) * C, C);
+      for (int64_t block = 0; block < plan.blocks; ++block)
+        add_row(acc, partials.data() + plan.slot(flat, block) * C, C);
       const Acc inv = Acc(1) / static_cast<Acc>((bounds.last - bounds.first) * N);
-      T* VTOK_RESTRICT out = sequence + (videos[b].seq_row + S + g) * C;
+      T* VTOK_RESTRICT out = static_cast<T*>(p.sequence) + (videos[b].seq_row + S + g) * C;
       VTOK_SIMD
       for (int64_t c = 0; c < C; ++c) out[c] = store<T>(acc[c] * inv);
     }
   }
 }
 
+// One frame's (or group's) share of an attention token: per head the softmax state of the
+// scores seen so far, and the sum of residual rows weighted by exp(score - state.max).
+template <typename Acc>
+struct SoftmaxPartial {
+  SoftmaxStateT<Acc>* state;  // [H]
+  Acc* acc;                   // [C]
+};
+
+// Streams `rows` residual rows (row i at d + i * C) into a partial, head by head.
+template <typename Acc>
+void softmax_rows(SoftmaxPartial<Acc> into, const Acc* d, int64_t rows, const Acc* query,
+                  Acc scale, int64_t H, int64_t hc, Acc* score) {
+  const int64_t C = H * hc;
+  for (int64_t h = 0; h < H; ++h) {
+    Acc block_max = static_cast<Acc>(-INFINITY);
+    for (int64_t i = 0; i < rows; ++i) {
+      score[i] = scale * dot(query + h * hc, d + i * C + h * hc, hc);
+      block_max = score[i] > block_max ? score[i] : block_max;
+    }
+    Acc block_sum = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      score[i] = exp_acc(score[i] - block_max);
+      block_sum += score[i];
+    }
+    const MergeScaleT<Acc> ms = softmax_merge_t(into.state[h], {block_max, block_sum});
+    Acc* VTOK_RESTRICT a = into.acc + h * hc;
+    if (ms.a != Acc(1)) {
+      VTOK_SIMD
+      for (int64_t c = 0; c < hc; ++c) a[c] *= ms.a;
+    }
+    for (int64_t i = 0; i < rows; ++i) axpy(a, ms.b * score[i], d + i * C + h * hc, hc);
+  }
+}
+
+// into <- the softmax partial of the scores of both.
+template <typename Acc>
+void merge_partial(SoftmaxPartial<Acc> into, SoftmaxPartial<Acc> from, int64_t H, int64_t hc) {
+  for (int64_t h = 0; h < H; ++h) {
+    const MergeScaleT<Acc> ms = softmax_merge_t(into.state[h], from.state[h]);
+    Acc* VTOK_RESTRICT a = into.acc + h * hc;
+    const Acc* VTOK_RESTRICT b = from.acc + h * hc;
+    VTOK_SIMD
+    for (int64_t c = 0; c < hc; ++c) a[c] = a[c] * ms.a + b[c] * ms.b;
+  }
+}
+
+template <typename Acc>
+void clear_partial(SoftmaxPartial<Acc> partial, int64_t H, int64_t C) {
+  std::fill(partial.state, partial.state + H, softmax_init_t<Acc>());
+  std::fill(partial.acc, partial.acc + C, Acc(0));
+}
+
+// Attention pooling, forward, split as SplitPlan says; a partial is a SoftmaxPartial. Each frame
+// streams its block of residual rows into a partial of its own (kPatchBlock rows at a time),
+// which is merged into its group's partial in frame order.
 template <typename T>
 void encode_fwd_attn(const EncodeParams& p, const std::vector<Video>& videos,
                      const std::vector<int64_t>& starts, int num_threads) {
   using Acc = acc_t<T>;
-  std::vector<Acc> query(p.channels);
-  for (size_t c = 0; c < query.size(); ++c) query[c] = static_cast<Acc>(p.query[c]);
+  const int64_t C = p.channels, H = p.num_heads, hc = C / H, S = p.num_key_tokens;
+  const Acc scale = Acc(1) / std::sqrt(static_cast<Acc>(hc));
+  const SplitPlan plan(p, videos, num_threads);
+  std::vector<Acc> query(C);
+  for (int64_t c = 0; c < C; ++c) query[c] = static_cast<Acc>(p.query[c]);
+  const int64_t slots = plan.slot(starts.back(), 0);
+  std::vector<Acc> partial_acc(slots * C);
+  std::vector<SoftmaxStateT<Acc>> partial_state(slots * H);
+  auto partial = [&](int64_t slot) {
+    return SoftmaxPartial<Acc>{partial_state.data() + slot * H, partial_acc.data() + slot * C};
+  };
 
-  // One parallel region, as above: key tokens, then residual tokens without waiting in between.
 #pragma omp parallel num_threads(num_threads)
   {
-    GroupScratch<Acc> scratch(p.channels, p.num_heads);
-#pragma omp for schedule(static) nowait
-    for (int64_t task = 0; task < p.batch * p.num_key_tokens; ++task)
-      key_token_fwd<T>(p, videos[task / p.num_key_tokens], task % p.num_key_tokens,
-                       scratch.acc.data());
+    std::vector<Acc> key(kTaskPatches * C), d(kPatchBlock * C), score(kPatchBlock), acc(C);
+    std::vector<SoftmaxStateT<Acc>> state(H);
+    const SoftmaxPartial<Acc> frame{state.data(), acc.data()};
+    if (p.spatial) spatial_key_tokens<T>(p, videos, acc.data());
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < starts.back(); ++task) {
-      const int64_t b = video_of_task(starts, task);
-      attn_token_fwd<T>(p, videos[b], task - starts[b], query.data(), scratch);
+    for (int64_t task = 0; task < plan.tasks(p); ++task) {
+      const SplitTask st = split_task(p, videos, plan, task);
+      const Video& v = videos[st.video];
+      if (st.first >= st.last && !st.copy_key) continue;
+      load_key_block<T>(p, v, st, key.data());
+      for (int64_t rank = st.first; rank < st.last; ++rank) {
+        const int64_t t = nonkey_frame(rank, v.key), g = rank / p.frames_per_token;
+        clear_partial(frame, H, C);
+        for (int64_t i0 = 0; i0 < st.nb; i0 += kPatchBlock) {
+          const int64_t rows = std::min(kPatchBlock, st.nb - i0);
+          for (int64_t i = 0; i < rows; ++i) {
+            const T* VTOK_RESTRICT xt = x_row<T>(p, v, t, st.n0 + i0 + i);
+            const Acc* VTOK_RESTRICT k = key.data() + (i0 + i) * C;
+            Acc* VTOK_RESTRICT di = d.data() + i * C;
+            VTOK_SIMD
+            for (int64_t c = 0; c < C; ++c) di[c] = load(xt[c]) - k[c];
+          }
+          softmax_rows(frame, d.data(), rows, query.data(), scale, H, hc, score.data());
+        }
+        const SoftmaxPartial<Acc> group = partial(plan.slot(starts[st.video] + g, st.block));
+        if (rank % p.frames_per_token == 0) clear_partial(group, H, C);
+        merge_partial(group, frame, H, hc);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t flat = 0; flat < starts.back(); ++flat) {
+      const int64_t b = video_of_task(starts, flat), g = flat - starts[b];
+      clear_partial(frame, H, C);
+      for (int64_t block = 0; block < plan.blocks; ++block)
+        merge_partial(frame, partial(plan.slot(flat, block)), H, hc);
+      T* out = static_cast<T*>(p.sequence) + (videos[b].seq_row + S + g) * C;
+      for (int64_t h = 0; h < H; ++h) {
+        const Acc inv = Acc(1) / state[h].sum;
+        VTOK_SIMD
+        for (int64_t c = h * hc; c < (h + 1) * hc; ++c) out[c] = store<T>(acc[c] * inv);
+        p.lse[(videos[b].group_row + g) * H + h] = static_cast<float>(softmax_lse_t(state[h]));
+      }
     }
   }
 }
