@@ -1,13 +1,14 @@
 // encode (batched and varlen), forward and backward, on the CPU.
 //
-// Attention pooling. Forward: one task per (video, group) reads that group's frames and the key
-// frame once and streams them through an online softmax. Backward: one task per (video, block of
-// patches) walks every frame of those patches, so the key frame's gradient (minus the sum over
-// frames) is a private, ordered sum: no atomics, and the same bits for any thread count.
-// grad_query is reduced from per-task partials in task order.
-// Mean pooling has kernels of its own (encode_fwd_mean, encode_bwd_mean): with nothing to
-// compute per element but a sum, they are arranged around memory traffic alone.
-// Nothing of size [T, N, C] is ever allocated.
+// Forward (both poolings): a task per (video, block of patches, run of groups) converts the
+// block's key rows once and streams the run's frames through them into one partial per (group,
+// block): a sum for mean, an online-softmax state for attn. The partials are then combined per
+// group in block order (SplitPlan). x is read once; every sum has a fixed order.
+// Backward, attn: one task per (video, block of patches) walks every frame of those patches, so
+// the key frame's gradient (minus the sum over frames) is a private, ordered sum: no atomics.
+// grad_query is reduced from per-task partials in task order. Backward, mean: the gradient does
+// not depend on x, and each thread writes one contiguous range of grad_x's rows.
+// The same bits for any thread count, and nothing of size [T, N, C] is ever allocated.
 #include <cmath>
 #include <type_traits>
 #include <vector>
