@@ -436,10 +436,7 @@ void encode_bwd_mean(const EncodeBwdParams& bp, const std::vector<Video>& videos
       VTOK_SIMD
       for (int64_t c = 0; c < C; ++c) sc[c] *= inv;
       store_row(row_grad.data() + (starts[b] + g) * C, sc, C);
-      for (int64_t rank = bounds.first; rank < bounds.last; ++rank) {
-        VTOK_SIMD
-        for (int64_t c = 0; c < C; ++c) sum[c] += sc[c];
-      }
+      for (int64_t rank = bounds.first; rank < bounds.last; ++rank) add_row(sum, sc, C);
     }
   }
 
