@@ -346,3 +346,54 @@ def test_instruction_set_variants(isa):
     proc = subprocess.run([sys.executable, "-c", _VARIANT_CHECK.format(isa=isa)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+_EXP_CHECK = r"""
+#include "cpu/common.h"
+#include <cmath>
+#include <cstdio>
+int main() {
+  using vtok::cpu::exp_approx;
+  double worst = 0;
+  auto check = [&](float x) {
+    const double want = std::exp(static_cast<double>(x));
+    const double ulp = std::ldexp(1.0, std::ilogb(static_cast<float>(want)) - 23);
+    worst = std::fmax(worst, std::fabs(exp_approx(x) - want) / ulp);
+  };
+  // A fine grid over the whole range, and powers of two on both sides of 0.
+  for (int i = 0; i <= 4000000; ++i) {
+    const float x = -87.3f + static_cast<float>(i) * (175.6f / 4e6f);
+    if (x <= 88.3f) check(x);  // above, e^88.3 by design
+  }
+  for (int k = 0; k < 40; ++k) {
+    check(std::ldexp(1.0f, -k));
+    check(-std::ldexp(1.0f, -k));
+  }
+  int bad = 0;
+  bad += exp_approx(-INFINITY) != 0.0f;
+  bad += exp_approx(-1000.0f) != 0.0f;
+  bad += !std::isnan(exp_approx(NAN));
+  bad += exp_approx(0.0f) != 1.0f;
+  std::printf("%.3f %d\n", worst, bad);
+  return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("flags", [["-O0"], ["-O3", "-mavx2", "-mfma", "-fopenmp-simd"]])
+def test_exp_approx_within_two_ulp_of_exp(tmp_path, flags):
+    """The CPU kernels' float softmax exponential (csrc/cpu/common.h), scalar and vectorised."""
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    source, binary = tmp_path / "exp_check.cpp", tmp_path / "exp_check"
+    source.write_text(_EXP_CHECK)
+    subprocess.run(["g++", "-std=c++17", *flags, f"-I{csrc}", f"-I{csrc / 'include'}",
+                    str(source), "-o", str(binary)], check=True)
+    worst_ulp, special_bad = subprocess.run([str(binary)], capture_output=True, text=True,
+                                            check=True).stdout.split()
+    assert float(worst_ulp) <= 2.0
+    assert int(special_bad) == 0, "-inf and -1000 must give 0, NaN must stay NaN, 0 must give 1"

@@ -95,8 +95,47 @@ inline const T* x_row(const EncodeParams& p, const Video& v, int64_t t, int64_t 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define VTOK_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define VTOK_ALWAYS_INLINE inline
+#endif
+
+// e^x in float without a library call, so that a loop of them vectorises (the softmax weights of
+// a block of rows become a few vector instructions instead of a call per row and head). Cephes'
+// expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent
+// bits; within 2 ulp of expf on [-87.3, 88.3]. Below that it returns 0 (expf's denormals, which
+// weigh nothing next to a softmax's largest weight of 1), above it e^88.3; NaN stays NaN.
+VTOK_ALWAYS_INLINE float exp_approx(float x) {
+  const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  // Round to nearest by adding 1.5 * 2^23: the integer lands in the low mantissa bits.
+  constexpr float kRound = 12582912.0f;
+  const float shifted = clamped * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  float r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  int32_t shifted_bits, round_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(float));
+  std::memcpy(&round_bits, &kRound, sizeof(float));
+  const int32_t exponent_bits = (shifted_bits - round_bits + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &exponent_bits, sizeof(float));
+  return x < -87.3f ? 0.0f : poly * scale;
+}
+
+// The CPU kernels' exponential: exp_approx in float, the library's exp in double (gradcheck).
+VTOK_ALWAYS_INLINE float exp_cpu(float x) { return exp_approx(x); }
+VTOK_ALWAYS_INLINE double exp_cpu(double x) { return std::exp(x); }
+
 template <typename Acc>
-inline Acc dot(const Acc* VTOK_RESTRICT a, const Acc* VTOK_RESTRICT b, int64_t n) {
+VTOK_ALWAYS_INLINE Acc dot(const Acc* VTOK_RESTRICT a, const Acc* VTOK_RESTRICT b, int64_t n) {
   Acc sum = 0;
   VTOK_SIMD_SUM(sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];

@@ -250,8 +250,9 @@ void softmax_rows(SoftmaxPartial<Acc> into, const Acc* d, int64_t rows, const Ac
       block_max = score[i] > block_max ? score[i] : block_max;
     }
     Acc block_sum = 0;
+    VTOK_SIMD_SUM(block_sum)
     for (int64_t i = 0; i < rows; ++i) {
-      score[i] = exp_acc(score[i] - block_max);
+      score[i] = exp_cpu(score[i] - block_max);
       block_sum += score[i];
     }
     const MergeScaleT<Acc> ms = softmax_merge_t(into.state[h], {block_max, block_sum});
@@ -522,7 +523,7 @@ void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos
           for (int64_t h = 0; h < H; ++h) {
             const int64_t o = h * hc;
             const Acc s = scale * dot(query.data() + o, dv + o, hc);
-            sums[h] += exp_acc(s - lse[task * H + h]) * dot(gr.data() + o, dv + o, hc);
+            sums[h] += exp_cpu(s - lse[task * H + h]) * dot(gr.data() + o, dv + o, hc);
           }
         });
       }
@@ -582,7 +583,7 @@ void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos
           for (int64_t h = 0; h < H; ++h) {
             const int64_t o = h * hc;
             const Acc s = scale * dot(query.data() + o, dv + o, hc);
-            const Acc prob = exp_acc(s - lse_b[g * H + h]);
+            const Acc prob = exp_cpu(s - lse_b[g * H + h]);
             const Acc coef = prob * (dot(gr + o, dv + o, hc) - gdr[g * H + h]) * scale;
             const Acc* VTOK_RESTRICT q = query.data() + o;
             VTOK_SIMD
