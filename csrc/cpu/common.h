@@ -138,6 +138,16 @@ VTOK_ALWAYS_INLINE double exp_cpu(double x) { return std::exp(x); }
 // set adds in the same order.
 constexpr int64_t kDotLanes = 16;
 
+// The sum of dot's lanes, added as a tree.
+template <typename Acc>
+VTOK_ALWAYS_INLINE Acc sum_lanes(Acc* lanes) {
+  for (int64_t width = kDotLanes / 2; width > 0; width /= 2) {
+    VTOK_SIMD
+    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
+}
+
 // An omp simd reduction leaves the final sum of the lanes to the compiler, which adds them one
 // after another through memory; for the short dot products of attention heads (32 to 128
 // channels) that chain took longer than the products. Here the lanes are added as a tree.
@@ -150,11 +160,28 @@ VTOK_ALWAYS_INLINE Acc dot(const Acc* VTOK_RESTRICT a, const Acc* VTOK_RESTRICT 
     for (int64_t l = 0; l < kDotLanes; ++l) lanes[l] += a[i + l] * b[i + l];
   }
   for (int64_t l = 0; i + l < n; ++l) lanes[l] += a[i + l] * b[i + l];
-  for (int64_t width = kDotLanes / 2; width > 0; width /= 2) {
+  return sum_lanes(lanes);
+}
+
+// dot(a, v, n) and dot(b, v, n), bit for bit, in one pass over v.
+template <typename Acc>
+VTOK_ALWAYS_INLINE void dot2(const Acc* VTOK_RESTRICT a, const Acc* VTOK_RESTRICT b,
+                             const Acc* VTOK_RESTRICT v, int64_t n, Acc& av, Acc& bv) {
+  Acc lanes_a[kDotLanes] = {}, lanes_b[kDotLanes] = {};
+  int64_t i = 0;
+  for (; i + kDotLanes <= n; i += kDotLanes) {
     VTOK_SIMD
-    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    for (int64_t l = 0; l < kDotLanes; ++l) {
+      lanes_a[l] += a[i + l] * v[i + l];
+      lanes_b[l] += b[i + l] * v[i + l];
+    }
   }
-  return lanes[0];
+  for (int64_t l = 0; i + l < n; ++l) {
+    lanes_a[l] += a[i + l] * v[i + l];
+    lanes_b[l] += b[i + l] * v[i + l];
+  }
+  av = sum_lanes(lanes_a);
+  bv = sum_lanes(lanes_b);
 }
 
 template <typename Acc>

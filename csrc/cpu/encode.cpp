@@ -522,8 +522,9 @@ void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos
         for_each_group_residual<T>(p, v, bounds, key.data(), d.data(), [&](const Acc* dv) {
           for (int64_t h = 0; h < H; ++h) {
             const int64_t o = h * hc;
-            const Acc s = scale * dot(query.data() + o, dv + o, hc);
-            sums[h] += exp_cpu(s - lse[task * H + h]) * dot(gr.data() + o, dv + o, hc);
+            Acc qd, gd;
+            dot2(query.data() + o, gr.data() + o, dv + o, hc, qd, gd);
+            sums[h] += exp_cpu(scale * qd - lse[task * H + h]) * gd;
           }
         });
       }
@@ -582,9 +583,10 @@ void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos
           Acc* VTOK_RESTRICT ddv = dd.data();
           for (int64_t h = 0; h < H; ++h) {
             const int64_t o = h * hc;
-            const Acc s = scale * dot(query.data() + o, dv + o, hc);
-            const Acc prob = exp_cpu(s - lse_b[g * H + h]);
-            const Acc coef = prob * (dot(gr + o, dv + o, hc) - gdr[g * H + h]) * scale;
+            Acc qd, gd;
+            dot2(query.data() + o, gr + o, dv + o, hc, qd, gd);
+            const Acc prob = exp_cpu(scale * qd - lse_b[g * H + h]);
+            const Acc coef = prob * (gd - gdr[g * H + h]) * scale;
             const Acc* VTOK_RESTRICT q = query.data() + o;
             VTOK_SIMD
             for (int64_t c = 0; c < hc; ++c) {
