@@ -534,13 +534,23 @@ void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos
   const int64_t blocks = (N + kPatchBlock - 1) / kPatchBlock;
   const int64_t tasks = p.batch * blocks;
   std::vector<Acc> grad_query_parts(tasks * C);
-  int64_t max_groups = 0;
-  for (const Video& v : videos) max_groups = std::max(max_groups, v.groups);
+  // The residual tokens' gradients in the accumulation type, for every task: converted once
+  // here for 16-bit types, read in place otherwise.
+  std::vector<Acc> grad_res_converted(std::is_same<T, Acc>::value ? 0 : starts.back() * C);
+  for (size_t b = 0; b < videos.size() && !grad_res_converted.empty(); ++b)
+    for (int64_t g = 0; g < videos[b].groups; ++g)
+      load_row(grad_res_converted.data() + (starts[b] + g) * C,
+               grad_seq + (videos[b].seq_row + S + g) * C, C);
+  auto grad_res = [&](int64_t b, int64_t g) -> const Acc* {
+    if constexpr (std::is_same<T, Acc>::value)
+      return grad_seq + (videos[b].seq_row + S + g) * C;
+    else
+      return grad_res_converted.data() + (starts[b] + g) * C;
+  };
 
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<Acc> key(kPatchBlock * C), grad_key(kPatchBlock * C), d(C), dd(C);
-    std::vector<Acc> grad_groups(max_groups * C);
     // Static: each thread takes a contiguous run of blocks (whole videos where B >= threads),
     // so threads first-touch different pages of the fresh grad_x; interleaved blocks had both
     // threads faulting on the same huge page at once (about 20% of the backward at CLIP size).
@@ -550,10 +560,6 @@ void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos
       const int64_t nb = std::min(kPatchBlock, N - n0);
       const Video& v = videos[b];
       const T* grad_key_tokens = grad_seq + v.seq_row * C;
-      const T* grad_res_tokens = grad_key_tokens + S * C;
-      // The residual tokens' gradients, converted once per task.
-      for (int64_t g = 0; g < v.groups; ++g)
-        load_row(grad_groups.data() + g * C, grad_res_tokens + g * C, C);
       Acc* grad_q = grad_query_parts.data() + task * C;
       std::fill(grad_q, grad_q + C, Acc(0));
       const Acc* gdr = grad_dot_r.data() + starts[b] * H;
@@ -571,7 +577,7 @@ void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos
       for (int64_t rank = 0; rank < v.frames - 1; ++rank) {
         const int64_t t = nonkey_frame(rank, v.key);
         const int64_t g = rank / p.frames_per_token;
-        const Acc* VTOK_RESTRICT gr = grad_groups.data() + g * C;
+        const Acc* VTOK_RESTRICT gr = grad_res(b, g);
         for (int64_t i = 0; i < nb; ++i) {
           Acc* VTOK_RESTRICT gk = grad_key.data() + i * C;
           T* VTOK_RESTRICT gx = grad_x + ((v.frame0 + t) * N + n0 + i) * C;
