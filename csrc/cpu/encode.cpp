@@ -112,6 +112,21 @@ void load_key_block(const EncodeParams& p, const Video& v, const SplitTask& st, 
   }
 }
 
+// Calls visit(task, video) for every task of the plan with work, its key rows converted into
+// `key` first. Inside a parallel region; the loop ends in a barrier.
+template <typename T, typename Visit>
+void for_each_split_task(const EncodeParams& p, const std::vector<Video>& videos,
+                         const SplitPlan& plan, acc_t<T>* key, Visit&& visit) {
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t task = 0; task < plan.tasks(p); ++task) {
+    const SplitTask st = split_task(p, videos, plan, task);
+    const Video& v = videos[st.video];
+    if (st.first >= st.last && !st.copy_key) continue;
+    load_key_block<T>(p, v, st, key);
+    visit(st, v);
+  }
+}
+
 // With spatial pooling the key tokens are bin means, whose bins cross the patch blocks: a loop
 // of their own. To be run inside a parallel region (no barrier after it).
 template <typename T>
@@ -173,12 +188,7 @@ void encode_fwd_mean(const EncodeParams& p, const std::vector<Video>& videos,
   {
     std::vector<Acc> key(kTaskPatches * C), part(kFrameTile * C), frame_sum(kFrameTile * C);
     if (p.spatial) spatial_key_tokens<T>(p, videos, part.data());
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < plan.tasks(p); ++task) {
-      const SplitTask st = split_task(p, videos, plan, task);
-      const Video& v = videos[st.video];
-      if (st.first >= st.last && !st.copy_key) continue;
-      load_key_block<T>(p, v, st, key.data());
+    for_each_split_task<T>(p, videos, plan, key.data(), [&](const SplitTask& st, const Video& v) {
       // Frames in fours: four streams from memory per core instead of one, and each key row
       // loaded once for all four. A frame's sum over the block (kPatchBlock patches apart, then
       // added up, which keeps the rounding error of long sums small) does not depend on how
@@ -213,7 +223,7 @@ void encode_fwd_mean(const EncodeParams& p, const std::vector<Video>& videos,
           add_row(sum, frame_sum.data() + f * C, C);
         }
       }
-    }
+    });
 #pragma omp for schedule(static)
     for (int64_t flat = 0; flat < starts.back(); ++flat) {
       const int64_t b = video_of_task(starts, flat), g = flat - starts[b];
@@ -308,12 +318,7 @@ void encode_fwd_attn(const EncodeParams& p, const std::vector<Video>& videos,
     std::vector<SoftmaxStateT<Acc>> state(H);
     const SoftmaxPartial<Acc> frame{state.data(), acc.data()};
     if (p.spatial) spatial_key_tokens<T>(p, videos, acc.data());
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < plan.tasks(p); ++task) {
-      const SplitTask st = split_task(p, videos, plan, task);
-      const Video& v = videos[st.video];
-      if (st.first >= st.last && !st.copy_key) continue;
-      load_key_block<T>(p, v, st, key.data());
+    for_each_split_task<T>(p, videos, plan, key.data(), [&](const SplitTask& st, const Video& v) {
       for (int64_t rank = st.first; rank < st.last; ++rank) {
         const int64_t t = nonkey_frame(rank, v.key), g = rank / p.frames_per_token;
         clear_partial(frame, H, C);
@@ -332,7 +337,7 @@ void encode_fwd_attn(const EncodeParams& p, const std::vector<Video>& videos,
         if (rank % p.frames_per_token == 0) clear_partial(group, H, C);
         merge_partial(group, frame, H, hc);
       }
-    }
+    });
 #pragma omp for schedule(static)
     for (int64_t flat = 0; flat < starts.back(); ++flat) {
       const int64_t b = video_of_task(starts, flat), g = flat - starts[b];
