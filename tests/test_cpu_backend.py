@@ -397,3 +397,39 @@ def test_exp_approx_within_two_ulp_of_exp(tmp_path, flags):
                                             check=True).stdout.split()
     assert float(worst_ulp) <= 2.0
     assert int(special_bad) == 0, "-inf and -1000 must give 0, NaN must stay NaN, 0 must give 1"
+
+
+_HUGE_PAGE_CHECK = textwrap.dedent("""
+    import torch
+    from vtok_kernels.backends import cpu
+    x = torch.randn(2, 8, 256, 1024)  # grad_x: 16 MiB, four or more whole 2 MiB pages
+    keys = torch.zeros(2, dtype=torch.int64)
+    sequence, lse = cpu.encode_fwd(x, keys, None, "mean", 1, 1, (), ())
+    grad_x, _ = cpu.encode_bwd(torch.randn(sequence.shape), x, keys, None, sequence, lse,
+                               "mean", 1, 1, (), ())
+    inside = grad_x.data_ptr() + grad_x.numel() * grad_x.element_size() // 2
+    mapping = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(v, 16) for v in head.split("-"))
+            mapping = start <= inside < end
+        elif head == "VmFlags:" and mapping:
+            print("hinted" if "hg" in line.split()[1:] else "not hinted")
+            break
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                    reason="needs Linux with transparent huge pages")
+@pytest.mark.parametrize("setting,expected", [(None, "hinted"), ("0", "not hinted")])
+def test_huge_page_hint_on_grad_x_and_its_switch(setting, expected):
+    env = dict(os.environ)
+    env.pop("VTOK_CPU_HUGE_PAGES", None)
+    if setting is not None:
+        env["VTOK_CPU_HUGE_PAGES"] = setting
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _HUGE_PAGE_CHECK], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == expected

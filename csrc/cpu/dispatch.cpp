@@ -52,6 +52,16 @@ Isa isa() {
   return chosen;
 }
 
+// VTOK_CPU_HUGE_PAGES=0 turns the hint below off: where THP defragments on demand
+// (defrag=madvise), a fault in a hinted range may wait for memory compaction.
+bool huge_pages_wanted() {
+  static const bool wanted = [] {
+    const char* value = std::getenv("VTOK_CPU_HUGE_PAGES");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return wanted;
+}
+
 // A fresh output from the allocator is a new mapping that faults in 4 KiB at a time on first
 // write; for outputs the size of x (grad_x, expand's frames) those faults cost more than the
 // kernel itself. Asking for transparent huge pages on the output (a hint; ignored where THP is
@@ -59,7 +69,7 @@ Isa isa() {
 void advise_huge_pages(void* data, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (data == nullptr || bytes < int64_t(4 * kHuge)) return;
+  if (data == nullptr || bytes < int64_t(4 * kHuge) || !huge_pages_wanted()) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);

@@ -1,7 +1,8 @@
 """The "cpu" backend: C++/OpenMP kernels of the compiled extension (csrc/cpu/).
 
 One pass over x per forward (online softmax for attn), the backward from the saved sequence and
-lse only, deterministic for any thread count. Threads: ``torch.get_num_threads()``.
+lse only, deterministic for any thread count. Threads: ``torch.get_num_threads()``. x-sized
+outputs get a transparent-huge-page hint unless ``VTOK_CPU_HUGE_PAGES=0``.
 """
 from __future__ import annotations
 
