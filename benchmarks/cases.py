@@ -57,6 +57,7 @@ PRESETS = {
     "clip": Preset("clip", (24, 24), 1024, "CLIP-L/336: 24x24 x 1024"),
     "siglip": Preset("siglip", (27, 27), 1152, "SigLIP-so400m/384: 27x27 x 1152"),
     "vae": Preset("vae", (32, 32), 16, "VAE latent (SD3/FLUX, 256 px): 32x32 x 16"),
+    "small": Preset("small", (14, 14), 256, "a small encoder: 14x14 x 256"),
     "tiny": Preset("tiny", (5, 3), 24, "tiny: 5x3 x 24 (tests of the suite itself)"),
 }
 
@@ -87,6 +88,19 @@ class Scale:
     round_budget_s: float = 2.0  # timed seconds per row, split into rounds
     min_rounds: int = 3
     max_rounds: int = 30
+    # Explicit (preset, batch, frames) shapes instead of presets x frames at `batch`; the
+    # compiled baselines then run at every shape.
+    shapes: tuple[tuple[str, int, int], ...] = ()
+    ops: tuple[str, ...] = OPS
+    num_heads: Optional[int] = None  # attention heads; None: the preset's (64 channels each)
+
+    def shape_list(self) -> list[tuple[str, int, int]]:
+        if self.shapes:
+            return list(self.shapes)
+        return [(preset, self.batch, frames) for preset in self.presets for frames in self.frames]
+
+    def compiled_at(self, frames: int) -> bool:
+        return bool(self.shapes) or frames == min(self.frames)
 
 
 SCALES = {
@@ -99,6 +113,12 @@ SCALES = {
                   round_budget_s=0.5, min_rounds=10, max_rounds=100),
     "tiny": Scale("tiny", 1, ("tiny",), (4,), torch.float32, round_budget_s=0.01, min_rounds=2,
                   max_rounds=3),
+    # The cpu backend's target shapes: encode with mean and 8-head attention pooling on 4 videos
+    # of 16 frames of a small encoder and 2 videos of 32 frames of CLIP-L, float32.
+    "cpu-large": Scale("cpu-large", 0, (), (), torch.float32,
+                       shapes=(("small", 4, 16), ("clip", 2, 32)),
+                       ops=("encode-mean", "encode-attn"), num_heads=8,
+                       compile_ops=("encode-mean", "encode-attn"), round_budget_s=1.5),
 }
 DEFAULT_SCALE = {"cpu": "cpu", "cuda": "gpu"}
 
@@ -113,6 +133,11 @@ class Case:
     batch: int
     dtype: torch.dtype
     device: str
+    heads: Optional[int] = None  # attention heads if not the preset's
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads or self.preset.num_heads
 
     @property
     def id(self) -> str:
@@ -143,7 +168,7 @@ class Case:
                                          self.preset.channels, e, backward=self.backward)
         shape = roofline.EncodeShape(
             self.video_frames, self.preset.num_patches, self.preset.channels, e, pool=self.pool,
-            num_heads=self.preset.num_heads if self.pool == "attn" else 1,
+            num_heads=self.num_heads if self.pool == "attn" else 1,
         )
         return roofline.encode_bytes(shape, backward=self.backward)
 
@@ -152,19 +177,18 @@ def cases(device: str, scale: Scale) -> list[Case]:
     """Every row of ``scale`` on ``device``, in the order they run."""
     impls = DEVICE_BACKENDS[device] + BASELINES
     rows = []
-    for preset in scale.presets:
-        for frames in scale.frames:
-            for op in OPS:
-                for mode in MODES:
-                    for impl in impls:
-                        if impl == "compile" and (frames != min(scale.frames) or op not in scale.compile_ops):
-                            continue
-                        if impl == "compile-naive" and (frames != min(scale.frames) or op not in scale.compile_naive_ops):
-                            continue
-                        if impl.endswith("naive") and op not in NAIVE_OPS:
-                            continue
-                        rows.append(Case(op, mode, impl, PRESETS[preset], frames, scale.batch,
-                                         scale.dtype, device))
+    for preset, batch, frames in scale.shape_list():
+        for op in scale.ops:
+            for mode in MODES:
+                for impl in impls:
+                    if impl == "compile" and not (scale.compiled_at(frames) and op in scale.compile_ops):
+                        continue
+                    if impl == "compile-naive" and not (scale.compiled_at(frames) and op in scale.compile_naive_ops):
+                        continue
+                    if impl.endswith("naive") and op not in NAIVE_OPS:
+                        continue
+                    rows.append(Case(op, mode, impl, PRESETS[preset], frames, batch, scale.dtype,
+                                     device, scale.num_heads))
     return rows
 
 
@@ -179,14 +203,13 @@ class Workload:
 
 def _reference_fn(case: Case) -> Callable:
     """The reference as a function of tensors only, so that torch.compile sees one signature."""
-    preset = case.preset
     if case.op == "expand":
         T = case.frames
         return lambda key_tokens, residual_tokens: reference.expand(key_tokens, residual_tokens, 0, T)
     if case.op == "encode_varlen":
         return lambda x, cu_frames: reference.encode_varlen(x, cu_frames, 0, pool="mean")[0]
     if case.pool == "attn":
-        heads = preset.num_heads
+        heads = case.num_heads
         return lambda x, query: reference.encode(x, 0, pool="attn", query=query, num_heads=heads)
     return lambda x: reference.encode(x, 0, pool="mean")
 
@@ -210,20 +233,20 @@ def naive_encode(x: torch.Tensor, query: Optional[torch.Tensor], pool: str, num_
 
 def _naive_fn(case: Case) -> Callable:
     if case.pool == "attn":
-        heads = case.preset.num_heads
+        heads = case.num_heads
         return lambda x, query: naive_encode(x, query, "attn", heads)
     return lambda x: naive_encode(x, None, "mean", 1)
 
 
 def _backend_fn(case: Case) -> Callable:
-    preset, name = case.preset, case.impl
+    name = case.impl
     if case.op == "expand":
         T = case.frames
         return lambda key_tokens, residual_tokens: vk.expand(key_tokens, residual_tokens, 0, T, backend=name)
     if case.op == "encode_varlen":
         return lambda x, cu_frames: vk.encode_varlen(x, cu_frames, 0, pool="mean", backend=name).sequence
     if case.pool == "attn":
-        heads = preset.num_heads
+        heads = case.num_heads
         return lambda x, query: vk.encode(x, 0, pool="attn", query=query, num_heads=heads,
                                           backend=name).sequence
     return lambda x: vk.encode(x, 0, pool="mean", backend=name).sequence

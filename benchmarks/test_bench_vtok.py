@@ -5,6 +5,9 @@ Commands (from the repository root)::
     # the CPU rows: 72, one video of 16 frames of CLIP and SigLIP, float32 (100 s on an idle
     # 2-core machine, 6 minutes at a load average of 6)
     pytest benchmarks/ --benchmark-only -m "not gpu" --benchmark-json=bench-cpu.json
+    # the cpu backend's target shapes: 4 x 16 frames of 14x14x256 and 2 x 32 frames of CLIP-L,
+    # encode with mean and 8-head attention pooling, float32 (48 rows, about 3 minutes)
+    pytest benchmarks/ --benchmark-only -m "not gpu" --bench-scale cpu-large --benchmark-json=bench-cpu-large.json
     # the GPU rows: 264, 8 videos x 16/32/64 frames of CLIP, SigLIP and a VAE latent, bfloat16
     # (benchmarks/gpu_proof.sh OUTDIR bench selects them with -k gpu)
     pytest benchmarks/ --benchmark-only -m gpu --benchmark-json=OUTDIR/bench.json
@@ -102,7 +105,7 @@ def test_bench(benchmark, case: cases.Case, request):
         "preset_description": case.preset.description,
         "grid": list(case.preset.grid),
         "channels": case.preset.channels,
-        "num_heads": case.preset.num_heads if case.pool == "attn" else 1,
+        "num_heads": case.num_heads if case.pool == "attn" else 1,
         "batch": case.batch,
         "frames": case.frames,
         "video_frames": list(case.video_frames),

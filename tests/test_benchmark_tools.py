@@ -271,6 +271,35 @@ def test_scales_keep_the_slow_baselines_where_they_are_affordable():
         roofline.EncodeShape((32, 16) * 4, varlen.preset.num_patches, varlen.preset.channels, 2))
 
 
+def test_cpu_large_scale_holds_the_cpu_backend_targets():
+    rows = cases.cases("cpu", cases.SCALES["cpu-large"])
+    assert {(c.preset.grid, c.preset.channels, c.batch, c.frames) for c in rows} == {
+        ((14, 14), 256, 4, 16), ((24, 24), 1024, 2, 32)}
+    assert {c.op for c in rows} == {"encode-mean", "encode-attn"}
+    assert {c.num_heads for c in rows if c.pool == "attn"} == {8}
+    # the compiled reference at every shape, next to eager, in both passes
+    for impl in ("compile", "reference", "cpu"):
+        assert {(c.frames, c.mode) for c in rows if c.impl == impl} == {
+            (16, "fwd"), (16, "fwd+bwd"), (32, "fwd"), (32, "fwd+bwd")}
+    attn = next(c for c in rows if c.pool == "attn" and c.frames == 32 and c.mode == "fwd")
+    assert attn.bytes_moved() == roofline.encode_bytes(
+        roofline.EncodeShape((32, 32), 576, 1024, 4, pool="attn", num_heads=8))
+    default_ids = {c.id for c in cases.cases("cpu", cases.SCALES["cpu"])}
+    assert not default_ids & {c.id for c in rows}
+
+
+def test_records_of_another_scale_get_their_own_file_and_table(tmp_path):
+    data = _sample_json()
+    data["machine_info"]["vtok"]["scale"] = {"cpu": "cpu-large", "cuda": "gpu"}
+    large = next(r for r in records.records_from_benchmark_json(data) if r["device"]["kind"] == "cpu")
+    default = next(r for r in records.records_from_benchmark_json(_sample_json()) if r["device"]["kind"] == "cpu")
+    assert records.record_stem(large) == "cpu-intel-xeon-processor-2t-2026-11-25-cpu-large"
+    assert records.record_stem(default) == "cpu-intel-xeon-processor-2t-2026-11-25"
+    table = records.readme_table([default, large])
+    assert "### Intel(R) Xeon(R) Processor (2 threads)\n" in table
+    assert "### Intel(R) Xeon(R) Processor (2 threads), scale `cpu-large`" in table
+
+
 def test_suite_runs_end_to_end(tmp_path):
     """A few rows of the suite at the tiny scale, then the records script on its JSON."""
     out = tmp_path / "bench.json"
