@@ -118,7 +118,8 @@ SCALES = {
     "cpu-large": Scale("cpu-large", 0, (), (), torch.float32,
                        shapes=(("small", 4, 16), ("clip", 2, 32)),
                        ops=("encode-mean", "encode-attn"), num_heads=8,
-                       compile_ops=("encode-mean", "encode-attn"), round_budget_s=1.5),
+                       compile_ops=("encode-mean", "encode-attn"), round_budget_s=1.5,
+                       min_rounds=10),
 }
 DEFAULT_SCALE = {"cpu": "cpu", "cuda": "gpu"}
 
