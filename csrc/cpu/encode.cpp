@@ -536,7 +536,7 @@ void encode_bwd_attn(const EncodeBwdParams& bp, const std::vector<Video>& videos
     }
   }
 
-  const int64_t blocks = (N + kPatchBlock - 1) / kPatchBlock;
+  const int64_t blocks = ceil_div(N, kPatchBlock);
   const int64_t tasks = p.batch * blocks;
   std::vector<Acc> grad_query_parts(tasks * C);
   // The residual tokens' gradients in the accumulation type, for every task: converted once

@@ -50,7 +50,7 @@ void expand_bwd_impl(const ExpandBwdParams& p, int num_threads) {
   const T* grad_frames = static_cast<const T*>(p.grad_frames);
   T* grad_key = static_cast<T*>(p.grad_key_tokens);
   T* grad_res = static_cast<T*>(p.grad_residual_tokens);
-  const int64_t blocks = (N + kPatchBlock - 1) / kPatchBlock;
+  const int64_t blocks = ceil_div(N, kPatchBlock);
   const int64_t key_tasks = p.batch * blocks;
 #pragma omp parallel num_threads(num_threads)
   {
