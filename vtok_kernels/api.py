@@ -34,7 +34,7 @@ class EncodeVarlenOutput(NamedTuple):
     sequence: Tensor  # [sum_b S + G_b, C]
     cu_tokens: Tensor  # [B+1] int64 offsets, as FlashAttention's cu_seqlens
     num_key_tokens: int  # S
-    max_tokens: int  # max_b S + G_b, as FlashAttention's max_seqlen
+    max_tokens: int  # max_b S + G_b (S + G of max_frames when given), as FlashAttention's max_seqlen
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -118,16 +118,36 @@ def _check_pool(pool, query, num_heads, x: Tensor) -> Optional[Tensor]:
     return query.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
 
 
-def _key_tensor(key_index, num_frames: Union[int, Sequence[int]], batch: int, device: torch.device) -> Tensor:
+def _assert_on_device(ok: Tensor, message: str) -> None:
+    """A value check with no host read: a device-side assert, queued before the kernel on the
+    same stream, so a failed check never lets the kernel write out of bounds. The CPU runs it at
+    once; eager, its RuntimeError becomes the ValueError every other bad value gets.
+
+    ``message`` must be a constant: under torch.compile a size formatted into it may be symbolic,
+    and a string made from a symbolic size is a graph break.
+    """
+    if ok.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+        return
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
+def _key_tensor(key_index, num_frames: Union[int, Sequence[int], Tensor], batch: int, device: torch.device) -> Tensor:
     """Checks key_index against every video's frame count; returns int64 [B] in [0, T_b).
 
     ``num_frames`` is one T for a batch (it may be symbolic under torch.compile: nothing here
-    specialises on T or B) or a host list of T_b for varlen. An int key is checked on the host,
-    with no device synchronisation; a tensor key has to be read to be checked, except under
-    torch.compile or CUDA-graph capture, where the check is a device-side assert instead.
+    specialises on T or B), a host list of T_b for varlen, or an int64 tensor [B] of T_b on the
+    device for varlen with the sizes given. An int key against host counts is checked on the
+    host, with no device synchronisation. Otherwise the check runs on the device and its result
+    is read back for a clear ValueError, except against device counts, under torch.compile or
+    under CUDA-graph capture, where it is a device-side assert instead.
     """
-    uniform = not isinstance(num_frames, (list, tuple))
-    if _is_int(key_index):
+    counts_on_device = isinstance(num_frames, Tensor)
+    uniform = not counts_on_device and not isinstance(num_frames, (list, tuple))
+    if _is_int(key_index) and not counts_on_device:
         for b, t in enumerate([num_frames] if uniform else num_frames):
             if not -t <= key_index < t:
                 video = "every video" if uniform else f"video {b}"
@@ -139,6 +159,28 @@ def _key_tensor(key_index, num_frames: Union[int, Sequence[int]], batch: int, de
             return torch.full((batch,), key, dtype=torch.int64, device=device)
         keys = [key_index + t if key_index < 0 else key_index for t in num_frames]
         return torch.tensor(keys, dtype=torch.int64, device=device)
+    if _is_int(key_index):
+        keys = torch.full((batch,), key_index, dtype=torch.int64, device=device)
+    else:
+        keys = _check_key_tensor(key_index, batch, device)
+    if counts_on_device:
+        lengths = num_frames
+    elif uniform:
+        lengths = torch.full((batch,), num_frames, dtype=torch.int64, device=device)
+    else:
+        lengths = torch.tensor(list(num_frames), dtype=torch.int64, device=device)
+    out_of_range = (keys < -lengths) | (keys >= lengths)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if counts_on_device or torch.compiler.is_compiling() or capturing:
+        _assert_on_device(~out_of_range.any(), "key_index: out of range [-T_b, T_b) for a video b of T_b frames")
+    elif bool(out_of_range.any()):
+        b = int(out_of_range.nonzero()[0, 0])
+        t = int(lengths[b])
+        raise ValueError(f"key_index: {int(keys[b])} is out of range [-{t}, {t}) for video {b} of {t} frames")
+    return torch.where(keys < 0, keys + lengths, keys).contiguous()
+
+
+def _check_key_tensor(key_index, batch: int, device: torch.device) -> Tensor:
     if not isinstance(key_index, Tensor):
         raise TypeError(f"key_index: expected an int or an integer tensor, got {type(key_index).__name__}")
     if key_index.dtype.is_floating_point or key_index.dtype.is_complex or key_index.dtype == torch.bool:
@@ -147,20 +189,7 @@ def _key_tensor(key_index, num_frames: Union[int, Sequence[int]], batch: int, de
         raise ValueError(f"key_index: expected an int or a tensor of shape [B] = [{batch}], got {tuple(key_index.shape)}")
     if key_index.device != device:
         raise ValueError(f"key_index: expected device {device} (x's), got {key_index.device}")
-    keys = key_index.to(torch.int64).expand(batch)
-    if uniform:
-        lengths = torch.full((batch,), num_frames, dtype=torch.int64, device=device)
-    else:
-        lengths = torch.tensor(list(num_frames), dtype=torch.int64, device=device)
-    out_of_range = (keys < -lengths) | (keys >= lengths)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or capturing:
-        torch._assert_async(~out_of_range.any(), "key_index out of range")
-    elif bool(out_of_range.any()):
-        b = int(out_of_range.nonzero()[0, 0])
-        t = int(lengths[b])
-        raise ValueError(f"key_index: {int(keys[b])} is out of range [-{t}, {t}) for video {b} of {t} frames")
-    return torch.where(keys < 0, keys + lengths, keys).contiguous()
+    return key_index.to(torch.int64).expand(batch)
 
 
 # ----------------------------------------------------------------------------------- backend
@@ -230,7 +259,18 @@ def encode(
     return EncodeOutput(sequence, sequence[:, :S], sequence[:, S:])
 
 
-def _check_cu_frames(cu_frames, num_frames: int, device: torch.device) -> Tensor:
+_CU_START = "cu_frames: must start at 0"
+_CU_END = "cu_frames: must end at the number of packed frames F"
+_CU_INCREASING = "cu_frames: must be strictly increasing (every video needs at least one frame)"
+
+
+def _check_cu_frames(cu_frames, num_frames: int, device: torch.device,
+                     on_device: bool) -> tuple[Tensor, Union[list[int], Tensor]]:
+    """Returns the offsets as int64 [B+1] and the frame count T_b of every video.
+
+    The counts are a host list, or with ``on_device`` an int64 tensor [B] whose checks are
+    device-side asserts: validating the offsets on the host needs their values, a sync.
+    """
     if not isinstance(cu_frames, Tensor):
         raise TypeError(f"cu_frames: expected an int32 or int64 tensor of shape [B+1], got {type(cu_frames).__name__}")
     if cu_frames.dtype not in (torch.int32, torch.int64):
@@ -239,15 +279,42 @@ def _check_cu_frames(cu_frames, num_frames: int, device: torch.device) -> Tensor
         raise ValueError(f"cu_frames: expected shape [B+1] with B >= 1, got {tuple(cu_frames.shape)}")
     if cu_frames.device != device:
         raise ValueError(f"cu_frames: expected device {device} (x's), got {cu_frames.device}")
-    offsets = cu_frames.to(torch.int64)
-    host = offsets.tolist()  # a few integers: validating them needs their values
+    offsets = cu_frames.to(torch.int64).contiguous()
+    if on_device:
+        lengths = offsets.diff()
+        _assert_on_device(offsets[0] == 0, _CU_START)
+        _assert_on_device(offsets[-1] == num_frames, f"{_CU_END} = x.shape[0]")
+        _assert_on_device((lengths > 0).all(), _CU_INCREASING)
+        return offsets, lengths
+    host = offsets.tolist()
     if host[0] != 0:
-        raise ValueError(f"cu_frames: must start at 0, got {host[0]}")
+        raise ValueError(f"{_CU_START}, got {host[0]}")
     if host[-1] != num_frames:
-        raise ValueError(f"cu_frames: must end at the number of packed frames F = {num_frames}, got {host[-1]}")
-    if any(b <= a for a, b in zip(host[:-1], host[1:])):
-        raise ValueError("cu_frames: must be strictly increasing (every video needs at least one frame)")
-    return offsets.contiguous()
+        raise ValueError(f"{_CU_END} = {num_frames}, got {host[-1]}")
+    lengths = [b - a for a, b in zip(host[:-1], host[1:])]
+    if any(t <= 0 for t in lengths):
+        raise ValueError(_CU_INCREASING)
+    return offsets, lengths
+
+
+def _check_sizes(max_frames, total_tokens) -> bool:
+    """True when the caller gave both varlen sizes (the sync-free path), False for neither."""
+    if max_frames is None and total_tokens is None:
+        return False
+    if total_tokens is None:
+        raise ValueError("total_tokens: needed together with max_frames (pass both sizes, or neither)")
+    if max_frames is None:
+        raise ValueError("max_frames: needed together with total_tokens (pass both sizes, or neither)")
+    _check_positive_int(max_frames, "max_frames")
+    _check_positive_int(total_tokens, "total_tokens")
+    return True
+
+
+def _cu_tokens(offsets: Tensor, num_key_tokens: int, frames_per_token: int) -> Tensor:
+    """[0, cumsum(S + G_b)] on the offsets' device, G_b = ceil((T_b - 1) / frames_per_token)."""
+    non_key = (offsets.diff() - 1).clamp_min(0)
+    groups = torch.div(non_key + (frames_per_token - 1), frames_per_token, rounding_mode="floor")
+    return torch.nn.functional.pad((groups + num_key_tokens).cumsum(0), (1, 0))
 
 
 def encode_varlen(
@@ -261,35 +328,50 @@ def encode_varlen(
     spatial: Optional[tuple[int, int]] = None,
     grid: Optional[tuple[int, int]] = None,
     backend: str = "auto",
+    max_frames: Optional[int] = None,
+    total_tokens: Optional[int] = None,
 ) -> EncodeVarlenOutput:
     """Tokenize videos of different lengths packed along one frame dimension.
 
     x: [F, N, C] or [F, H, W, C]; cu_frames: [B+1] int32/int64 offsets (video b owns frames
     cu_frames[b]:cu_frames[b+1]); key_index relative to each video. Other options as ``encode``.
-    Returns EncodeVarlenOutput(sequence [L, C], cu_tokens [B+1], num_key_tokens, max_tokens).
+
+    max_frames (at least the frame count of the longest video) and total_tokens (the rows of the
+    output, sum_b S + G_b), as FlashAttention's max_seqlen: pass both, or neither. Without them
+    cu_frames is read back to the host to check it and size the output, a device sync. With them
+    nothing is read back, so the call can be captured in a CUDA graph or compiled without a graph
+    break: every check of cu_frames, key_index and the two sizes is a device-side assert (on the
+    CPU a ValueError at once, a RuntimeError under torch.compile).
+
+    Returns EncodeVarlenOutput(sequence [L, C], cu_tokens [B+1], num_key_tokens, max_tokens);
+    max_tokens is S + G of the longest video, or of max_frames when the sizes are given.
     """
     _check_features(x, "x", (3, 4), "of shape [F, N, C] or [F, H, W, C]")
     q = _check_pool(pool, query, num_heads, x)
     _check_positive_int(frames_per_token, "frames_per_token")
+    sized = _check_sizes(max_frames, total_tokens)
     name = _select_backend(backend, x.device, x.dtype, "encode_varlen")
     x, grid_from_shape = _prepare_features(x, 1)
     F, N, C = x.shape
     spatial_list, grid_list = _check_grid_and_spatial(N, grid, spatial, grid_from_shape)
-    offsets = _check_cu_frames(cu_frames, F, x.device)
-    host = offsets.tolist()
-    lengths = [b - a for a, b in zip(host[:-1], host[1:])]
-    keys = _key_tensor(key_index, lengths, len(lengths), x.device)
     S = spatial_list[0] * spatial_list[1] if spatial_list else N
-    tokens_per_video = [S + num_groups(t, frames_per_token) for t in lengths]
-    cu_host = [0]
-    for n in tokens_per_video:
-        cu_host.append(cu_host[-1] + n)
-    cu_tokens = torch.tensor(cu_host, dtype=torch.int64, device=x.device)
+    offsets, lengths = _check_cu_frames(cu_frames, F, x.device, on_device=sized)
+    keys = _key_tensor(key_index, lengths, offsets.shape[0] - 1, x.device)
+    cu_tokens = _cu_tokens(offsets, S, frames_per_token)
+    if sized:
+        _assert_on_device(lengths.max() <= max_frames,
+                          "max_frames: must be at least the frame count of the longest video in cu_frames")
+        _assert_on_device(cu_tokens[-1] == total_tokens,
+                          "total_tokens: must equal the output rows sum_b (S + G_b) of cu_frames, "
+                          "G_b = ceil((T_b - 1) / frames_per_token)")
+    else:
+        max_frames = max(lengths)
+        total_tokens = sum(S + num_groups(t, frames_per_token) for t in lengths)
     sequence, _ = ops.encode_varlen(
         x, offsets, cu_tokens, keys, q, pool, num_heads, frames_per_token, spatial_list, grid_list,
-        max(lengths), cu_host[-1], name,
+        max_frames, total_tokens, name,
     )
-    return EncodeVarlenOutput(sequence, cu_tokens, S, max(tokens_per_video))
+    return EncodeVarlenOutput(sequence, cu_tokens, S, S + num_groups(max_frames, frames_per_token))
 
 
 def expand(

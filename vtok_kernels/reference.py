@@ -28,9 +28,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def num_groups(num_frames: int, frames_per_token: int) -> int:
     """G = ceil((T - 1) / frames_per_token): one residual token per group of non-key frames."""
-    return max(num_frames - 1, 0) // frames_per_token + (
-        1 if max(num_frames - 1, 0) % frames_per_token else 0
-    )
+    # Ceil as a negated floor division: no branch, so a symbolic T under torch.compile adds no
+    # guard on its remainder (a recompile per remainder otherwise).
+    return -(-max(num_frames - 1, 0) // frames_per_token)
 
 
 def normalize_keys(key_index: KeyIndex, num_frames: Sequence[int]) -> list[int]:
