@@ -132,6 +132,24 @@ def test_packed_matches_batched_per_video(backend, key):
         assert_close(p.grad, r.grad, torch.float32, f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_packed_with_sizes_matches_packed_without(backend):
+    """max_frames / total_tokens (the no-sync path of encode_varlen) change nothing but the sync."""
+    device = backend_device(backend)
+    module = _randomize(VTokEncoder(12, 8, pool="attn", num_heads=2, frames_per_token=2, backend=backend),
+                        seed=3).to(device)
+    lengths = [4, 1, 5]
+    frames = torch.randn(sum(lengths), 6, 12, device=device)
+    cu_frames = torch.tensor([0, 4, 5, 10], device=device)
+    plain = module(frames, cu_frames, key_index=-1)
+    total = sum(module.num_tokens(t, 6) for t in lengths)
+    sized = module(frames, cu_frames, key_index=-1, max_frames=5, total_tokens=total)
+    assert torch.equal(sized.sequence, plain.sequence) and torch.equal(sized.cu_tokens, plain.cu_tokens)
+    if device == "cpu":  # on a GPU a wrong size is a device-side assert, fatal to the process
+        with pytest.raises(ValueError, match="total_tokens"):
+            module(frames, cu_frames, key_index=-1, max_frames=5, total_tokens=total + 1)
+
+
 def test_state_dict_round_trip():
     source = _randomize(VTokEncoder(12, 8, pool="attn", num_heads=3, key_projection="mlp"), seed=3)
     target = VTokEncoder(12, 8, pool="attn", num_heads=3, key_projection="mlp")

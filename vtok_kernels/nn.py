@@ -166,6 +166,8 @@ class VTokEncoder(nn.Module):
         x: Tensor,
         cu_frames: Optional[Tensor] = None,
         key_index: Union[None, int, str, Tensor] = None,
+        max_frames: Optional[int] = None,
+        total_tokens: Optional[int] = None,
     ) -> Union[Tensor, EncodeVarlenOutput]:
         """Tokens for a language model.
 
@@ -178,7 +180,9 @@ class VTokEncoder(nn.Module):
         G_b residual tokens, ready for a varlen attention kernel.
 
         key_index overrides the module's default for this call: an int, an int tensor [B], or a
-        method of :func:`vtok_kernels.select_key_frames`.
+        method of :func:`vtok_kernels.select_key_frames`. With packed videos, ``max_frames`` and
+        ``total_tokens`` (see :func:`vtok_kernels.encode_varlen`) spare the host sync that sizes
+        the output.
         """
         if isinstance(x, Tensor) and x.dim() > 0 and x.shape[-1] != self.in_dim:
             raise ValueError(f"x: expected {self.in_dim} channels (in_dim) in the last dim, got shape {tuple(x.shape)}")
@@ -198,7 +202,8 @@ class VTokEncoder(nn.Module):
             keys = self._project_keys(tokens.key_tokens)
             residuals = self._project_residuals(tokens.residual_tokens)
             return torch.cat([keys, residuals.to(keys.dtype)], dim=1)
-        packed = api.encode_varlen(x, cu_frames, key, **options)
+        packed = api.encode_varlen(x, cu_frames, key, max_frames=max_frames, total_tokens=total_tokens,
+                                   **options)
         return EncodeVarlenOutput(self._project_packed(packed), packed.cu_tokens,
                                   packed.num_key_tokens, packed.max_tokens)
 
