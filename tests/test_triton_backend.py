@@ -110,6 +110,40 @@ def test_config_pruning_keeps_registers_bounded():
     assert configs.pruner("stream")(configs.STREAM_CONFIGS, {}) == configs.STREAM_CONFIGS
 
 
+def test_autotune_off_launches_the_default_config_without_benchmarking(monkeypatch):
+    """VTOK_TRITON_AUTOTUNE=0: the first config that fits the head, and the autotuner (which
+    compiles and benchmarks every config) never runs."""
+    configs, _, _ = _triton_modules()
+    from vtok_kernels.backends.triton import launch as launch_module
+
+    monkeypatch.setattr(configs, "active", lambda kind: configs.CONFIG_LISTS[kind])
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, kwargs))
+
+    class Tuner:
+        def __getitem__(self, grid):
+            raise AssertionError("the autotuner ran with VTOK_TRITON_AUTOTUNE=0")
+
+    grid = lambda meta: (meta["BLOCK_N"],)  # noqa: E731
+    monkeypatch.setenv("VTOK_TRITON_AUTOTUNE", "0")
+    for kind, block_d in (("stream", None), ("attn_fwd", 256), ("attn_bwd", 256), ("attn_bwd", 16)):
+        extra = {"BLOCK_D": block_d} if block_d else {}
+        meta = launch_module.launch(Kernel(), Tuner(), kind, grid, **extra)
+        expected = configs.default(kind, block_d)
+        assert configs.fits(kind, expected, block_d or 0) or kind == "stream"
+        assert meta == dict(expected.kwargs)
+        assert launched[-1][0] == (expected.kwargs["BLOCK_N"],)
+        assert launched[-1][1]["num_warps"] == expected.num_warps
+    # a wide head rules out the default of the list: the first config that fits is taken
+    assert configs.default("attn_bwd", 256) != configs.CONFIG_LISTS["attn_bwd"][0]
+    monkeypatch.setenv("VTOK_TRITON_AUTOTUNE", "1")
+    with pytest.raises(AssertionError, match="autotuner ran"):
+        launch_module.launch(Kernel(), Tuner(), "stream", grid)
+
+
 # --------------------------------------------------------------------------------------------
 # Strided inputs: batch, frame and patch dimensions are read in place.
 

@@ -5,11 +5,15 @@ On a GPU every kernel is autotuned over its list, keyed on (N, C, num_heads); un
 the masking (N and C not multiples of the block) so CI stays fast.
 
 The first config of each list is its *default*: compile-check fails when a default spills.
+``VTOK_TRITON_AUTOTUNE=0`` runs the default (the first that fits the head) everywhere, with no
+benchmarking: the GPU proof's correctness checks use it, so that hundreds of new shapes cost one
+compile each instead of a compile and a benchmark per config.
 The choice of lists follows ``benchmarks/results/compile-check-*.txt``: no config there spills.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Optional
 
 import triton
@@ -103,6 +107,18 @@ def pruner(kind: str):
         return chosen or config_list[:1]
 
     return prune
+
+
+def autotuning() -> bool:
+    """False when ``VTOK_TRITON_AUTOTUNE=0``: every launch takes its default config (the first
+    that fits) without benchmarking: no compile of the other configs, no device sync on a new
+    shape, and the same config, hence the same bits, in every process."""
+    return os.environ.get("VTOK_TRITON_AUTOTUNE", "1") not in ("0", "false", "no")
+
+
+def default(kind: str, block_d: Optional[int]) -> triton.Config:
+    """The config a ``kind`` kernel runs when autotuning is off."""
+    return usable(kind, block_d)[0] if block_d is not None else active(kind)[0]
 
 
 def active(kind: str) -> list[triton.Config]:

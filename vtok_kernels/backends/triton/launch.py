@@ -19,6 +19,8 @@ def launch(kernel, tuner, kind: str, grid: Callable[[dict], tuple], *args, **kwa
     """Runs ``kernel`` through its autotuner (or the pinned config) and returns the config's
     meta-parameters, which callers need when a buffer's layout depends on the block shape."""
     config = configs.pinned(kind)
+    if config is None and not configs.autotuning():
+        config = configs.default(kind, kwargs.get("BLOCK_D"))
     if config is None:
         tuner[grid](*args, **kwargs)
         config = tuner.best_config
