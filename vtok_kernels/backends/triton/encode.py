@@ -33,6 +33,23 @@ from vtok_kernels.backends.triton import configs
 from vtok_kernels.backends.triton.launch import autotuned, launch
 
 
+def on_input_device(op):
+    """Runs a backend op with its tensors' CUDA device current (the API puts them all on one).
+    Triton launches on the current device whatever the tensors' device, and a tensor on another
+    GPU is an illegal address there; the cuda backend guards its launches the same way."""
+
+    @functools.wraps(op)
+    def guarded(*args, **kwargs):
+        device = next((a.device for a in (*args, *kwargs.values())
+                       if isinstance(a, torch.Tensor)), None)
+        if device is None or device.type != "cuda":
+            return op(*args, **kwargs)
+        with torch.cuda.device(device):
+            return op(*args, **kwargs)
+
+    return guarded
+
+
 @triton.jit
 def _video_layout(video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN,
                   IS_VARLEN: tl.constexpr):
@@ -40,7 +57,8 @@ def _video_layout(video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_
     if IS_VARLEN:
         frame0 = tl.load(cu_frames_ptr + video).to(tl.int64)
         num_frames = tl.load(cu_frames_ptr + video + 1) - frame0
-        token0 = tl.load(cu_tokens_ptr + video)
+        # 64-bit whatever cu_tokens' dtype: token0 * C passes 2**31 in a long packed sequence.
+        token0 = tl.load(cu_tokens_ptr + video).to(tl.int64)
         group0 = token0 - video * S
     else:
         frame0 = video.to(tl.int64) * 0
@@ -66,6 +84,21 @@ def _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN: tl.constexpr, BLOCK_D: tl.cons
 
 
 @triton.jit
+def _x_tile(x_frame, rows, chans, ROW_POINTERS: tl.constexpr):
+    """Pointers of a tile of x: its frame's base pointer, plus the 64-bit offsets of its patch
+    rows, plus the 32-bit offsets of its channels (within a row, so small). Both forms give the
+    same addresses; ptxas allocates them differently (compile-check). Channels added to row
+    pointers keep the attention forward at head blocks >= 128 at or below its registers with
+    32-bit tiles (per-element 64-bit offsets take 35 more at 256 channels on sm_90);
+    per-element 64-bit offsets keep the mean forward (float32, sm_90), the attention forward at
+    64 channels (sm_80) and the attention backward (sm_80) from spilling."""
+    if ROW_POINTERS:
+        return (x_frame + rows)[:, None] + chans[None, :]
+    else:
+        return x_frame + (rows[:, None] + chans[None, :])
+
+
+@triton.jit
 def encode_fwd_kernel(
     x_ptr, key_ptr, query_ptr, cu_frames_ptr, cu_tokens_ptr,
     seq_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
@@ -86,6 +119,8 @@ def encode_fwd_kernel(
         # The 1/sqrt(head size) is folded into the query once instead of into every score.
         q = tl.load(query_ptr + c0 + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
     lane0 = offs_d == 0
+    # The form of x's tile pointers that ptxas allocates best here (see _x_tile).
+    ROW_POINTERS: tl.constexpr = POOL_ATTN and BLOCK_D >= 128
 
     # A program walks patch blocks split, split + num_splits, ...: few enough programs that
     # the per-group partials (one row per program, merged in place) stay small next to x.
@@ -93,10 +128,11 @@ def encode_fwd_kernel(
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask = mask_n[:, None] & mask_d[None, :]
-        # Offsets inside one frame stay 32-bit (a frame is far below 2**31 elements); the
-        # frame's base pointer carries the 64-bit part. Halves the registers of the addresses.
-        tile = offs_n[:, None] * stride_xn + (c0 + offs_d)[None, :]
-        key_tile = tl.load(x_video + key * stride_xt + tile, mask=mask, other=0.0).to(tl.float32)
+        # 64-bit: a view's patch stride is unbounded (in a patch-major buffer, N * stride_xn
+        # passes 2**31).
+        rows = offs_n.to(tl.int64) * stride_xn
+        key_tile = tl.load(_x_tile(x_video + key * stride_xt, rows, c0 + offs_d, ROW_POINTERS),
+                           mask=mask, other=0.0).to(tl.float32)
         if WRITE_KEY:
             tl.store(seq_ptr + token0 * C + offs_n[:, None] * C + (c0 + offs_d)[None, :],
                      key_tile.to(seq_ptr.dtype.element_ty), mask=mask)
@@ -112,8 +148,10 @@ def encode_fwd_kernel(
             run_max = tl.full([BLOCK_D], float("-inf"), tl.float32)
             run_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
             for rank in range(first, last):
-                frame = tl.where(rank < key, rank, rank + 1)
-                x_tile = tl.load(x_video + frame * stride_xt + tile, mask=mask, other=0.0)
+                # 64-bit: frame * stride_xt passes 2**31 in a time-major buffer of a few frames.
+                frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
+                x_ptrs = _x_tile(x_video + frame * stride_xt, rows, c0 + offs_d, ROW_POINTERS)
+                x_tile = tl.load(x_ptrs, mask=mask, other=0.0)
                 residual = x_tile.to(tl.float32) - key_tile
                 if POOL_ATTN:
                     score = tl.sum(residual * q[None, :], axis=1)
@@ -173,6 +211,8 @@ def combine_kernel(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = (offs_c < C) & ((offs_c * 0 + g) < num_groups)
+    # row is 64-bit (group0 is). p * NUM_ROWS stays 32-bit: it is below the partials' row
+    # count, splits x B x G with splits <= cdiv(N, BLOCK_N), far fewer than x's B x T x N rows.
     row = group0 + g
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     if POOL_ATTN:
@@ -278,12 +318,14 @@ def encode_bwd_kernel(
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask = mask_n[:, None] & mask_d[None, :]
+        # 32-bit: grad_x is contiguous, so a tile stays within one frame's N * C elements.
         grad_tile = offs_n[:, None] * C + chans[None, :]
-        x_tile_offs = offs_n[:, None] * stride_xn + chans[None, :]
+        # 64-bit: x's patch stride is unbounded (see the forward).
+        rows = offs_n.to(tl.int64) * stride_xn
         merge = (offs_d * 0 + block) > split
         grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         if POOL_ATTN:
-            key_tile = tl.load(x_video + key * stride_xt + x_tile_offs, mask=mask,
+            key_tile = tl.load(_x_tile(x_video + key * stride_xt, rows, chans, False), mask=mask,
                                other=0.0).to(tl.float32)
 
         for g in range(0, num_groups):
@@ -303,9 +345,12 @@ def encode_bwd_kernel(
                 r_part = tl.zeros([BLOCK_D], dtype=tl.float32)
                 delta_part = tl.zeros([BLOCK_D], dtype=tl.float32)
                 for rank in range(first, last):
-                    frame = tl.where(rank < key, rank, rank + 1)
-                    x_tile = tl.load(x_video + frame * stride_xt + x_tile_offs, mask=mask,
-                                     other=0.0)
+                    # 64-bit: frame * stride_xt (strided x) and frame * N * C (a long video's
+                    # grad_x) pass 2**31. Not spelled with tl.where as in the forward: that takes
+                    # 31 more registers at 256 channels on sm_90 and spills at 64 on sm_80.
+                    frame = rank + (rank >= key).to(tl.int64)
+                    x_tile = tl.load(_x_tile(x_video + frame * stride_xt, rows, chans, False),
+                                     mask=mask, other=0.0)
                     residual = x_tile.to(tl.float32) - key_tile
                     prob = tl.exp(tl.sum(residual * q[None, :], axis=1) - lse)
                     prob = tl.where(mask_n, prob, 0.0)
@@ -337,7 +382,8 @@ def encode_bwd_kernel(
                 grad_tile_value = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                                    + grad_residual[None, :])
                 for rank in range(first, last):
-                    frame = tl.where(rank < key, rank, rank + 1)
+                    # 64-bit: frame * N * C passes 2**31 in a video of more than 2**31 elements.
+                    frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
                     tl.store(grad_video + frame * N * C + grad_tile,
                              grad_tile_value.to(grad_x_ptr.dtype.element_ty), mask=mask)
                 grad_key -= grad_tile_value * count.to(tl.float32)
@@ -401,6 +447,13 @@ def bins_per_cell(in_size: int, out_size: int) -> int:
     return most
 
 
+def check_frame_elements(num_patches: int, channels: int) -> None:
+    """Tile offsets within one frame's N * C elements are 32-bit in every kernel."""
+    if num_patches * channels >= 2**31:
+        raise ValueError(f"x: one frame holds N*C = {num_patches}*{channels} elements; the "
+                         f"triton backend's 32-bit tile offsets need fewer than 2**31")
+
+
 class _Layout:
     """Sizes shared by a forward or backward launch, batched or varlen."""
 
@@ -416,6 +469,7 @@ class _Layout:
         else:
             self.batch, self.T, self.N, self.C = x.shape
             self.strides = (x.stride(0), x.stride(1), x.stride(2))
+        check_frame_elements(self.N, self.C)
         self.attn = pool == "attn"
         self.num_heads = num_heads if self.attn else 1
         self.head_dim = self.C // self.num_heads
@@ -571,6 +625,7 @@ def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_t
     return (weighted - (delta * r).sum(dim=0)) * layout.scale
 
 
+@on_input_device
 def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid):
     """x: [B, T, N, C] -> (sequence [B, S+G, C], lse [B, G, heads] float32 or empty)."""
     layout = _Layout(x, False, num_heads, pool, spatial, grid, frames_per_token, 0, None, None)
@@ -583,6 +638,7 @@ def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, 
     return sequence, lse
 
 
+@on_input_device
 def encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads,
                frames_per_token, spatial, grid):
     """-> (grad_x [B, T, N, C] contiguous in x's dtype, grad_query float32 [C] or None)."""
@@ -593,6 +649,7 @@ def encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_head
     return grad_x, grad_query
 
 
+@on_input_device
 def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads,
                       frames_per_token, spatial, grid, max_frames, total_tokens):
     """x: [F, N, C] packed -> (sequence [L, C], lse [sum_b G_b, heads] float32 or empty)."""
@@ -611,6 +668,7 @@ def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads
     return sequence, lse
 
 
+@on_input_device
 def encode_varlen_bwd(grad_sequence, x, cu_frames, cu_tokens, key_index, query, sequence, lse,
                       pool, num_heads, frames_per_token, spatial, grid, max_frames):
     """-> (grad_x [F, N, C] contiguous in x's dtype, grad_query float32 [C] or None)."""

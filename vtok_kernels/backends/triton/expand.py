@@ -18,7 +18,8 @@ import triton.language as tl
 from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton import configs
 from vtok_kernels.backends.triton.encode import (
-    _combine_block, _num_groups, _num_splits, _target_programs, combine_kernel)
+    _combine_block, _num_groups, _num_splits, _target_programs, check_frame_elements,
+    combine_kernel, on_input_device)
 from vtok_kernels.backends.triton.launch import autotuned, launch
 
 
@@ -38,12 +39,19 @@ def expand_fwd_kernel(
     mask_d = offs_d < C
     mask = mask_n[:, None] & mask_d[None, :]
     key = tl.load(key_ptr + video).to(tl.int64)
-    key_tile = tl.load(key_tokens_ptr + video * stride_kb + offs_n[:, None] * stride_kn
-                       + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Rows 64-bit: the key tokens may be a view with any token stride (loaded once: free).
+    key_rows = offs_n.to(tl.int64)[:, None] * stride_kn
+    key_tile = tl.load(key_tokens_ptr + video * stride_kb + key_rows + offs_d[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+    # 32-bit: frames is contiguous, so a tile stays within one frame's N * C elements.
     out_tile = offs_n[:, None] * C + offs_d[None, :]
     frames_video = frames_ptr + video * T * N * C
-    for frame in range(0, T):
-        group = tl.where(frame < key, frame, frame - 1) // FRAMES_PER_TOKEN
+    for t in range(0, T):
+        # 64-bit products (the division stays 32-bit: a 64-bit one is a subroutine): group *
+        # stride_rg (residual tokens strided as any view) and frame * N * C (a video of more
+        # than 2**31 elements) pass 2**31.
+        frame = tl.cast(t, tl.int64)
+        group = (tl.where(t < key, t, t - 1) // FRAMES_PER_TOKEN).to(tl.int64)
         # The key frame has no residual; its lanes are masked off (a scalar-and-vector mask
         # is spelled as a vector so the interpreter accepts it).
         residual = tl.load(residual_ptr + video * stride_rb + group * stride_rg + offs_d,
@@ -71,6 +79,7 @@ def expand_bwd_kernel(
     for block in range(split, tl.cdiv(N, BLOCK_N), num_splits):
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_n < N)[:, None] & mask_d[None, :]
+        # 32-bit: grad_frames is contiguous, so a tile stays within one frame's N * C elements.
         tile = offs_n[:, None] * C + offs_d[None, :]
         merge = (offs_d * 0 + block) > split
         grad_key = tl.load(grad_video + key * N * C + tile, mask=mask, other=0.0).to(tl.float32)
@@ -79,7 +88,8 @@ def expand_bwd_kernel(
             last = tl.minimum(first + FRAMES_PER_TOKEN, T - 1)
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
             for rank in range(first, last):
-                frame = tl.where(rank < key, rank, rank + 1)
+                # 64-bit: frame * N * C passes 2**31 in a video of more than 2**31 elements.
+                frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
                 grad_tile = tl.load(grad_video + frame * N * C + tile, mask=mask,
                                     other=0.0).to(tl.float32)
                 grad_key += grad_tile
@@ -102,9 +112,11 @@ def _grid(batch: int, N: int, C: int):
     return lambda meta: (batch, triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(C, meta["BLOCK_D"]))
 
 
+@on_input_device
 def expand_fwd(key_tokens, residual_tokens, key_index, num_frames, frames_per_token):
     """key_tokens [B, N, C], residual_tokens [B, G, C] -> frames [B, T, N, C] contiguous."""
     B, N, C = key_tokens.shape
+    check_frame_elements(N, C)
     frames = empty_output((B, num_frames, N, C), key_tokens.dtype, key_tokens.device)
     launch(expand_fwd_kernel, _expand_fwd, "stream", _grid(B, N, C),
            key_tokens, residual_tokens, key_index, frames,
@@ -114,10 +126,12 @@ def expand_fwd(key_tokens, residual_tokens, key_index, num_frames, frames_per_to
     return frames
 
 
+@on_input_device
 def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
     """grad_frames [B, T, N, C] -> (grad_key_tokens [B, N, C], grad_residual_tokens [B, G, C])."""
     grad_frames = grad_frames.contiguous()
     B, T, N, C = grad_frames.shape
+    check_frame_elements(N, C)
     G = num_residual
     if G != _num_groups(T, frames_per_token):
         raise ValueError(f"num_residual: expected {_num_groups(T, frames_per_token)} groups "
