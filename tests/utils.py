@@ -5,22 +5,10 @@ import pytest
 import torch
 
 from vtok_kernels import backends
-
 # DESIGN section 5: relative error ||out - ref|| / ||ref|| against the float64 reference.
-TOLERANCE = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1e-2,
-}
+from vtok_kernels.testing import TOLERANCE, rel_err  # noqa: F401
+
 LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    denom = ref.norm().item()
-    err = (out - ref).norm().item()
-    return err / denom if denom > 0 else err
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
