@@ -111,6 +111,10 @@ SCALES = {
                  max_rounds=100),
     "full": Scale("full", 8, ("clip", "siglip", "vae"), (16, 32, 64), torch.bfloat16,
                   round_budget_s=0.5, min_rounds=10, max_rounds=100),
+    # The GPU proof's quick stage: the headline rows only, in about a minute.
+    "headline": Scale("headline", 8, ("clip", "siglip"), (16,), torch.bfloat16,
+                      ops=("encode-mean", "encode-attn"), compile_ops=(), round_budget_s=0.2,
+                      min_rounds=10, max_rounds=50),
     "tiny": Scale("tiny", 1, ("tiny",), (4,), torch.float32, round_budget_s=0.01, min_rounds=2,
                   max_rounds=3),
     # The cpu backend's target shapes: encode with mean and 8-head attention pooling on 4 videos

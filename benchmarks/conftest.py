@@ -60,7 +60,7 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_proof.sh OUTDIR bench on a GPU)")
+    skip = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_proof.sh OUTDIR full:bench-encode on a GPU)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -9,14 +9,15 @@ Commands (from the repository root)::
     # encode with mean and 8-head attention pooling, float32 (48 rows, about 3 minutes)
     pytest benchmarks/ --benchmark-only -m "not gpu" --bench-scale cpu-large --benchmark-json=bench-cpu-large.json
     # the GPU rows: 264, 8 videos x 16/32/64 frames of CLIP, SigLIP and a VAE latent, bfloat16
-    # (benchmarks/gpu_proof.sh OUTDIR bench selects them with -k gpu)
+    # (benchmarks/gpu_proof.sh OUTDIR full:bench-encode and full:bench-other run them in two calls;
+    # quick runs the headline rows: --bench-scale headline)
     pytest benchmarks/ --benchmark-only -m gpu --benchmark-json=OUTDIR/bench.json
     # then the record, its markdown table and plot, README-table.md and auto's table
     python -m benchmarks.records bench-cpu.json
     # and what VTok saves downstream: tokens and one attention layer per video
     python -m benchmarks.token_economy --out benchmarks/results
 
-``--bench-scale tiny|cpu|gpu|full`` (or ``VTOK_BENCH_SCALE``) changes the shapes (cases.py).
+``--bench-scale tiny|cpu|cpu-large|headline|gpu|full`` (or ``VTOK_BENCH_SCALE``) changes the shapes (cases.py).
 ``-k`` selects rows by id, ``{device}-{op}-{mode}-{impl}-{preset}-B{b}xT{t}-{dtype}``, e.g.
 ``-k "encode-attn and cpu-"``.
 
@@ -25,10 +26,13 @@ mode. On a GPU the timer reads CUDA events and the L2 cache is flushed before ev
 CPU it is the host clock. ``extra_info`` holds what the records need: the bytes the op must move,
 the GB/s at the median time, the fraction of the copy bandwidth measured on the same device in
 the same run, the peak memory of one call, the first call's time (compilation, autotuning) and
-NVML telemetry before and after the timed rounds.
+NVML telemetry before and after the timed rounds. With ``VTOK_BENCH_ROWS=FILE`` each row is
+also appended to FILE as one JSON line the moment it is measured.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import pytest
@@ -123,3 +127,12 @@ def test_bench(benchmark, case: cases.Case, request):
         "telemetry_before": before,
         "telemetry_after": after,
     })
+    rows_file = os.environ.get("VTOK_BENCH_ROWS")
+    if rows_file:
+        # one line per row as it is measured: a run stopped at its time limit (the GPU proof's)
+        # loses no row measured before, where pytest-benchmark writes its JSON only at the end
+        row = {k: v for k, v in benchmark.extra_info.items() if not k.startswith("telemetry")}
+        row.update(name=request.node.name, median_s=seconds, min_s=benchmark.stats.stats.min,
+                   rounds=benchmark.stats.stats.rounds)
+        with open(rows_file, "a") as sink:
+            sink.write(json.dumps(row) + "\n")
