@@ -8,15 +8,17 @@
 #   bash benchmarks/gpu_proof.sh OUTDIR full:tests       # every GPU test (<= 9 min)
 #   bash benchmarks/gpu_proof.sh OUTDIR full:sanitize    # the sanitizers' other tools and loader
 #   bash benchmarks/gpu_proof.sh OUTDIR full:bench-encode   # benchmark rows, records and plots
-#   bash benchmarks/gpu_proof.sh OUTDIR full:bench-other
-#   bash benchmarks/gpu_proof.sh OUTDIR full             # the four full stages, one after another
+#   bash benchmarks/gpu_proof.sh OUTDIR full:bench-other      # (varlen, expand)
+#   bash benchmarks/gpu_proof.sh OUTDIR full:bench-compiled   # (torch.compile baselines)
+#   bash benchmarks/gpu_proof.sh OUTDIR full             # the full stages back to back (each in a
+#                                                        # folder of its own; more than one call)
 #   ... --plan       the jobs, their order and deadlines, without running anything (no GPU needed)
 #   ... --rehearse   the stage on the CPU: the cpu backend and Triton's interpreter (CI runs it)
 #
 # The build is offline (pip --no-build-isolation --no-deps --no-index) for the arch of the GPU
 # present. OUTDIR gets at most 5 files: summary.txt (printed last), proof.json, machine.txt,
 # logs.tar.gz and bench.json. benchmarks/proof.py is the scheduler; PYTHON picks the interpreter
-# (default python3). Exits 0 when everything passed.
+# (default python3). Exits 0 when everything ran and passed (PASS); FAIL and INCOMPLETE exit 1.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1

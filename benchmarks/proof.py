@@ -2,7 +2,8 @@
 
     bash benchmarks/gpu_proof.sh OUTDIR quick          # <= 5 minutes from a fresh checkout
     bash benchmarks/gpu_proof.sh OUTDIR full:tests     # one stage of the rest, <= 9 minutes
-    bash benchmarks/gpu_proof.sh OUTDIR full           # every full stage, one after another
+    bash benchmarks/gpu_proof.sh OUTDIR full           # every full stage back to back (more
+                                                       # than one call holds: a machine to spare)
     bash benchmarks/gpu_proof.sh OUTDIR quick --plan   # what would run, and its time budget
 
 A stage is a set of jobs, each a command with a log, a deadline (seconds from the stage's
@@ -45,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES = 8
 QUICK_BUDGET_S = 300
 FULL_STAGE_BUDGET_S = 540
-STAGES = ("quick", "full:tests", "full:sanitize", "full:bench-encode", "full:bench-other")
+STAGES = ("quick", "full:tests", "full:sanitize", "full:bench-encode", "full:bench-other",
+          "full:bench-compiled")
 FULL_STAGES = tuple(s for s in STAGES if s.startswith("full:"))
 STATIC_MODEL = ROOT / "benchmarks" / "results" / "static-model.json"
 BASELINES = ("reference", "compile", "naive", "compile-naive")
@@ -67,7 +69,10 @@ class Job:
     env: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)  # role -> path in the work folder
     skip: Optional[str] = None  # why it does not run here
-    optional: bool = False  # its failure does not fail the stage (e.g. a missing tool)
+    optional: bool = False  # its failure or absence does not count against the stage
+    # stopped at its deadline, it still leaves every result it had (streamed lines): the stage
+    # is INCOMPLETE rather than FAIL
+    partial_ok: bool = False
 
 
 @dataclass
@@ -82,25 +87,29 @@ class Machine:
     seed: int = 0
     sanitizer: Optional[str] = None
     extension_ready: bool = False
+    # Triton compiles one kernel per new specialisation, single-threaded: its parity and fuzz
+    # cases are split over this many processes
+    triton_shards: int = 3
 
 
 def _py(*args: str) -> list:
     return ["{python}", *args]
 
 
-def _checks_job(name: str, backend: str, machine: Machine, deadline: float, after=(), checks=None,
-                fuzz_cases: int = 300, parity: str = "presets,odd") -> Job:
-    jsonl = f"checks-{backend.replace(':', '-')}.jsonl"
-    if checks is None:
-        checks = "parity,fuzz,nosync,graphs" + (",loaders" if backend == "cuda:extension" else "")
+def _checks_job(backend: str, machine: Machine, deadline: float, after=(), fuzz_cases: int = 300,
+                parity: str = "presets,odd", shard: tuple = (0, 1)) -> Job:
+    k, n = shard
+    name = f"checks:{backend}" + (f":{k}" if n > 1 else "")
+    jsonl = name.replace(":", "-") + ".jsonl"
+    checks = "parity,fuzz,nosync,graphs" + (",loaders" if backend == "cuda:extension" else "")
     profile = [] if machine.gpu else ["--profile", "small", "--device", "cpu"]
     command = _py("-m", "benchmarks.proof_checks", "--backend", backend, "--checks", checks,
                   "--parity", parity, "--fuzz-cases", str(fuzz_cases), "--seed", str(machine.seed),
-                  "--budget", "{budget}", "--jsonl", "{work}/" + jsonl, *profile)
+                  "--shard", f"{k}/{n}", "--deadline", "{deadline}", "--jsonl", "{work}/" + jsonl, *profile)
     # correctness does not need the fastest config: a benchmark per config and new shape would
     # cost the fuzz most of its time (every config is checked by the GPU tests of full:tests)
     return Job(name, command, deadline, after, "checks", env={"VTOK_TRITON_AUTOTUNE": "0"},
-               outputs={"jsonl": jsonl})
+               outputs={"jsonl": jsonl}, partial_ok=True)
 
 
 def _sanitize_job(tool: str, loader: str, machine: Machine, deadline: float, after=()) -> Job:
@@ -110,7 +119,7 @@ def _sanitize_job(tool: str, loader: str, machine: Machine, deadline: float, aft
                                     "{work}/" + log, *_py("-m", "benchmarks.sanitize_driver", "--loader", loader)],
               deadline, after, "sanitize", outputs={"log": log})
     if not machine.gpu:
-        job.skip = "no GPU (rehearsal)"
+        job.skip, job.optional = "no GPU (rehearsal)", True
     elif machine.sanitizer is None:
         job.skip = "compute-sanitizer not found (CUDA toolkit, or pip install nvidia-cuda-sanitizer-api)"
     return job
@@ -127,7 +136,7 @@ def _bench_job(name: str, machine: Machine, deadline: float, after, select: str,
                   "-p", "no:cacheprovider", *scale_args, "-k", select, "--benchmark-json",
                   "{work}/" + json_name)
     return Job(name, command, deadline, after, "bench", env={"VTOK_BENCH_ROWS": "{work}/" + BENCH_ROWS},
-               outputs={"json": json_name})
+               outputs={"json": json_name}, partial_ok=True)
 
 
 def _warm_job(machine: Machine, deadline: float) -> Job:
@@ -142,34 +151,44 @@ def _warm_job(machine: Machine, deadline: float) -> Job:
     return job
 
 
+def _build_job(machine: Machine) -> Job:
+    """The offline editable install for the GPU's arch, then a check that it holds CUDA code for
+    that arch: setup.py falls back to a CPU-only build rather than fail, so pip's exit status
+    alone does not say."""
+    install = ("{python} -m pip install --no-build-isolation --no-deps --no-index -v -e . && "
+               f"{{python}} -m benchmarks.proof --check-extension {machine.arch}")
+    build = Job("build", ["bash", "-c", install], 150, kind="build",
+                env={"VTOK_CUDA_ARCHS": machine.arch, "MAX_JOBS": str(max(2, machine.jobs - 4)),
+                     "VTOK_REQUIRE_EXTENSION": "1"})
+    if not machine.gpu:
+        build.skip, build.optional = "no GPU (rehearsal): the installed extension is used", True
+    elif machine.extension_ready:
+        build.skip, build.optional = f"vtok_kernels._C already holds CUDA code for sm_{machine.arch}", True
+    return build
+
+
 def plan(stage: str, machine: Machine) -> list[Job]:
     """The jobs of ``stage`` on ``machine``, in the order the summary lists them."""
-    build = Job("build", _py("-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
-                             "-e", "."), 150, kind="build",
-                env={"VTOK_CUDA_ARCHS": machine.arch, "MAX_JOBS": str(max(2, machine.jobs - 4))})
-    if not machine.gpu:
-        build.skip = "no GPU (rehearsal): the installed extension is used"
-    elif machine.extension_ready:
-        build.skip = f"vtok_kernels._C already holds CUDA code for sm_{machine.arch}"
+    build = _build_job(machine)
     if stage == "quick":
         if machine.gpu:
-            backends = ("triton", "cuda:cupy-nvrtc", "cuda:extension")
-            early = ("triton", "cuda:cupy-nvrtc")  # neither needs the extension: they start with the build
-            fuzz_cases = 300
+            workers = [("triton", (k, machine.triton_shards)) for k in range(machine.triton_shards)]
+            workers += [("cuda:cupy-nvrtc", (0, 1)), ("cuda:extension", (0, 1))]
+            fuzz_cases, parity = 300, "presets,odd"
         else:
-            backends, early, fuzz_cases = ("triton", "cpu"), ("triton", "cpu"), 12
-        checks = []
-        for backend in backends:
-            after = () if backend in early else ("build",)
-            parity = "presets,odd" if machine.gpu else "odd"
-            checks.append(_checks_job(f"checks:{backend}", backend, machine, 205, after,
-                                      fuzz_cases=fuzz_cases, parity=parity))
-        sanitize = [_sanitize_job(tool, "extension", machine, 205, ("build",))
+            # two Triton shards, so that the rehearsal splits cases as the GPU run does
+            workers = [("triton", (0, 2)), ("triton", (1, 2)), ("cpu", (0, 1))]
+            fuzz_cases, parity = 12, "odd"
+        # Triton and NVRTC compile while nvcc builds; only the extension's checks wait for it
+        checks = [_checks_job(backend, machine, 195, ("build",) if backend == "cuda:extension" else (),
+                              fuzz_cases, parity, shard) for backend, shard in workers]
+        sanitize = [_sanitize_job(tool, "extension", machine, 195, ("build",))
                     for tool in ("memcheck", "racecheck")]
-        warm = _warm_job(machine, 205)
+        warm = _warm_job(machine, 195)
         gate = tuple(j.name for j in [build] + checks + sanitize + [warm])
-        bench = _bench_job("kernels", machine, 258, gate, "not compile", "headline")
-        compiled = _bench_job("compiled", machine, 286, gate + ("kernels",), "compile-naive", "headline")
+        bench = _bench_job("kernels", machine, 250, gate, "not compile", "headline")
+        compiled = _bench_job("compiled", machine, 285, gate + ("kernels",), "compile-naive", "headline")
+        compiled.optional = True  # torch.compile's rows: the baseline, not the proof
         if not machine.gpu:
             compiled.skip = "no GPU (rehearsal): the tiny scale compiles nothing"
         return [build] + checks + sanitize + [warm, bench, compiled]
@@ -189,12 +208,14 @@ def plan(stage: str, machine: Machine) -> list[Job]:
                 else ("synccheck", "initcheck")
             jobs += [_sanitize_job(tool, loader, machine, 525, ("build",)) for tool in tools]
         return jobs
-    if stage in ("full:bench-encode", "full:bench-other"):
-        select = "encode-mean or encode-attn" if stage.endswith("encode") else "encode_varlen or expand"
+    if stage in ("full:bench-encode", "full:bench-other", "full:bench-compiled"):
+        select = {"full:bench-encode": "(encode-mean or encode-attn) and not compile",
+                  "full:bench-other": "(encode_varlen or expand) and not compile",
+                  "full:bench-compiled": "compile"}[stage]
         name = stage.split(":")[1]
-        bench = _bench_job(name, machine, 490, ("build",), select, "gpu")
+        bench = _bench_job(name, machine, 480, ("build",), select, "gpu")
         records = Job("records", _py("-m", "benchmarks.records", "{work}/" + bench.outputs["json"], "--results",
-                                     "{work}/results", "--no-selection"), 510, (name,))
+                                     "{work}/results", "--no-selection"), 505, (name,))
         economy = Job("token-economy", _py("-m", "benchmarks.token_economy", "--device",
                                            "cuda" if machine.gpu else "cpu", "--out", "{work}/results"),
                       525, ("records",), optional=True)
@@ -236,8 +257,13 @@ class Outcome:
     started_s: float = 0.0
 
 
-def _substitute(command: list, python: str, work: Path, budget: float) -> list:
-    return [c.replace("{python}", python).replace("{work}", str(work)).replace("{budget}", f"{budget:.0f}")
+# Seconds a job's own deadline (--deadline) comes before the scheduler's: its results are
+# written and it has exited before it would be stopped.
+JOB_MARGIN_S = 10
+
+
+def _substitute(command: list, python: str, work: Path, deadline_epoch: float) -> list:
+    return [c.replace("{python}", python).replace("{work}", str(work)).replace("{deadline}", f"{deadline_epoch:.0f}")
             for c in command]
 
 
@@ -245,16 +271,15 @@ def run_jobs(jobs: list[Job], machine: Machine, work: Path, on_change: Callable[
              clock: Callable[[], float] = time.monotonic, poll_s: float = 0.5) -> dict:
     """Starts each job once everything it waits for has ended, stops it at its deadline, and
     calls ``on_change(outcomes)`` whenever a job ends."""
-    start = clock()
+    start, epoch = clock(), time.time()
     outcomes = {job.name: Outcome(job.name, "not-run") for job in jobs}
-    pending = list(jobs)
     running: dict[str, tuple[Job, subprocess.Popen, object, float]] = {}
     ended: set = set()
     for job in jobs:
         if job.skip:
             outcomes[job.name] = Outcome(job.name, "skipped", detail=job.skip)
             ended.add(job.name)
-    pending = [j for j in pending if not j.skip]
+    pending = [j for j in jobs if not j.skip]
     on_change(outcomes)
     while pending or running:
         now = clock() - start
@@ -262,8 +287,7 @@ def run_jobs(jobs: list[Job], machine: Machine, work: Path, on_change: Callable[
             if not all(dep in ended for dep in job.after):
                 continue
             pending.remove(job)
-            budget = job.deadline_s - now
-            if budget < 5:
+            if job.deadline_s - now < 5:
                 outcomes[job.name] = Outcome(job.name, "not-run", detail=f"no time left ({now:.0f} s in)")
                 ended.add(job.name)
                 continue
@@ -272,43 +296,54 @@ def run_jobs(jobs: list[Job], machine: Machine, work: Path, on_change: Callable[
                        **{k: v.replace("{work}", str(work)) for k, v in job.env.items()})
             if not machine.gpu:
                 env.setdefault("TRITON_INTERPRET", "1")
-            command = _substitute(job.command, machine.python, work, budget - 3)
+            command = _substitute(job.command, machine.python, work, epoch + job.deadline_s - JOB_MARGIN_S)
             log.write(f"$ {' '.join(shlex.quote(c) for c in command)}\n")
             log.flush()
             proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             running[job.name] = (job, proc, log, now)
+        now = clock() - start
+        overdue = [name for name, (job, proc, _, _) in running.items()
+                   if proc.poll() is None and now >= job.deadline_s]
+        _stop([running[name][1] for name in overdue])
+        finished = False
         for name, (job, proc, log, started) in list(running.items()):
-            now = clock() - start
             code = proc.poll()
-            if code is None and now < job.deadline_s:
-                continue
             if code is None:
-                _stop(proc)
-                status = "timeout"
-            else:
-                status = "ok" if code == 0 else "FAIL"
+                continue
             log.close()
-            outcomes[name] = Outcome(name, status, round(now - started, 1), proc.returncode, started_s=round(started, 1))
+            status = "timeout" if name in overdue else "ok" if code == 0 else "FAIL"
+            outcomes[name] = Outcome(name, status, round(clock() - start - started, 1), code,
+                                     started_s=round(started, 1))
             del running[name]
             ended.add(name)
+            finished = True
+        if finished:
             on_change(outcomes)
         time.sleep(poll_s)
     return outcomes
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the job's whole process group, SIGKILL if it is still there 5 s later."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+def _stop(procs: list) -> None:
+    """SIGTERM to every overdue job's process group at once, SIGKILL to those still there 5 s
+    later: jobs stopped at one deadline cost 5 s, not 5 s each."""
+    if not procs:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        waited = time.monotonic() + 5
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, waited - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        procs = [p for p in procs if p.poll() is None]
+        if not procs:
             return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ------------------------------------------------------------------------------------ reading results
@@ -326,31 +361,58 @@ def read_checks(path: Path) -> list[dict]:
 
 
 def summarize_checks(lines: list[dict]) -> dict:
-    """Per check: passed, failed, and the first failures (with reproducers)."""
+    """Per check: passed, failed, planned (how many results the worker owed) and the first
+    failures (with reproducers)."""
     out: dict = {}
+
+    def entry(check: str) -> dict:
+        return out.setdefault(check, {"passed": 0, "failed": 0, "planned": None, "failures": []})
+
     for line in lines:
-        if line["check"] in ("fuzz-seed",):
-            out.setdefault("fuzz", {"passed": 0, "failed": 0, "failures": []})["seed"] = line["describe"]
+        if line["check"] == "planned":
+            entry(line["for"])["planned"] = line["count"]
             continue
-        entry = out.setdefault(line["check"], {"passed": 0, "failed": 0, "failures": []})
-        entry["passed" if line["ok"] else "failed"] += 1
-        if not line["ok"] and len(entry["failures"]) < 5:
-            entry["failures"].append({k: line.get(k) for k in ("describe", "message", "repro")})
+        item = entry(line["check"])
+        item["passed" if line["ok"] else "failed"] += 1
+        if not line["ok"] and len(item["failures"]) < 5:
+            item["failures"].append({k: line.get(k) for k in ("describe", "message", "repro")})
     return out
 
 
-_SANITIZER_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) error")
+def short_counts(name: str, check: dict) -> str:
+    """'fuzz 140/300' when 140 of 300 planned results came (all passed), '... 2 failed' else."""
+    ran = check["passed"] + check["failed"]
+    text = f"{name} {ran}/{check['planned']}" if check.get("planned") is not None else f"{name} {ran}"
+    return text + (f" ({check['failed']} failed)" if check["failed"] else "")
 
 
-def sanitizer_detail(log_text: str) -> str:
-    errors = _SANITIZER_SUMMARY.findall(log_text)
+def incomplete_checks(checks: dict) -> list[str]:
+    return [name for name, c in checks.items()
+            if c.get("planned") is not None and c["passed"] + c["failed"] < c["planned"]]
+
+
+def sanitizer_detail(log_text: str) -> tuple[str, int]:
+    """What a compute-sanitizer log says, and its error count (-1 when it has no summary)."""
+    errors = re.findall(r"ERROR SUMMARY: (\d+) error", log_text)
+    # racecheck sums up its hazards on a line of its own; warnings do not change the exit code
+    races = re.findall(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", log_text)
     cases = re.findall(r"(\d+) cases ran", log_text)
-    parts = []
+    parts, count = [], -1
     if errors:
+        count = int(errors[-1])
         parts.append(f"{errors[-1]} errors")
+    if races:
+        hazards, race_errors, warnings = races[-1]
+        count = max(count, 0) + int(race_errors)
+        parts.append(f"{race_errors} race errors, {warnings} race warnings")
     if cases:
         parts.append(f"{cases[-1]} cases")
-    return ", ".join(parts) or "no ERROR SUMMARY in the log"
+    first = next((line.strip("= ").strip() for line in log_text.splitlines()
+                  if line.startswith("=========") and ("Error" in line or "Invalid" in line or "Race" in line)
+                  and "SUMMARY" not in line), "")
+    if first:
+        parts.append(f"first: {first[:80]}")
+    return ", ".join(parts) or "no ERROR SUMMARY in the log", count
 
 
 def load_model(path: Path = STATIC_MODEL) -> dict:
@@ -425,7 +487,8 @@ def summary_text(proof: dict, width: int = 100) -> str:
         for r in rows:
             if r["impl"] in BASELINES:
                 continue
-            eager = base.get((r["op"], r["mode"], r["preset"], "reference"))
+            eager = base.get((r["op"], r["mode"], r["preset"], "reference")) or \
+                base.get((r["op"], r["mode"], r["preset"], "naive"))
             compiled = base.get((r["op"], r["mode"], r["preset"], "compile-naive")) or \
                 base.get((r["op"], r["mode"], r["preset"], "compile"))
             lines.append(
@@ -440,11 +503,27 @@ def summary_text(proof: dict, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def verdict(outcomes: list[dict]) -> str:
-    bad = [o for o in outcomes if o["status"] in ("FAIL", "timeout", "not-run") and not o.get("optional")]
-    bad += [o for o in outcomes if any(c.get("failed") for c in o.get("checks", {}).values())
-            and o not in bad]
-    return "PASS" if not bad else "FAIL (" + ", ".join(o["name"] for o in bad) + ")"
+def verdict(jobs: list[dict]) -> str:
+    """PASS: everything ran and passed. FAIL (names): something failed. INCOMPLETE (names):
+    nothing failed, but something did not finish or did not run where it should have."""
+    failed, incomplete = [], []
+    for job in jobs:
+        checks = job.get("checks", {})
+        if any(c.get("failed") for c in checks.values()) or job.get("sanitizer_errors", 0) > 0:
+            failed.append(job["name"])
+        elif job["status"] == "FAIL" and not job.get("optional"):
+            failed.append(job["name"])
+        elif job["status"] == "timeout" and not (job.get("partial_ok") or job.get("optional")):
+            failed.append(job["name"])
+        elif job.get("optional"):
+            continue
+        elif job["status"] in ("timeout", "not-run", "skipped") or job.get("incomplete"):
+            incomplete.append(job["name"])
+    if failed:
+        return "FAIL (" + ", ".join(failed) + ")"
+    if incomplete:
+        return "INCOMPLETE (" + ", ".join(incomplete) + ")"
+    return "PASS"
 
 
 # ------------------------------------------------------------------------------------ one stage
@@ -452,6 +531,11 @@ def _machine_facts(python: str) -> dict:
     code = r"""
 import json, platform, subprocess, torch
 facts = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+import os, sysconfig
+facts["python_h"] = os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+try:
+    import pip; facts["pip"] = pip.__version__
+except Exception: facts["pip"] = None
 try:
     import triton; facts["triton"] = triton.__version__
 except Exception as e: facts["triton"] = f"unavailable ({type(e).__name__})"
@@ -487,14 +571,21 @@ print(json.dumps(facts))
 def gpu_arch() -> Optional[str]:
     """The arch to build for, from the GPU present: "90a" on Hopper (the arch the kernels are
     tuned for), "XY" otherwise; None without a GPU."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
+    capability = ""
+    for command in (["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                    [os.environ.get("PYTHON") or sys.executable, "-c",
+                     "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() "
+                     "else None; print(f'{c[0]}.{c[1]}' if c else '')"]):
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            capability = out.stdout.strip().splitlines()[0].strip()
+            break
+    if not re.fullmatch(r"\d+\.\d+", capability):
         return None
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    major, _, minor = out.stdout.strip().splitlines()[0].strip().partition(".")
+    major, _, minor = capability.partition(".")
     arch = f"{major}{minor}"
     return arch + "a" if arch == "90" else arch
 
@@ -507,11 +598,24 @@ def find_sanitizer() -> Optional[str]:
     return None
 
 
-def extension_ready(python: str, arch: str) -> bool:
-    code = ("import sys; from vtok_kernels import _extension as e; m = e.get(); "
-            f"sys.exit(0 if m is not None and m.built_with_cuda and 'sm_{arch}' in str(m.cuda_archs) else 1)")
+_EXTENSION_CHECK = """
+import json, sys
+from vtok_kernels import _extension
+module, arch = _extension.get(), sys.argv[1]
+archs = [a.strip() for a in str(getattr(module, "cuda_archs", "")).split(",") if a.strip()]
+ok = module is not None and bool(getattr(module, "built_with_cuda", False)) and arch in archs
+if not ok and "--report" in sys.argv:
+    print(f"vtok_kernels._C: {'missing' if module is None else 'archs ' + repr(archs)}; wanted CUDA code for {arch}")
+    print(json.dumps(_extension.build_status(), indent=1))
+sys.exit(0 if ok else 1)
+"""
+
+
+def extension_ready(python: str, arch: str, report: bool = False) -> bool:
+    """Whether ``vtok_kernels._C`` (as this checkout imports it) holds CUDA code for ``arch``."""
     try:
-        return subprocess.run([python, "-c", code], cwd=ROOT, capture_output=True, timeout=120).returncode == 0
+        return subprocess.run([python, "-c", _EXTENSION_CHECK, arch] + (["--report"] if report else []),
+                              cwd=ROOT, capture_output=not report, timeout=120).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -520,20 +624,21 @@ def _detail(job: Job, outcome: Outcome, work: Path) -> dict:
     """The job's outcome as proof.json keeps it, with what its outputs say."""
     entry = {"name": job.name, "status": outcome.status, "seconds": outcome.seconds,
              "started_s": outcome.started_s, "returncode": outcome.returncode,
-             "optional": job.optional, "detail": outcome.detail}
+             "optional": job.optional, "partial_ok": job.partial_ok, "detail": outcome.detail}
     log = work / f"{job.name.replace(':', '-')}.log"
     if job.kind == "checks" and "jsonl" in job.outputs:
         checks = summarize_checks(read_checks(work / job.outputs["jsonl"]))
         entry["checks"] = checks
-        entry["detail"] = " ".join(f"{name} {c['passed']}/{c['passed'] + c['failed']}"
-                                   for name, c in checks.items() if name != "available") or entry["detail"]
+        entry["incomplete"] = incomplete_checks(checks)
+        entry["detail"] = " ".join(short_counts(name, c) for name, c in checks.items()
+                                   if name != "available") or entry["detail"]
         unavailable = checks.get("available", {}).get("failures")
         if unavailable:
             entry["detail"] = f"unavailable: {unavailable[0]['message']}"
     elif job.kind == "sanitize" and outcome.status != "skipped":
         text = (work / job.outputs["log"]).read_text(errors="replace") if (work / job.outputs["log"]).exists() else ""
         text += log.read_text(errors="replace") if log.exists() else ""
-        entry["detail"] = sanitizer_detail(text)
+        entry["detail"], entry["sanitizer_errors"] = sanitizer_detail(text)
     elif job.kind == "bench" and outcome.status != "skipped":
         path = work / job.outputs["json"]
         if path.exists():
@@ -610,12 +715,18 @@ def _archive(work: Path, target: Path) -> None:
 # ------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_proof", description=__doc__.splitlines()[0])
-    parser.add_argument("outdir", type=Path)
+    parser.add_argument("outdir", type=Path, nargs="?", default=None)
     parser.add_argument("stage", nargs="?", default="quick", help=f"one of {STAGES} or 'full'")
     parser.add_argument("--plan", action="store_true", help="print the jobs and their deadlines, run nothing")
     parser.add_argument("--rehearse", action="store_true", help="run the stage on the CPU (no GPU needed)")
     parser.add_argument("--seed", type=int, default=None, help="fuzz seed (default: from the clock)")
+    parser.add_argument("--check-extension", metavar="ARCH", default=None,
+                        help="exit 0 when vtok_kernels._C holds CUDA code for ARCH (e.g. 90a), else say why")
     args = parser.parse_args(argv)
+    if args.check_extension:
+        return 0 if extension_ready(os.environ.get("PYTHON") or sys.executable, args.check_extension, True) else 1
+    if args.outdir is None:
+        parser.error("OUTDIR is required")
     stages = FULL_STAGES if args.stage == "full" else (args.stage,)
     for stage in stages:
         if stage not in STAGES:
@@ -646,7 +757,7 @@ def main(argv=None) -> int:
         outdir = args.outdir if len(stages) == 1 else args.outdir / stage.replace(":", "-")
         proof = run_stage(stage, outdir, machine, python)
         print(summary_text(proof))
-        status |= 0 if proof["verdict"] == "PASS" else 1
+        status |= 0 if proof["verdict"] == "PASS" else 1  # INCOMPLETE is not a pass
         if machine.gpu:
             machine.extension_ready = extension_ready(python, machine.arch)
     return status

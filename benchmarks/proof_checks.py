@@ -1,8 +1,8 @@
 """The correctness checks of the GPU proof, for one backend in one process.
 
     python3 -m benchmarks.proof_checks --backend cuda:extension --device cuda \\
-        --checks parity,fuzz,nosync,graphs,loaders --fuzz-cases 300 --seed 7 --budget 150 \\
-        --jsonl OUTDIR/checks-cuda-extension.jsonl
+        --checks parity,fuzz,nosync,graphs,loaders --fuzz-cases 300 --seed 7 --shard 0/1 \\
+        --deadline EPOCH_SECONDS --jsonl OUTDIR/checks-cuda-extension.jsonl
 
 ``--backend`` is a backend name, or ``cuda:<loader>`` to pin the cuda backend's loader
 (``extension`` or ``cupy-nvrtc``) before anything is imported. Every result is one JSON line
@@ -13,7 +13,8 @@
   runs each case);
 * ``fuzz``: seeded random cases (``benchmarks.fuzz``), each failure with its one-line reproducer;
 * ``nosync``: encode (batched) and encode_varlen given its sizes, forward and backward, and
-  expand, under ``torch.cuda.set_sync_debug_mode("error")``: a host synchronisation fails;
+  expand, under ``torch.cuda.set_sync_debug_mode("error")``: a host synchronisation through
+  torch fails (torch does not see one inside an extension or CuPy: ``graphs`` does);
 * ``graphs``: the same calls captured in a CUDA graph and replayed on new inputs give the bits
   of eager calls on those inputs;
 * ``loaders``: the cuda backend's two loaders (the extension, CuPy/NVRTC) give the same bits.
@@ -212,9 +213,15 @@ def _bits(t):
 
 
 def _bits_equal(a, b) -> str:
-    """'' when every tensor of two results holds the same bits (NaNs included), else which differ."""
-    bad = [str(i) for i, (x, y) in enumerate(zip(a, b))
-           if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(_bits(x), _bits(y))]
+    """'' when every tensor of two results holds the same bits (NaNs included), else which differ
+    and by how much at most."""
+    bad = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            bad.append(f"{i} ({tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype})")
+        elif not torch.equal(_bits(x), _bits(y)):
+            diff = (x.detach().double() - y.detach().double()).abs().max().item() if x.is_floating_point() else "?"
+            bad.append(f"{i} (max |diff| {diff:.3g})" if isinstance(diff, float) else str(i))
     if len(a) != len(b):
         bad.append(f"count {len(a)} != {len(b)}")
     return f"outputs {', '.join(bad)} differ" if bad else ""
@@ -289,6 +296,14 @@ def check_loaders(backend: str, spec: str, device: str, emit) -> None:
 
 
 # ------------------------------------------------------------------------------- main
+def _shard(spec: str) -> tuple[int, int]:
+    index, _, count = spec.partition("/")
+    index, count = int(index), int(count or 1)
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard: expected k/n with 0 <= k < n, got {spec!r}")
+    return index, count
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, help="triton, cuda:extension, cuda:cupy-nvrtc, cpu, torch")
@@ -298,10 +313,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fuzz-cases", type=int, default=300)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--profile", default=None, help="fuzz case sizes (benchmarks.fuzz.PROFILES)")
-    parser.add_argument("--budget", type=float, default=math.inf, help="seconds for all the checks")
+    parser.add_argument("--shard", type=_shard, default=(0, 1),
+                        help="k/n: run parity and fuzz cases i with i %% n == k (the replay checks in shard 0)")
+    parser.add_argument("--deadline", type=float, default=math.inf,
+                        help="wall-clock time (seconds since the epoch) by which every check has ended")
     parser.add_argument("--jsonl", required=True)
     args = parser.parse_args(argv)
-    start = time.perf_counter()
 
     from benchmarks import fuzz
 
@@ -313,6 +330,9 @@ def main(argv=None) -> int:
     unknown = set(checks) - set(CHECKS)
     if unknown:
         parser.error(f"unknown checks {sorted(unknown)}; expected some of {CHECKS}")
+    shard, shards = args.shard
+    if shard != 0:
+        checks = [c for c in checks if c in ("parity", "fuzz")]
     sink = open(args.jsonl, "a")
 
     def emit(line: dict) -> None:
@@ -320,6 +340,10 @@ def main(argv=None) -> int:
         sink.flush()
         if not line["ok"] and not line.get("repro"):  # fuzz.run prints its own failures
             print(f"FAIL {line['check']} {args.backend}: {line.get('describe')}: {line['message']}", flush=True)
+
+    def plan(check: str, count: int, what: str) -> None:
+        """How many results ``check`` owes: the summary tells a cut run from a complete one."""
+        emit({**_line("planned", args.backend, device, what, True), "for": check, "count": count})
 
     reason = backends.unavailable_reason(name, device)
     if reason is not None:
@@ -329,30 +353,36 @@ def main(argv=None) -> int:
     emit(_line("available", args.backend, device, f"backend {name} on {device} (loader {loader})", True))
 
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000
-    # the checks after the fuzz are short; the fuzz stops in time to leave them this much
-    reserve = 20.0 * len([c for c in checks if c in ("nosync", "graphs", "loaders")])
+    replays = [c for c in checks if c in ("nosync", "graphs", "loaders")]
+    # the replay checks are short; parity and the fuzz stop in time to leave them this much
+    reserve = 15.0 * len(replays)
 
     def left() -> float:
-        return args.budget - (time.perf_counter() - start)
+        return args.deadline - time.time()
 
-    stdout = sys.stdout
+    mine = lambda indexed: ((i, case) for i, case in indexed if i % shards == shard)  # noqa: E731
     if "parity" in checks:
-        cases = parity_cases(name, tuple(args.parity.split(",")))
-        counts = fuzz.run(args.backend, device, enumerate(cases), check="parity",
-                          budget_s=max(0.0, left() - reserve), emit=emit, out=stdout)
+        cases = list(mine(enumerate(parity_cases(name, tuple(args.parity.split(","))))))
+        plan("parity", len(cases), f"{len(cases)} parity cases (shard {shard}/{shards})")
+        counts = fuzz.run(args.backend, device, cases, check="parity",
+                          budget_s=max(0.0, left() - reserve), emit=emit)
         print(f"parity {args.backend}: {counts['passed']} passed, {counts['failed']} failed, "
               f"{len(cases) - counts['passed'] - counts['failed']} not run", flush=True)
     if "fuzz" in checks:
         profile = fuzz.PROFILES[args.profile or ("gpu" if device.startswith("cuda") else "small")]
-        emit(_line("fuzz-seed", args.backend, device, f"seed {seed}, profile {profile.name}, "
-                   f"{args.fuzz_cases} cases asked", True))
-        counts = fuzz.run(args.backend, device, fuzz.draw_cases(seed, args.fuzz_cases, name, profile),
-                          budget_s=max(0.0, left() - reserve), emit=emit, out=stdout)
+        count = len(range(shard, args.fuzz_cases, shards))
+        plan("fuzz", count, f"{count} fuzz cases of seed {seed}, profile {profile.name} (shard {shard}/{shards})")
+        counts = fuzz.run(args.backend, device, mine(fuzz.draw_cases(seed, args.fuzz_cases, name, profile)),
+                          budget_s=max(0.0, left() - reserve), emit=emit)
         print(f"fuzz {args.backend} seed {seed}: {counts['passed']} passed, {counts['failed']} failed of "
-              f"{args.fuzz_cases} in {counts['seconds']:.1f} s", flush=True)
+              f"{count} in {counts['seconds']:.1f} s", flush=True)
     for check, fn in (("nosync", check_nosync), ("graphs", check_graphs), ("loaders", check_loaders)):
-        if check in checks:
-            fn(name, args.backend, device, emit)
+        if check not in checks:
+            continue
+        if left() < 10:
+            emit(_line(check, args.backend, device, "not run: no time left before the deadline", False))
+            continue
+        fn(name, args.backend, device, emit)
     sink.close()
     return 0
 

@@ -53,15 +53,21 @@ def test_every_stage_fits_its_budget_in_a_call(stage):
 def test_quick_orders_the_work_as_the_gpu_window_needs():
     jobs = {job.name: job for job in proof.plan("quick", HOPPER)}
     # Triton and NVRTC compile while nvcc builds; what needs the extension waits for it
-    assert jobs["checks:triton"].after == () and jobs["checks:cuda:cupy-nvrtc"].after == ()
+    triton = [n for n in jobs if n.startswith("checks:triton")]
+    assert triton == [f"checks:triton:{k}" for k in range(HOPPER.triton_shards)]
+    for k, name in enumerate(triton):
+        assert jobs[name].after == () and f"--shard {k}/{HOPPER.triton_shards}" in " ".join(jobs[name].command)
+    assert jobs["checks:cuda:cupy-nvrtc"].after == ()
     assert jobs["checks:cuda:extension"].after == ("build",)
     assert "loaders" in " ".join(jobs["checks:cuda:extension"].command)
     # the benchmarks run alone, after every check; the compiled baselines last
-    checks = [n for n in jobs if n.startswith(("checks:", "memcheck", "racecheck", "build"))]
+    checks = [n for n in jobs if n.startswith(("checks:", "memcheck", "racecheck", "build", "warm-up"))]
     assert set(checks) <= set(jobs["kernels"].after)
-    assert "kernels" in jobs["compiled"].after
-    assert jobs["build"].env["VTOK_CUDA_ARCHS"] == "90a"
-    assert " ".join(jobs["checks:triton"].command).count("--fuzz-cases 300") == 1
+    assert "kernels" in jobs["compiled"].after and jobs["compiled"].optional
+    build = " ".join(jobs["build"].command)
+    assert jobs["build"].env["VTOK_CUDA_ARCHS"] == "90a" and jobs["build"].env["VTOK_REQUIRE_EXTENSION"] == "1"
+    assert "--no-build-isolation --no-deps --no-index" in build and "--check-extension 90a" in build
+    assert " ".join(jobs["checks:cuda:extension"].command).count("--fuzz-cases 300") == 1
     assert all(jobs[n].env.get("VTOK_TRITON_AUTOTUNE") == "0" for n in jobs if n.startswith("checks:"))
 
 
@@ -258,8 +264,44 @@ def test_summary_of_a_recorded_rehearsal():
 
 def test_sanitizer_logs_are_read():
     log = "========= COMPUTE-SANITIZER\nloader: extension\n84 cases ran\n========= ERROR SUMMARY: 0 errors\n"
-    assert proof.sanitizer_detail(log) == "0 errors, 84 cases"
-    assert proof.sanitizer_detail("killed") == "no ERROR SUMMARY in the log"
+    assert proof.sanitizer_detail(log) == ("0 errors, 84 cases", 0)
+    assert proof.sanitizer_detail("killed") == ("no ERROR SUMMARY in the log", -1)
+    races = ("========= Error: Race reported between Write access at 0x1a0 in encode_bwd_kernel\n"
+             "========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warning)\n84 cases ran\n")
+    detail, errors = proof.sanitizer_detail(races)
+    assert errors == 2 and "2 race errors, 1 race warnings" in detail and "first: Error: Race" in detail
+
+
+def _job(name, status="ok", **extra):
+    return {"name": name, "status": status, **extra}
+
+
+def test_verdict_tells_failed_from_incomplete():
+    ok = {"passed": 3, "failed": 0, "planned": 3, "failures": []}
+    assert proof.verdict([_job("a", checks={"fuzz": ok}), _job("b", "skipped", optional=True)]) == "PASS"
+    bad = {**ok, "passed": 2, "failed": 1}
+    assert proof.verdict([_job("a", checks={"fuzz": bad})]) == "FAIL (a)"
+    assert proof.verdict([_job("m", sanitizer_errors=2)]) == "FAIL (m)"
+    assert proof.verdict([_job("t", "timeout")]) == "FAIL (t)"  # a hang where nothing streams
+    cut = {**ok, "passed": 1}
+    assert proof.verdict([_job("a", "timeout", partial_ok=True, incomplete=["fuzz"], checks={"fuzz": cut})]) \
+        == "INCOMPLETE (a)"
+    assert proof.verdict([_job("s", "skipped")]) == "INCOMPLETE (s)"  # a sanitizer missing on a GPU
+    assert proof.verdict([_job("c", "timeout", optional=True, partial_ok=True)]) == "PASS"
+    assert proof.verdict([_job("a", checks={"fuzz": bad}), _job("s", "skipped")]) == "FAIL (a)"
+
+
+def test_the_build_is_checked_for_the_arch(tmp_path):
+    """pip succeeds with a CPU-only fallback build: the build job asks the extension itself."""
+    ok = subprocess.run([sys.executable, "-m", "benchmarks.proof", "--check-extension", "999"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 1 and "wanted CUDA code for 999" in ok.stdout
+    from vtok_kernels import _extension
+
+    module = _extension.get()
+    if module is not None and module.built_with_cuda:
+        arch = str(module.cuda_archs).split(",")[-1]
+        assert proof.extension_ready(sys.executable, arch)
 
 
 def test_rehearsal_of_the_quick_stage(tmp_path):
@@ -273,11 +315,18 @@ def test_rehearsal_of_the_quick_stage(tmp_path):
     assert recorded["verdict"] == "PASS"
     assert (tmp_path / "summary.txt").read_text().strip() in out.stdout
     jobs = {job["name"]: job for job in recorded["jobs"]}
-    for name in ("checks:triton", "checks:cpu"):
+    for name in ("checks:triton:0", "checks:cpu"):
         checks = jobs[name]["checks"]
         assert {"parity", "fuzz", "nosync", "graphs"} <= set(checks)
         assert all(c["failed"] == 0 and c["passed"] > 0 for c in checks.values())
+    # the shards split the cases between them: together they ran each planned case once
+    shards = [jobs[f"checks:triton:{k}"]["checks"] for k in (0, 1)]
+    assert "nosync" not in shards[1]
+    for check, total in (("parity", jobs["checks:cpu"]["checks"]["parity"]["planned"]), ("fuzz", 12)):
+        assert sum(c[check]["planned"] for c in shards) == total
+        assert sum(c[check]["passed"] for c in shards) == total
     assert recorded["bench"] and all(row["gb_per_s"] > 0 for row in recorded["bench"])
     with tarfile.open(tmp_path / "logs.tar.gz") as tar:
         names = tar.getnames()
-    assert {"checks-triton.jsonl", "checks-cpu.jsonl", "bench-kernels.json", "plan.txt"} <= set(names)
+    assert {"checks-triton-0.jsonl", "checks-triton-1.jsonl", "checks-cpu.jsonl", "bench-kernels.json",
+            "bench-rows.jsonl", "plan.txt"} <= set(names)
