@@ -49,6 +49,7 @@ def run(loader: str | None) -> int:
                     cuda.encode_bwd(grad, x, keys, query, seq, lse, pool, heads, fpt, spatial, grid)
                     torch.cuda.synchronize()
                     cases += 1
+                    print(f"case {cases} done", flush=True)
                 # varlen: one-frame video in the middle, keys at both ends
                 lengths = [3, 1, 4]
                 x = _features((sum(lengths), 15, C), dtype, offset)
@@ -64,6 +65,7 @@ def run(loader: str | None) -> int:
                                        pool, heads, 1, [], [], max(lengths))
                 torch.cuda.synchronize()
                 cases += 1
+                print(f"case {cases} done", flush=True)
         for offset in (0, 1):
             for T, fpt in ((7, 2), (1, 1)):
                 G = 0 if T == 1 else -(-(T - 1) // fpt)
@@ -74,6 +76,7 @@ def run(loader: str | None) -> int:
                 cuda.expand_bwd(torch.randn_like(frames), keys, G, fpt)
                 torch.cuda.synchronize()
                 cases += 1
+                print(f"case {cases} done", flush=True)
     print(f"{cases} cases ran")
     return 0
 

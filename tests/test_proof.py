@@ -266,6 +266,7 @@ def test_sanitizer_logs_are_read():
     log = "========= COMPUTE-SANITIZER\nloader: extension\n84 cases ran\n========= ERROR SUMMARY: 0 errors\n"
     assert proof.sanitizer_detail(log) == ("0 errors, 84 cases", 0)
     assert proof.sanitizer_detail("killed") == ("no ERROR SUMMARY in the log", -1)
+    assert proof.sanitizer_detail("case 1 done\ncase 2 done\n") == ("cut after 2 cases", -1)
     races = ("========= Error: Race reported between Write access at 0x1a0 in encode_bwd_kernel\n"
              "========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warning)\n84 cases ran\n")
     detail, errors = proof.sanitizer_detail(races)
