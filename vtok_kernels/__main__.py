@@ -1,4 +1,4 @@
-"""``python -m vtok_kernels [run|info|compile-check]``.
+"""``python -m vtok_kernels [run|info|compile-check|sass-report]``.
 
 ``run`` (the default) encodes a realistic batch with every backend available on this machine's
 best device, checks each against the reference and prints error, time and throughput.
@@ -86,11 +86,17 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, the compiled extension and each backend's status")
     sub.add_parser("compile-check", help="compile every GPU kernel ahead of time and report resources",
                    add_help=False)
+    sub.add_parser("sass-report", help="read the CUDA kernels' machine code (no GPU) and model the "
+                   "benchmark presets' bandwidth with Little's law", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compile-check":
         from vtok_kernels import compile_check
 
         return compile_check.main(argv[1:])
+    if argv and argv[0] == "sass-report":
+        from vtok_kernels import machine_code
+
+        return machine_code.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         print(format_info(vk.info()))

@@ -420,25 +420,51 @@ def parse_ptxas(log: str, seconds: float = 0.0) -> list[dict]:
     return rows
 
 
+# The device-code flags of the extension's build (CMakeLists.txt, the CUDA compile options of
+# _C), so that every static look at the CUDA code (compile-check, sass-report) reads the machine
+# code the extension ships. tests/test_machine_code.py checks that CMakeLists.txt still has them.
+NVCC_FLAGS = ("-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr")
+
+
+def find_nvcc() -> Optional[str]:
+    local = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(local) if local.exists() else None)
+
+
+def nvcc_target(arch: str) -> str:
+    """The arch nvcc compiles for: ``sm_90`` means ``sm_90a``, the arch the extension ships."""
+    return arch + "a" if arch in ("sm_90", "sm_100") else arch
+
+
+def nvcc_command(nvcc: str, source: Path, arch: str, output: Path, *extra: str) -> list[str]:
+    """nvcc on one ``csrc/cuda/*.cu`` with the build's flags and include dirs; ``extra`` picks
+    the output (``-c``, ``-cubin``) and adds options such as ``-Xptxas -v``."""
+    include, cuda_dir = cuda_nvrtc.source_dirs()
+    return [nvcc, *NVCC_FLAGS, f"-arch={nvcc_target(arch)}", f"-I{include}", f"-I{cuda_dir.parent}",
+            *extra, str(source), "-o", str(output)]
+
+
+def cuda_sources() -> list[Path]:
+    return sorted(cuda_nvrtc.source_dirs()[1].glob("*.cu"))
+
+
 def compile_rows(archs: list[str]) -> list[dict]:
     """Registers, spills and shared memory per CUDA kernel, config and arch, from
     ``nvcc -Xptxas -v`` on every ``csrc/cuda/*.cu`` (no GPU needed). ``sm_90`` compiles for
     ``sm_90a``, the arch the extension ships. A compile error is a row with ``error`` set."""
     import time
 
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found: the CUDA rows of compile-check need the CUDA toolkit on PATH")
-    include, cuda_dir = cuda_nvrtc.source_dirs()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
-            target = arch + "a" if arch in ("sm_90", "sm_100") else arch
-            for source in sorted(cuda_dir.glob("*.cu")):
+            target = nvcc_target(arch)
+            for source in cuda_sources():
                 start = time.time()
                 proc = subprocess.run(
-                    [nvcc, "-std=c++17", "-O3", f"-arch={target}", "-Xptxas", "-v", f"-I{include}",
-                     f"-I{cuda_dir.parent}", "-c", str(source), "-o", str(Path(tmp) / (source.stem + ".o"))],
+                    nvcc_command(nvcc, source, target, Path(tmp) / (source.stem + ".o"), "-Xptxas", "-v", "-c"),
                     capture_output=True, text=True)
                 elapsed = time.time() - start
                 if proc.returncode != 0:

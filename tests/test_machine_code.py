@@ -1,0 +1,370 @@
+"""``python -m vtok_kernels sass-report``: the SASS reader, the occupancy and Little's-law
+arithmetic, the launches the model reads from the cuda backend, and (where nvcc and cuobjdump
+are found) the report on today's kernels."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from vtok_kernels import machine_code as mc
+from vtok_kernels.backends import cuda
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+# A real `cuobjdump -sass` of residual_fwd_kernel<bf16_t, 8, kMeanPool> for sm_90a (nvcc 13.0),
+# trimmed to the key-row loads of one patch row and the first 16-byte store of the result.
+EXCERPT = DATA / "residual_fwd_bf16_v8_mean.sm_90a.sass"
+EXCERPT_RES = DATA / "residual_fwd_bf16_v8_mean.sm_90a.res-usage"
+MANGLED = "_ZN4vtok4cuda19residual_fwd_kernelINS0_6bf16_tELi8ELi0EEEvNS_12EncodeParamsENS0_7RowPlanE"
+
+
+def sass(*lines: str) -> list:
+    """Instructions (and ``.L_x_N:`` labels) from one-line SASS, addresses 0x10 apart, labelled
+    at branch targets as parse_sass does."""
+    items, address = [], 0
+    for line in lines:
+        if line.endswith(":"):
+            items.append(mc.Label(line[:-1]))
+            continue
+        items.append(mc.parse_instruction(f"        /*{address:04x}*/  {line} ;"))
+        address += 0x10
+    return mc.label_targets(items)
+
+
+# ------------------------------------------------------------------------------ the SASS reader
+
+def test_excerpt_parses_into_instructions_labels_and_widths():
+    functions = mc.parse_sass(EXCERPT.read_text())
+    assert list(functions) == [MANGLED]
+    items = functions[MANGLED]
+    instructions = [i for i in items if isinstance(i, mc.Instruction)]
+    assert instructions[0].address == 0x0c70 and instructions[-1].address == 0x2b30
+    # the three key-row loads, each in its own `if (row_ok && vec_ok[k])` region
+    loads = [i for i in instructions if mc.is_global_load(i)]
+    assert [(i.address, i.opcode, i.operands) for i in loads] == [
+        (0x0ec0, "LDG.E.128", "R28, desc[UR8][R30.64]"),
+        (0x1050, "LDG.E.128", "R28, desc[UR8][R30.64]"),
+        (0x11e0, "LDG.E.128", "R28, desc[UR8][R30.64]")]
+    branch = next(i for i in instructions if i.address == 0x0de0)
+    assert (branch.predicate, branch.opcode, branch.operands) == ("@!P6", "BRA", "0xf50")
+    # branch and reconvergence targets inside the excerpt became labels
+    labelled = {items[k + 1].address for k, item in enumerate(items[:-1]) if isinstance(item, mc.Label)}
+    assert {0xf50, 0xf60, 0x10e0, 0x10f0, 0x1270, 0x1280, 0x2b20, 0x2b30} <= labelled
+    counts = mc.memory_counts(items)
+    assert counts["loads"] == {8: 0, 16: 0, 32: 0, 64: 0, 128: 3}
+    # store_vec of 8 bf16 as four 32-bit stores
+    assert counts["stores"] == {8: 0, 16: 0, 32: 4, 64: 0, 128: 0}
+    assert (counts["ldl"], counts["stl"]) == (0, 0)
+    assert mc.max_loads_back_to_back(items) == 1
+    assert mc.max_bytes_in_flight(items) == 16
+
+
+def test_excerpt_resources_and_name():
+    res = mc.parse_res_usage(EXCERPT_RES.read_text())
+    assert res == {MANGLED: {"registers": 104, "shared_bytes": 25600, "local_bytes": 0, "stack_bytes": 0}}
+    codes = mc.kernel_codes(EXCERPT.read_text(), EXCERPT_RES.read_text(), "sm_90a")
+    assert len(codes) == 1
+    code = codes[0]
+    if code.name != MANGLED:  # c++filt found
+        assert code.name == "vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 0>"
+        assert (code.kernel, code.config, code.default) == ("residual_fwd_kernel", "T=bf16,V=8,pool=mean", True)
+    assert (code.registers, code.shared_bytes, code.blocks_per_sm, code.occupancy_limit) == (104, 25600, 2, "registers")
+
+
+@pytest.mark.parametrize("opcode,bits", [
+    ("LDG.E.U8", 8), ("LDG.E.S16", 16), ("LDG.E", 32), ("LDG.E.STRONG.GPU", 32), ("LDG.E.64", 64),
+    ("LDG.E.128", 128), ("LDG.E.EF.128", 128), ("LDG.E.128.CONSTANT", 128), ("LDG.E.LTC128B.128", 128),
+    ("LDG.E.LTC128B", 32), ("STG.E.U16", 16), ("STG.E.128", 128), ("LD.E.64", 64)])
+def test_access_widths(opcode, bits):
+    assert mc.access_width(mc.Instruction(0, opcode)) == bits
+
+
+def test_registers_of_operands():
+    [ld, st, wide, pair] = sass("LDG.E.128 R4, desc[UR4][R2.64+0x10]", "STG.E.128 desc[UR4][R2.64], R8",
+                                "IMAD.WIDE.U32 R6, R5, 0x4, R12", "CS2R R20, SRZ")
+    assert mc.load_destinations(ld) == {4, 5, 6, 7}
+    assert mc.registers_of(ld) == {2, 3, 4}  # UR4 is a uniform register, not R4's
+    assert mc.registers_of(st) == {2, 3, 8, 9, 10, 11}
+    assert mc.registers_of(wide) == {5, 6, 12, 13}
+    assert mc.registers_of(pair) == {20, 21}
+
+
+# ------------------------------------------------------------------------------ loads back to back
+
+def test_independent_loads_issue_back_to_back():
+    items = sass("LDG.E.128 R4, desc[UR4][R2.64]", "IADD3 R2, P0, R2, 0x10, RZ",
+                 "LDG.E.128 R8, desc[UR4][R2.64]", "LDG.E.128 R12, desc[UR4][R2.64+0x10]",
+                 "FADD R16, R4, R8", "FADD R17, R12, R16")
+    assert mc.max_loads_back_to_back(items) == 3
+    assert mc.max_bytes_in_flight(items) == 48
+
+
+def test_a_use_in_between_ends_the_run():
+    # R7 is the last of the four registers LDG.E.128 R4 writes
+    items = sass("LDG.E.128 R4, desc[UR4][R2.64]", "FADD R20, R7, R7", "LDG.E.128 R8, desc[UR4][R2.64+0x10]",
+                 "LDG.E.128 R12, desc[UR4][R2.64+0x20]")
+    assert mc.max_loads_back_to_back(items) == 2
+    assert [len(r) for r in mc.load_runs(items)] == [1, 2]
+    # a register next to the destination is not a use
+    items = sass("LDG.E.128 R4, desc[UR4][R2.64]", "FADD R20, R8, R3", "LDG.E.128 R12, desc[UR4][R2.64+0x10]")
+    assert mc.max_loads_back_to_back(items) == 2
+
+
+def test_a_dependent_address_or_a_store_of_the_value_ends_the_run():
+    items = sass("LDG.E.64 R4, desc[UR4][R2.64]", "LDG.E.128 R8, desc[UR4][R4.64]")
+    assert [len(r) for r in mc.load_runs(items)] == [1, 1]
+    items = sass("LDG.E.128 R8, desc[UR4][R2.64]", "STG.E.128 desc[UR4][R4.64], R8",
+                 "LDG.E.128 R12, desc[UR4][R2.64+0x10]")
+    assert [len(r) for r in mc.load_runs(items)] == [1, 1]
+
+
+def test_a_branch_in_between_ends_the_run():
+    items = sass("LDG.E.128 R4, desc[UR4][R2.64]", "@!P0 BRA 0x40", "LDG.E.128 R8, desc[UR4][R2.64+0x10]",
+                 "FADD R20, R4, R8")
+    assert mc.max_loads_back_to_back(items) == 1
+    items = sass("LDG.E.128 R4, desc[UR4][R2.64]", "EXIT", "LDG.E.128 R8, desc[UR4][R2.64+0x10]")
+    assert mc.max_loads_back_to_back(items) == 1
+    # a predicated load is not a branch
+    items = sass("@P0 LDG.E.128 R4, desc[UR4][R2.64]", "@P1 LDG.E.128 R8, desc[UR4][R2.64+0x10]")
+    assert mc.max_loads_back_to_back(items) == 2
+
+
+def test_a_label_in_between_ends_the_run():
+    items = sass("LDG.E.128 R4, desc[UR4][R2.64]", ".L_x_3:", "LDG.E.128 R8, desc[UR4][R2.64+0x10]")
+    assert mc.max_loads_back_to_back(items) == 1
+    # cuobjdump prints addresses, not labels: a branch target elsewhere splits the block too
+    text = "\n".join(["\t\tFunction : k",
+                      "        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;",
+                      "        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;",
+                      "        /*0020*/                   FADD R20, R4, R8 ;",
+                      "        /*0030*/               @P0 BRA 0x10 ;"])
+    items = mc.parse_sass(text)["k"]
+    assert mc.Label("0x10") in items and mc.max_loads_back_to_back(items) == 1
+
+
+def test_nvdisasm_output_parses_with_its_labels():
+    text = "\n".join([".text.k:",
+                      "        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;",
+                      ".L_x_1:",
+                      "        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;",
+                      "        /*0020*/                   FADD R20, R4, R8 ;",
+                      "        /*0030*/               @P0 BRA `(.L_x_1) ;",
+                      "        /*0040*/                   EXIT ;"])
+    items = mc.parse_sass(text)["k"]
+    assert items[1] == mc.Label(".L_x_1") and mc.max_loads_back_to_back(items) == 1
+    assert mc.loops(items) == [(0x10, 0x30)]
+
+
+def test_64_bit_loads_are_not_16_byte_loads():
+    items = sass("LDG.E.64 R4, desc[UR4][R2.64]", "LDG.E.64 R6, desc[UR4][R2.64+0x8]",
+                 "LDG.E.128 R8, desc[UR4][R2.64+0x10]", "FADD R20, R4, R8")
+    assert mc.max_loads_back_to_back(items, 128) == 1
+    assert mc.max_loads_back_to_back(items, 64) == 2
+    assert mc.max_bytes_in_flight(items) == 32
+
+
+def test_hot_loop_is_the_nest_with_the_most_16_byte_loads():
+    items = sass(
+        "LDG.E.64 R30, desc[UR4][R40.64]",  # prologue
+        "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x10: outer loop, a key load
+        "LDG.E.EF.128 R8, desc[UR4][R2.64+0x100]",  # 0x20: inner loop, a frame load
+        "FADD R20, R8, R4",
+        "@P0 BRA 0x20",  # 0x40: back to the inner loop's start
+        "@P1 BRA 0x10",  # 0x50: back to the outer loop's start
+        "LDG.E.128 R12, desc[UR4][R2.64]", "LDG.E.128 R16, desc[UR4][R2.64+0x10]",  # epilogue, 2 in a run
+        "EXIT")
+    assert mc.loop_nests(items) == [(0x10, 0x50)]
+    assert mc.max_loads_back_to_back(items) == 2
+    hot = mc.hot_loop(items)
+    assert (hot.first, hot.last, hot.loads, hot.runs, hot.bytes_per_run) == (0x10, 0x50, 2, 2, 16.0)
+
+
+# ------------------------------------------------------------------------------ occupancy
+
+@pytest.mark.parametrize("registers,shared,arch,blocks,by", [
+    (104, 25600, "sm_90a", 2, "registers"),  # 104 x 32 = 3328 per warp: 4 warps per sub-partition
+    (119, 28736, "sm_90a", 2, "registers"),  # 120 x 32 = 3840: 4 per sub-partition
+    (80, 0, "sm_90a", 3, "registers"),  # 2560: 6 per sub-partition, 24 warps
+    (64, 25600, "sm_90a", 4, "registers"),  # 2048: 8 per sub-partition
+    (33, 0, "sm_90a", 6, "registers"),  # rounded up to 40: 1280, 12 per sub-partition
+    (32, 0, "sm_90a", 8, "registers"),  # and 8 blocks of 256 is also the thread limit
+    (255, 28672, "sm_80", 1, "registers"),
+    (32, 100 * 1024, "sm_90a", 2, "shared"),  # 101 KiB per block (1 KiB reserved) of 228
+    (32, 100 * 1024, "sm_80", 1, "shared"),  # of 164
+])
+def test_blocks_per_sm(registers, shared, arch, blocks, by):
+    got = mc.blocks_per_sm(registers, shared, arch)
+    assert got["blocks"] == blocks and got[f"by_{by}"] == blocks
+
+
+def test_threads_limit_blocks_of_small_kernels():
+    got = mc.blocks_per_sm(16, 0, "sm_90")
+    assert got["blocks"] == 8 and got["by_threads"] == 8 and got["by_registers"] == 16
+
+
+# ------------------------------------------------------------------------------ Little's law
+
+def _code(blocks_per_sm: int, bytes_in_flight: float) -> mc.KernelCode:
+    return mc.KernelCode(name="k", kernel="k", config="-", default=True, arch="sm_90a", registers=32,
+                         shared_bytes=0, local_bytes=0, stack_bytes=0, loads={}, stores={}, ldl=0, stl=0,
+                         loads_back_to_back=1, hot_loads=1, hot_runs=1, bytes_in_flight=bytes_in_flight,
+                         blocks_per_sm=blocks_per_sm, occupancy_limit="registers", instructions=1)
+
+
+def test_littles_law_with_a_tail_wave():
+    launch = mc.Launch("k", (3, 15, 8), 256, {})
+    traffic = mc.Traffic({"x": 200_000_000}, {"out": 1_000_000}, 100_000_000, 300_000_000)
+    k = mc.estimate_kernel(launch, _code(2, 16), traffic, set())
+    assert k.blocks == 360 and k.waves == pytest.approx(360 / 264)
+    assert k.tail == pytest.approx(360 / 528)  # two waves, the second 36% full
+    assert k.bytes_in_flight_per_sm == 2 * 256 * 16
+    waiting = 200e6 * mc.HBM_LATENCY_S + 100e6 * mc.L2_LATENCY_S  # byte-seconds of loads
+    expected = 0.0
+    for blocks in (264, 96):  # a full wave of 2 blocks on each of 132 SMs, then the rest
+        share = blocks / 360
+        expected += max(share * 201e6 / 3.0e12, share * waiting / (blocks * 256 * 16))
+    assert k.time_us == pytest.approx(expected * 1e6)
+    assert k.t_hbm_us == pytest.approx(201e6 / 3.0e12 * 1e6)
+    assert k.bound == "latency"
+    assert k.littles_law_gb_per_s == pytest.approx(132 * 8192 * (360 / 528) / mc.HBM_LATENCY_S / 1e9)
+    assert (k.hbm_bytes, k.l2_bytes) == (201_000_000, 300_000_000)
+
+
+def test_a_short_last_wave_can_be_latency_bound_alone():
+    # one full wave that reaches the copy bandwidth, then 72 blocks that cannot
+    k = mc.estimate_kernel(mc.Launch("k", (600,), 256, {}), _code(4, 32),
+                           mc.Traffic({"x": 400_000_000}, {}, 0, 400_000_000), set())
+    full, last = 528 / 600, 72 / 600
+    assert k.bound == "bandwidth, tail latency"
+    expected = full * 400e6 / 3.0e12 + last * 400e6 * mc.HBM_LATENCY_S / (72 * 256 * 32)
+    assert k.time_us == pytest.approx(expected * 1e6)
+
+
+def test_enough_in_flight_reaches_the_copy_bandwidth():
+    launch = mc.Launch("k", (1056,), 256, {})
+    k = mc.estimate_kernel(launch, _code(8, 64), mc.Traffic({"x": 300_000_000}, {}, 0, 300_000_000), set())
+    assert k.tail == 1.0 and k.bound == "bandwidth"
+    assert k.time_us == pytest.approx(100.0) and k.littles_law_gb_per_s == pytest.approx(3000.0)
+
+
+def test_a_tensor_an_earlier_kernel_touched_is_read_from_l2():
+    resident: set = set()
+    small = mc.Traffic({"key": 10_000_000}, {"tokens": 10_000_000}, 0, 10_000_000)
+    mc.estimate_kernel(mc.Launch("k", (1056,), 256, {}), _code(8, 64), small, resident)
+    assert resident == {"key", "tokens"}
+    again = mc.estimate_kernel(mc.Launch("k", (1056,), 256, {}), _code(8, 64),
+                               mc.Traffic({"key": 10_000_000, "big": 100_000_000}, {}, 0, 0), resident)
+    assert again.hbm_bytes == 100_000_000 and again.thread_cached_bytes == 10_000_000
+    assert "big" not in resident  # larger than half the L2
+
+
+def test_few_blocks_leave_the_gpu_idle():
+    # grad_query_reduce: 5 blocks on 132 SMs
+    k = mc.estimate_kernel(mc.Launch("k", (5,), 256, {}), _code(8, 16),
+                           mc.Traffic({"partials": 848_000}, {}, 0, 848_000), set())
+    assert k.tail == pytest.approx(5 / (132 * 8))
+    assert k.time_us == pytest.approx(848_000 * mc.HBM_LATENCY_S / (5 * 256 * 16) * 1e6)
+
+
+# ------------------------------------------------------------------------------ the launches
+
+def test_launches_come_from_the_backend_launch_path():
+    siglip = dict(batch=8, frames=16, num_patches=729, channels=1152, num_heads=18, backward=True)
+    mean = mc.record_launches(dtype=torch.bfloat16, pool="mean", **siglip)
+    assert [(l.kernel, l.grid) for l in mean["fwd"]] == [
+        ("vtok::cuda::key_tokens_kernel<vtok::cuda::bf16_t, 8>", (411, 8)),
+        ("vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 0>", (3, 15, 8))]
+    assert [(l.kernel, l.grid) for l in mean["bwd"]] == [
+        ("vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, false>", (3, 46, 8))]
+    assert mean["bwd"][0].extra[0]["lanes"] == 16 and mean["bwd"][0].params["fwd"]["channels"] == 1152
+    attn = mc.record_launches(dtype=torch.float32, pool="attn", **siglip)
+    assert [(l.kernel, l.grid) for l in attn["bwd"]] == [
+        ("vtok::cuda::attn_delta_kernel<float>", (15, 8)),
+        ("vtok::cuda::encode_bwd_kernel<float, 4, true>", (18, 46, 8)),
+        ("vtok::cuda::grad_query_reduce_kernel<256>", (5,))]
+    assert attn["bwd"][2].extra == (8 * 46,)
+
+
+def test_forward_traffic_rereads_the_key_frame_per_group():
+    fwd = mc.record_launches(8, 16, 729, 1152, torch.bfloat16, "mean", 1, backward=False)["fwd"]
+    frame = 8 * 729 * 1152 * 2  # one frame of every video
+    key_tokens, residual = (mc.kernel_traffic(l) for l in fwd)
+    assert key_tokens.reads == {"x.key": frame} and key_tokens.l2_bytes == frame
+    assert residual.reads == {"x.rest": 15 * frame, "x.key": frame}
+    assert residual.rereads == 14 * frame and residual.l2_bytes == 30 * frame  # 1.875 x the bytes of x
+    assert residual.writes == {"sequence.residual": 8 * 15 * 1152 * 2}
+
+
+# ------------------------------------------------------------------------------ today's kernels
+
+@pytest.fixture(scope="module")
+def sm90_codes():
+    reason = mc.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"sass-report needs nvcc and cuobjdump: {reason}")
+    return mc.analyse(["sm_90a"])
+
+
+def test_nvcc_flags_are_the_builds():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    options = re.search(r"COMPILE_LANGUAGE:CUDA>:([^>]*)>", cmake).group(1).split()
+    assert "set(CMAKE_CXX_STANDARD 17)" in cmake and cuda.NVCC_FLAGS[0] == "-std=c++17"
+    assert set(cuda.NVCC_FLAGS[1:]) <= set(options), (cuda.NVCC_FLAGS, options)
+    command = cuda.nvcc_command("nvcc", Path("a.cu"), "sm_90", Path("a.cubin"), "-cubin")
+    assert "-arch=sm_90a" in command and command[-3:] == ["a.cu", "-o", "a.cubin"]
+
+
+def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
+    by = {(c.kernel, c.config): c for c in sm90_codes}
+    # expand writes its frames with 16-byte stores
+    for dtype in ("bf16", "fp16"):
+        assert by[("expand_fwd_kernel", f"T={dtype},V=8")].stores[128] >= 1
+    assert by[("expand_fwd_kernel", "T=fp32,V=4")].stores[128] >= 1
+    # the forward's vector path loads 16 bytes at a time
+    for pool in ("mean", "attn"):
+        assert by[("residual_fwd_kernel", f"T=bf16,V=8,pool={pool}")].loads[128] >= 1
+        assert by[("residual_fwd_kernel", f"T=fp32,V=4,pool={pool}")].loads[128] >= 1
+    defaults = [c for c in sm90_codes if c.default]
+    assert len(defaults) >= 20
+    for c in defaults:
+        assert (c.ldl, c.stl, c.local_bytes) == (0, 0, 0), c  # no local memory on the default path
+        assert 0 < c.registers <= 255 and c.blocks_per_sm >= 1
+        assert c.blocks_per_sm == mc.blocks_per_sm(c.registers, c.shared_bytes, "sm_90a")["blocks"]
+        assert c.bytes_in_flight > 0 and c.hot_runs >= 1
+
+    paths = {name: tmp_path / name for name in ("report.json", "report.txt", "static-model.json")}
+    assert mc.main(["--arch", "sm_90a", "--json", str(paths["report.json"]), "--txt", str(paths["report.txt"]),
+                    "--model-json", str(paths["static-model.json"])]) == 0
+    out = capsys.readouterr().out
+    assert out == paths["report.txt"].read_text()
+    assert "residual_fwd_kernel" in out and "encode-attn fwd+bwd siglip bfloat16" in out
+    assert f"{mc.HBM_LATENCY_CYCLES} cycles from HBM" in out
+
+    from benchmarks import proof
+
+    model = proof.load_model(paths["static-model.json"])
+    keys = {(op, mode, preset, dtype) for op in ("encode-mean", "encode-attn") for mode in ("fwd", "fwd+bwd")
+            for preset in ("siglip", "clip") for dtype in ("bfloat16", "float32")}
+    assert set(model) == {("cuda",) + k for k in keys}
+    for row in model.values():
+        assert 0 < row["predicted_gb_per_s"] <= mc.COPY_BANDWIDTH / 1e9 + 1e-6
+        assert row["fraction_of_copy"] == pytest.approx(row["predicted_gb_per_s"] / 3000)
+        assert row["bytes_moved"] / (row["predicted_us"] * 1e-6) / 1e9 == pytest.approx(row["predicted_gb_per_s"])
+        assert math.isclose(sum(k["time_us"] for k in row["kernels"]), row["predicted_us"], rel_tol=1e-9)
+        assert all(k["blocks"] >= 1 and k["blocks_per_sm"] >= 1 for k in row["kernels"])
+    siglip_fwd = model[("cuda", "encode-mean", "fwd", "siglip", "bfloat16")]
+    assert [k["kernel"] for k in siglip_fwd["kernels"]] == ["key_tokens_kernel", "residual_fwd_kernel"]
+    report = json.loads(paths["report.json"].read_text())
+    assert {k["arch"] for k in report["kernels"]} == {"sm_90a"} and len(report["rows"]) == 16
+
+
+def test_cli_rejects_an_unknown_arch():
+    from vtok_kernels.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["sass-report", "--arch", "sm_75"])

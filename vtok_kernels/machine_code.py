@@ -1,0 +1,1010 @@
+"""``python -m vtok_kernels sass-report``: the CUDA kernels' machine code, read without a GPU, and
+a Little's-law bandwidth model of the benchmark presets built on it.
+
+Part one reads the SASS. Every ``csrc/cuda/*.cu`` is compiled to a cubin by nvcc with the
+extension's own flags (``backends.cuda.nvcc_command``), dumped with ``cuobjdump -sass`` and
+``cuobjdump -res-usage``, and each kernel instantiation gets, per arch: its global loads and
+stores counted by width (8 to 128 bit), its local-memory accesses (LDL / STL), registers, shared
+memory, resident blocks per SM, the most 16-byte loads issued back to back (:func:`load_runs`)
+and the loads and runs of loads of its hot loop (:func:`hot_loop`).
+
+Part two is the model. For each preset (the benchmark's shapes) the cuda backend's own launch
+path runs on meta tensors with a loader that records each kernel and grid instead of launching
+(:func:`record_launches`); each launched kernel gets its bytes (from HBM, from L2, loaded per
+thread) and a time, the larger of a bandwidth bound and a Little's-law bound:
+
+* ``t_hbm = HBM bytes / COPY_BANDWIDTH``;
+* ``t_latency = (HBM-served bytes x HBM latency + cache-served bytes x L2 latency) / bytes in
+  flight``, with bytes in flight = resident blocks x 256 threads x the bytes a thread keeps in
+  flight (its hot loop's bytes per run of loads, from the SASS);
+
+both per wave of resident blocks, so that a last, partly full wave counts at its own occupancy
+(the tail); ``LL GB/s`` in the report is the whole grid's average, SMs x bytes in flight per SM
+/ HBM latency x blocks / (ceil(waves) x capacity).
+
+An op's predicted time is the sum over its kernels, and its predicted GB/s the bytes it must move
+(``benchmarks.roofline.encode_bytes``, what the benchmark divides by) over that time. Each
+assumption is one line of :data:`ASSUMPTIONS`; the model is a first estimate that the first GPU
+run calibrates (DESIGN.md section 5).
+
+cuobjdump and nvdisasm come with the CUDA toolkit or as the PyPI wheels
+``nvidia-cuda-cuobjdump`` / ``nvidia-cuda-nvdisasm`` (requirements-dev.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+# ------------------------------------------------------------------------------ the machine
+
+THREADS_PER_BLOCK = 256  # every launcher (launch_utils.cuh kThreads, cuda_nvrtc.THREADS)
+WARP = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class SmLimits:
+    registers: int  # per SM, split evenly over 4 sub-partitions that each hold whole warps
+    threads: int
+    blocks: int
+    shared_bytes: int  # the largest shared-memory carveout
+    sub_partitions: int = 4
+    register_unit: int = 256  # registers are allocated per warp in units of 256
+    shared_unit: int = 128
+    shared_reserved_per_block: int = 1024  # the runtime's own share of each block, sm_80 on
+
+
+SM_LIMITS = {
+    "sm_90": SmLimits(65536, 2048, 32, 228 * 1024),
+    "sm_80": SmLimits(65536, 2048, 32, 164 * 1024),
+}
+
+# H100 SXM: the device the model describes and the one the GPU proof runs on.
+H100_SMS = 132
+# Measured copy bandwidth (bytes read + written per second) of the lent H100 (a device-to-device
+# copy through PyTorch on an H100 80GB HBM3, 2026-11-13): the roofline's denominator.
+COPY_BANDWIDTH = 3.0e12
+H100_SM_CLOCK_HZ = 1.98e9  # H100 SXM boost clock, for turning cycles into seconds
+# Load-to-use latency of global memory on an H100 SXM, IDLE (a single-thread pointer chase,
+# clocks not locked): 700 cycles from HBM3 and 291 from L2 (markdewing/AI_kernels,
+# latency/README.md, beside the 690 / 281 it measured on a GH200). At 1.98 GHz that is about
+# 354 ns and 147 ns. Under load the latency grows (queueing near the copy bandwidth), and the
+# loaded figure is not in the sources read; with the idle one the Little's-law bandwidth is an
+# upper bound, which the first GPU run calibrates.
+HBM_LATENCY_CYCLES = 700
+L2_LATENCY_CYCLES = 291
+HBM_LATENCY_S = HBM_LATENCY_CYCLES / H100_SM_CLOCK_HZ
+L2_LATENCY_S = L2_LATENCY_CYCLES / H100_SM_CLOCK_HZ
+# A tensor that an earlier kernel of the same pass read or wrote is still in L2 when it takes at
+# most half the H100's 50 MB L2 (one partition: the L2 is split in two halves).
+L2_RESIDENT_BYTES = 25 * 1024 * 1024
+
+ASSUMPTIONS = (
+    f"device: H100 SXM, {H100_SMS} SMs, sm_90a machine code, blocks of {THREADS_PER_BLOCK} threads",
+    f"bandwidth bound: HBM bytes (compulsory reads + writes) / {COPY_BANDWIDTH / 1e12:.1f} TB/s, "
+    "the copy bandwidth measured on the lent H100",
+    f"latency: {HBM_LATENCY_CYCLES} cycles from HBM, {L2_LATENCY_CYCLES} from L2 at "
+    f"{H100_SM_CLOCK_HZ / 1e9:.2f} GHz ({HBM_LATENCY_S * 1e9:.0f} / {L2_LATENCY_S * 1e9:.0f} ns), idle "
+    "pointer-chase figures (markdewing/AI_kernels latency/README.md): under load the latency is longer, "
+    "so the Little's-law bandwidth is an upper bound",
+    "a thread keeps in flight the bytes per run of loads of its kernel's hot loop nest (the one with "
+    "the most 16-byte loads, read from the SASS): each run waits one latency, each instruction of "
+    "the nest runs once per pass (frames_per_token 1, every row valid)",
+    "loads served by L1 are charged the L2 latency; stores are not waited on",
+    "within a kernel every re-read (the key frame per group, grad r per frame) hits L1 or L2",
+    f"across kernels of one pass a tensor stays in L2 if it is at most {L2_RESIDENT_BYTES >> 20} MiB; "
+    "each pass (forward, backward) starts cold",
+    "resident blocks per SM from registers, threads, blocks and shared memory with the largest carveout",
+    "waves: b blocks over a capacity of c run floor(b / c) full waves and one of b mod c blocks, each "
+    "moving its share of the bytes in the larger of its two bounds (LL GB/s: the grid's average, "
+    "SMs x bytes in flight per SM / HBM latency x b / (ceil(b / c) c))",
+    "no instruction-issue, launch-gap or synchronisation cost",
+)
+
+
+def sm_limits(arch: str) -> SmLimits:
+    key = re.sub(r"a$", "", arch)
+    if key not in SM_LIMITS:
+        raise ValueError(f"no SM limits for {arch}; known: {', '.join(SM_LIMITS)}")
+    return SM_LIMITS[key]
+
+
+def blocks_per_sm(registers: int, shared_bytes: int, arch: str,
+                  threads: int = THREADS_PER_BLOCK) -> dict:
+    """Resident blocks per SM and what limits them (``by``: registers, threads, blocks, shared)."""
+    lim = sm_limits(arch)
+    warps = -(-threads // WARP)
+    per_warp = -(-max(registers, 1) * WARP // lim.register_unit) * lim.register_unit
+    warps_by_regs = (lim.registers // lim.sub_partitions // per_warp) * lim.sub_partitions
+    per_block_shared = -(-(shared_bytes + lim.shared_reserved_per_block) // lim.shared_unit) * lim.shared_unit
+    limits = {
+        "registers": warps_by_regs // warps,
+        "threads": lim.threads // (warps * WARP),
+        "blocks": lim.blocks,
+        "shared": lim.shared_bytes // per_block_shared,
+    }
+    by = min(limits, key=lambda k: limits[k])
+    return {"blocks": limits[by], "by": by, **{f"by_{k}": v for k, v in limits.items()}}
+
+
+# ------------------------------------------------------------------------------ the tools
+
+def find_tool(name: str) -> Optional[str]:
+    """A CUDA binary utility: on PATH, in /usr/local/cuda/bin, or from its PyPI wheel
+    (``nvidia-cuda-cuobjdump`` installs ``nvidia/cu13/bin/cuobjdump``; older ones
+    ``nvidia/cuda_cuobjdump/bin/cuobjdump``)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    local = Path("/usr/local/cuda/bin") / name
+    if local.is_file():
+        return str(local)
+    try:
+        import nvidia  # namespace package of NVIDIA's wheels
+
+        roots = [Path(p) for p in nvidia.__path__]
+    except ImportError:
+        roots = []
+    for root in roots:
+        for candidate in sorted(root.glob(f"*/bin/{name}")):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return None
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when nvcc, cuobjdump and c++filt are found, else what is missing and how to get it."""
+    from vtok_kernels.backends import cuda
+
+    missing = []
+    if cuda.find_nvcc() is None:
+        missing.append("nvcc (the CUDA toolkit)")
+    if find_tool("cuobjdump") is None:
+        missing.append("cuobjdump (pip install nvidia-cuda-cuobjdump)")
+    if shutil.which("c++filt") is None:
+        missing.append("c++filt (binutils), which names the kernels")
+    return "not found: " + ", ".join(missing) if missing else None
+
+
+def tool_version(path: str) -> str:
+    proc = subprocess.run([path, "--version"], capture_output=True, text=True)
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    return lines[-1] if lines else "?"
+
+
+# ------------------------------------------------------------------------------ compiling and dumping
+
+_DUMPS: dict = {}  # (source, mtime, arch) -> (sass text, res-usage text): one compile per process
+
+
+def dump(source: Path, arch: str) -> tuple[str, str]:
+    """(``cuobjdump -sass``, ``cuobjdump -res-usage``) of ``source`` compiled for ``arch``."""
+    from vtok_kernels.backends import cuda
+
+    key = (str(source), source.stat().st_mtime_ns, cuda.nvcc_target(arch))
+    if key in _DUMPS:
+        return _DUMPS[key]
+    nvcc, cuobjdump = cuda.find_nvcc(), find_tool("cuobjdump")
+    if nvcc is None or cuobjdump is None:
+        raise RuntimeError(f"sass-report: {unavailable_reason()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / (source.stem + ".cubin")
+        proc = subprocess.run(cuda.nvcc_command(nvcc, source, arch, cubin, "-cubin"),
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {source.name} for {arch}:\n{proc.stderr[-3000:]}")
+        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    _DUMPS[key] = (sass, res)
+    return sass, res
+
+
+# ------------------------------------------------------------------------------ parsing SASS
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str  # with its modifiers: LDG.E.EF.128
+    operands: str = ""
+    predicate: str = ""
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+    @property
+    def modifiers(self) -> tuple[str, ...]:
+        return tuple(self.opcode.split(".")[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """A branch target: a basic block starts here."""
+
+    name: str
+
+
+Item = Union[Instruction, Label]
+
+_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)|^\.text\.(\S+):\s*$")
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;")
+_PREDICATE = re.compile(r"^(@!?U?P[T0-9]+)\s+")
+_NVDISASM_LABEL = re.compile(r"^\s*(\.L_\w+):")
+_TARGET = re.compile(r"`\((\.L_\w+)\)|\b0x([0-9a-fA-F]+)\b")
+# Opcodes whose operand names a branch target (BSSY: the reconvergence point).
+_TARGETING = {"BRA", "BSSY", "CALL", "JMP", "BREAK", "BPT"}
+# Opcodes that end a basic block.
+_BLOCK_ENDS = {"BRA", "BRX", "BRXU", "JMP", "JMX", "JMXU", "EXIT", "RET", "CALL", "BREAK", "BSYNC",
+               "KILL", "BPT"}
+
+
+def parse_instruction(line: str) -> Optional[Instruction]:
+    m = _INSTRUCTION.match(line)
+    if not m:
+        return None
+    body = m.group(2).strip()
+    predicate = ""
+    p = _PREDICATE.match(body)
+    if p:
+        predicate, body = p.group(1), body[p.end():]
+    opcode, _, operands = body.partition(" ")
+    return Instruction(int(m.group(1), 16), opcode, operands.strip(), predicate)
+
+
+def parse_sass(text: str) -> dict[str, list[Item]]:
+    """{mangled kernel name: its instructions, with a Label before every branch target}, from
+    ``cuobjdump -sass`` (targets are addresses) or ``nvdisasm`` (targets are ``.L_x_N`` labels)."""
+    functions: dict[str, list[Item]] = {}
+    current: Optional[list[Item]] = None
+    for line in text.splitlines():
+        m = _FUNCTION.match(line)
+        if m:
+            current = functions.setdefault(m.group(1) or m.group(2), [])
+            continue
+        if current is None:
+            continue
+        label = _NVDISASM_LABEL.match(line)
+        if label:
+            current.append(Label(label.group(1)))
+            continue
+        ins = parse_instruction(line)
+        if ins is not None:
+            current.append(ins)
+    return {name: label_targets(items) for name, items in functions.items()}
+
+
+def label_targets(items: list[Item]) -> list[Item]:
+    """``items`` with a Label before each instruction that a branch (or BSSY) names by address."""
+    targets = set()
+    for item in items:
+        if isinstance(item, Instruction) and item.base in _TARGETING:
+            for m in _TARGET.finditer(item.operands):
+                if m.group(2):
+                    targets.add(int(m.group(2), 16))
+    if not targets:
+        return items
+    out: list[Item] = []
+    for item in items:
+        if isinstance(item, Instruction) and item.address in targets:
+            out.append(Label(f"0x{item.address:x}"))
+        out.append(item)
+    return out
+
+
+def parse_res_usage(text: str) -> dict[str, dict]:
+    """{mangled kernel name: {"registers", "shared_bytes", "local_bytes", "stack_bytes"}} from
+    ``cuobjdump -res-usage``."""
+    out: dict[str, dict] = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"^\s*Function\s+(\S+?):?\s*$", line)
+        if m:
+            name = m.group(1)
+            continue
+        if name is not None and "REG:" in line:
+            fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line))
+            out[name] = {"registers": int(fields.get("REG", 0)), "shared_bytes": int(fields.get("SHARED", 0)),
+                         "local_bytes": int(fields.get("LOCAL", 0)), "stack_bytes": int(fields.get("STACK", 0))}
+            name = None
+    return out
+
+
+# ------------------------------------------------------------------------------ reading SASS
+
+WIDTHS = (8, 16, 32, 64, 128)
+_WIDTH_MODIFIERS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
+
+
+def access_width(ins: Instruction) -> int:
+    """Bits one thread moves with a load or store: LDG.E.U16 16, LDG.E 32, LDG.E.EF.128 128
+    (cache hints such as .EF, .CONSTANT, .LTC128B, .STRONG.GPU are not widths)."""
+    width = 32
+    for mod in ins.modifiers:
+        width = _WIDTH_MODIFIERS.get(mod, width)
+    return width
+
+
+def is_global_load(ins: Instruction) -> bool:
+    # LD is the generic-address load, global whenever a pointer is
+    return ins.base in ("LDG", "LD")
+
+
+def is_global_store(ins: Instruction) -> bool:
+    return ins.base in ("STG", "ST")
+
+
+_REGISTER = re.compile(r"(?<![A-Za-z_])R(\d+)(\.64)?\b")
+
+
+def registers_of(ins: Instruction) -> set[int]:
+    """Every general register an instruction reads or writes: ``R4.64`` and the 64-bit forms
+    (.WIDE's last operand, F64 arithmetic) name a pair, a 64 / 128-bit store's data 2 / 4."""
+    regs: set[int] = set()
+    operands = [o.strip() for o in ins.operands.split(",")]
+    pair_all = ins.base in ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX", "CS2R")
+    store_data = access_width(ins) // 32 if (is_global_store(ins) or ins.base in ("STS", "STL")) else 1
+    last_register = max((i for i, o in enumerate(operands) if _REGISTER.search(o)), default=-1)
+    for i, operand in enumerate(operands):
+        for m in _REGISTER.finditer(operand):
+            n, count = int(m.group(1)), 1
+            if m.group(2) or pair_all or (".WIDE" in ins.opcode and i == last_register):
+                count = 2
+            if i == len(operands) - 1 and "[" not in operand:
+                count = max(count, store_data)
+            regs.update(range(n, n + count))
+    return regs
+
+
+def load_destinations(ins: Instruction) -> set[int]:
+    """The registers a global load writes: its first operand, width / 32 of them."""
+    m = _REGISTER.match(ins.operands.split(",")[0].strip())
+    if not m:
+        return set()  # RZ: a prefetch-like load nobody waits for
+    n = int(m.group(1))
+    return set(range(n, n + max(1, access_width(ins) // 32)))
+
+
+def load_runs(items: Sequence[Item], counts=is_global_load) -> list[list[Instruction]]:
+    """Runs of loads issued back to back: within one basic block (no branch instruction and no
+    branch target in between), before any instruction touches a register that a load of the
+    run writes. Only loads for which ``counts`` is true join a run; others pass through."""
+    runs: list[list[Instruction]] = []
+    run: list[Instruction] = []
+    pending: set[int] = set()
+
+    def close():
+        nonlocal run, pending
+        if run:
+            runs.append(run)
+        run, pending = [], set()
+
+    for item in items:
+        if isinstance(item, Label):
+            close()
+            continue
+        if pending and registers_of(item) & pending:
+            close()
+        if is_global_load(item) and counts(item):
+            dest = load_destinations(item)
+            if dest:
+                run.append(item)
+                pending |= dest
+        if item.base in _BLOCK_ENDS:
+            close()
+    close()
+    return runs
+
+
+def max_loads_back_to_back(items: Sequence[Item], width: int = 128) -> int:
+    """The most loads of ``width`` bits one thread issues before it waits on any of them."""
+    runs = load_runs(items, lambda ins: access_width(ins) == width)
+    return max((len(r) for r in runs), default=0)
+
+
+def loops(items: Sequence[Item]) -> list[tuple[int, int]]:
+    """(first, last address) of every loop: a branch back to an earlier address closes one."""
+    labels, pending = {}, []
+    for item in items:
+        if isinstance(item, Label):
+            pending.append(item.name)
+        else:
+            labels.update((name, item.address) for name in pending)
+            pending = []
+    out = []
+    for item in items:
+        if isinstance(item, Instruction) and item.base in ("BRA", "JMP"):
+            m = _TARGET.search(item.operands)
+            target = None if not m else (labels.get(m.group(1)) if m.group(1) else int(m.group(2), 16))
+            if target is not None and target <= item.address:
+                out.append((target, item.address))
+    return out
+
+
+def loop_nests(items: Sequence[Item]) -> list[tuple[int, int]]:
+    """The outermost loops: overlapping loop ranges merged."""
+    nests: list[list[int]] = []
+    for first, last in sorted(loops(items)):
+        if nests and first <= nests[-1][1]:
+            nests[-1][1] = max(nests[-1][1], last)
+        else:
+            nests.append([first, last])
+    return [(a, b) for a, b in nests]
+
+
+def hot_width(items: Sequence[Item]) -> int:
+    """The load width the model follows: 16 bytes if the kernel issues any, else its most
+    frequent global-load width (0: no global loads)."""
+    counts = memory_counts(items)["loads"]
+    if counts.get(128):
+        return 128
+    return max(counts, key=lambda w: (counts[w], w)) if any(counts.values()) else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HotLoop:
+    """The loop nest a thread spends its time in, as far as the code tells: the one holding the
+    most loads of the hot width (the whole kernel when no loop loads)."""
+
+    first: int
+    last: int
+    loads: int  # global loads of any width in it
+    runs: int  # runs of loads issued back to back (load_runs): each waits one latency
+    bytes: int  # loaded per pass through it
+
+    @property
+    def bytes_per_run(self) -> float:
+        """What one thread has in flight on average, if every instruction of the nest runs once
+        per pass (frames_per_token = 1, every row valid)."""
+        return self.bytes / self.runs if self.runs else 0.0
+
+
+def hot_loop(items: Sequence[Item]) -> Optional[HotLoop]:
+    width = hot_width(items)
+    if not width:
+        return None
+    def inside(first, last):
+        return [i for i in items if isinstance(i, Instruction) and first <= i.address <= last]
+
+    def hot_count(rng):
+        return sum(is_global_load(i) and access_width(i) == width for i in inside(*rng))
+
+    nests = [n for n in loop_nests(items) if hot_count(n)]
+    if nests:
+        first, last = max(nests, key=hot_count)  # ties: the first
+    else:
+        addresses = [i.address for i in items if isinstance(i, Instruction)]
+        first, last = min(addresses), max(addresses)
+    runs = [r for r in load_runs(items) if first <= r[0].address <= last]
+    loads = [i for i in inside(first, last) if is_global_load(i)]
+    return HotLoop(first, last, len(loads), len(runs), sum(access_width(i) // 8 for i in loads))
+
+
+def max_bytes_in_flight(items: Sequence[Item]) -> int:
+    """The most bytes of global loads one thread has in flight (a run of any widths)."""
+    runs = load_runs(items)
+    return max((sum(access_width(i) // 8 for i in r) for r in runs), default=0)
+
+
+def memory_counts(items: Iterable[Item]) -> dict:
+    """Global loads and stores by width in bits, and local-memory accesses."""
+    loads = {w: 0 for w in WIDTHS}
+    stores = {w: 0 for w in WIDTHS}
+    ldl = stl = 0
+    for ins in items:
+        if not isinstance(ins, Instruction):
+            continue
+        if is_global_load(ins):
+            loads[access_width(ins)] = loads.get(access_width(ins), 0) + 1
+        elif is_global_store(ins):
+            stores[access_width(ins)] = stores.get(access_width(ins), 0) + 1
+        elif ins.base == "LDL":
+            ldl += 1
+        elif ins.base == "STL":
+            stl += 1
+    return {"loads": loads, "stores": stores, "ldl": ldl, "stl": stl}
+
+
+# ------------------------------------------------------------------------------ per kernel
+
+@dataclasses.dataclass
+class KernelCode:
+    """One kernel instantiation's machine code on one arch."""
+
+    name: str  # as the launchers spell it: vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 0>
+    kernel: str
+    config: str
+    default: bool  # the 16-byte vector path every aligned input takes
+    arch: str
+    registers: int
+    shared_bytes: int
+    local_bytes: int
+    stack_bytes: int
+    loads: dict
+    stores: dict
+    ldl: int
+    stl: int
+    loads_back_to_back: int  # 16-byte loads, anywhere in the kernel
+    hot_loads: int  # global loads in the hot loop nest (HotLoop)
+    hot_runs: int  # runs of loads issued back to back there
+    bytes_in_flight: float  # per thread, as the model takes it: the hot loop's bytes per run
+    blocks_per_sm: int
+    occupancy_limit: str
+    instructions: int
+
+    def row(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _strip_signature(demangled: str) -> str:
+    name = demangled[5:] if demangled.startswith("void ") else demangled
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            return name[:i]
+    return name
+
+
+def kernel_codes(sass: str, res_usage: str, arch: str) -> list[KernelCode]:
+    from vtok_kernels.backends import cuda
+
+    functions = parse_sass(sass)
+    resources = parse_res_usage(res_usage)
+    mangled = list(functions)
+    demangled = cuda._demangle(mangled)
+    codes = []
+    for raw, signature in zip(mangled, demangled):
+        items = functions[raw]
+        kernel, config, default = cuda._describe(signature)
+        res = resources.get(raw, {})
+        counts = memory_counts(items)
+        hot = hot_loop(items)
+        occupancy = blocks_per_sm(res.get("registers", 0), res.get("shared_bytes", 0), arch)
+        codes.append(KernelCode(
+            name=_strip_signature(signature), kernel=kernel, config=config, default=default, arch=arch,
+            registers=res.get("registers", 0), shared_bytes=res.get("shared_bytes", 0),
+            local_bytes=res.get("local_bytes", 0), stack_bytes=res.get("stack_bytes", 0),
+            loads=counts["loads"], stores=counts["stores"], ldl=counts["ldl"], stl=counts["stl"],
+            loads_back_to_back=max_loads_back_to_back(items), hot_loads=hot.loads if hot else 0,
+            hot_runs=hot.runs if hot else 0, bytes_in_flight=hot.bytes_per_run if hot else 0.0,
+            blocks_per_sm=occupancy["blocks"], occupancy_limit=occupancy["by"],
+            instructions=sum(isinstance(i, Instruction) for i in items)))
+    return codes
+
+
+def analyse(archs: Sequence[str], sources: Optional[Sequence[Path]] = None) -> list[KernelCode]:
+    """Every kernel instantiation of ``sources`` (default: every csrc/cuda/*.cu) on each arch;
+    one row per (name, arch) even when two sources instantiate the same kernel."""
+    from vtok_kernels.backends import cuda
+
+    sources = cuda.cuda_sources() if sources is None else sources
+    seen, codes = set(), []
+    for arch in archs:
+        target = cuda.nvcc_target(arch)
+        for source in sources:
+            sass, res = dump(Path(source), target)
+            for code in kernel_codes(sass, res, target):
+                if (code.name, code.arch) not in seen:
+                    seen.add((code.name, code.arch))
+                    codes.append(code)
+    return sorted(codes, key=lambda c: (c.arch, c.kernel, c.config))
+
+
+# ------------------------------------------------------------------------------ the launches
+
+@dataclasses.dataclass
+class Launch:
+    kernel: str  # NVRTC name expression, as KernelCode.name spells it
+    grid: tuple[int, ...]
+    block: int
+    params: dict  # the params struct it gets, as a dict (nested for EncodeBwdParams)
+    extra: tuple = ()  # the other arguments: the row plan as a dict, or an integer
+
+    @property
+    def blocks(self) -> int:
+        return math.prod(self.grid)
+
+
+def _struct_dict(value) -> Union[dict, int, float]:
+    import numpy as np
+
+    if isinstance(value, np.ndarray) and value.dtype.names:
+        value = value[0]
+    if isinstance(value, np.void) and value.dtype.names:
+        return {name: _struct_dict(value[name]) for name in value.dtype.names}
+    return value.item() if hasattr(value, "item") else value
+
+
+def record_launches(batch: int, frames: int, num_patches: int, channels: int, dtype, pool: str,
+                    num_heads: int, backward: bool) -> dict[str, list[Launch]]:
+    """{"fwd": [...], "bwd": [...]}: the kernels and grids the cuda backend launches for
+    ``encode`` (key frame 0, one frame per token) of that shape, from its own launch path:
+    ``backends.cuda`` fills the params from meta tensors (no memory; their null data pointers
+    pass the 16-byte checks as a CUDA allocation does) and the CuPy loader computes every
+    grid, with its launch replaced by a recorder."""
+    from unittest import mock
+
+    import torch
+
+    from vtok_kernels.backends import cuda, cuda_nvrtc
+
+    class Recorder(cuda_nvrtc.NvrtcLoader):
+        def __init__(self):
+            self.launches: list[Launch] = []
+
+        def _launch(self, device_index, stream, kernel, grid, args):
+            self.launches.append(Launch(kernel, tuple(int(g) for g in grid), cuda_nvrtc.THREADS,
+                                        _struct_dict(args[0]), tuple(_struct_dict(a) for a in args[1:])))
+
+    meta = torch.device("meta")
+    x = torch.empty(batch, frames, num_patches, channels, dtype=dtype, device=meta)
+    key_index = torch.zeros(batch, dtype=torch.int64, device=meta)
+    query = torch.empty(channels, dtype=torch.float32, device=meta) if pool == "attn" else None
+    heads = num_heads if pool == "attn" else 1
+    recorder = Recorder()
+    out = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(cuda, "_loader", lambda: recorder))
+        stack.enter_context(mock.patch.object(cuda, "_stream", lambda t: 0))
+        stack.enter_context(mock.patch.object(torch.cuda, "device", lambda d: contextlib.nullcontext()))
+        sequence, lse = cuda.encode_fwd(x, key_index, query, pool, heads, 1, (), ())
+        out["fwd"], recorder.launches = recorder.launches, []
+        if backward:
+            grad = torch.empty(sequence.shape, dtype=dtype, device=meta)
+            cuda.encode_bwd(grad, x, key_index, query, sequence, lse, pool, heads, 1, (), ())
+            out["bwd"] = recorder.launches
+    return out
+
+
+# ------------------------------------------------------------------------------ bytes per kernel
+
+@dataclasses.dataclass
+class Traffic:
+    """What one kernel moves. ``reads`` / ``writes``: {tensor: bytes} touched (compulsory
+    traffic); ``rereads``: further bytes its threads load from what it already read (L1 / L2);
+    ``l2_bytes``: bytes the SMs load from L2 (first reads and re-reads that miss L1)."""
+
+    reads: dict
+    writes: dict
+    rereads: int
+    l2_bytes: int
+
+
+def _template_args(name: str) -> list[str]:
+    m = re.search(r"<(.*)>$", name)
+    return [a.strip() for a in m.group(1).split(",")] if m else []
+
+
+_ELEMENT_BYTES = {0: 4, 1: 2, 2: 2}
+
+
+def kernel_traffic(launch: Launch) -> Traffic:
+    """Bytes of one launch of the encode kernels (batched, non-spatial: the benchmark's
+    shapes), from its params and grid; what each kernel reads follows csrc/cuda/encode.cuh."""
+    kernel = launch.kernel.split("<")[0].split("::")[-1]
+    args = _template_args(launch.kernel)
+    bwd = "fwd" in launch.params
+    p = launch.params["fwd"] if bwd else launch.params
+    B, T, N, C = p["batch"], p["num_frames"], p["num_patches"], p["channels"]
+    S, G, H = p["num_key_tokens"], p["num_groups"], p["num_heads"]
+    e = _ELEMENT_BYTES[p["dtype"]]
+    x_key, x_rest = B * N * C * e, B * (T - 1) * N * C * e
+    seq_keys, seq_res = B * S * C * e, B * G * C * e
+    lse = B * G * H * 4
+    query = C * 4
+    if kernel == "key_tokens_kernel":
+        return Traffic({"x.key": x_key}, {"sequence.keys": seq_keys}, 0, x_key)
+    if kernel == "residual_fwd_kernel":
+        attn = int(args[2]) == 1
+        reads = {"x.rest": x_rest, "x.key": x_key, **({"query": query} if attn else {})}
+        # one block per (segment, group, video): the key frame is read once per group, and the
+        # query segment once per block
+        rereads = (G - 1) * x_key + (B * G * query - query if attn else 0)
+        writes = {"sequence.residual": seq_res, **({"lse": lse} if attn else {})}
+        return Traffic(reads, writes, rereads, x_rest + G * x_key + (B * G * query if attn else 0))
+    if kernel == "attn_delta_kernel":
+        return Traffic({"sequence.residual": seq_res, "grad_sequence.residual": seq_res},
+                       {"workspace.delta": lse}, 0, 2 * seq_res)
+    if kernel == "encode_bwd_kernel":
+        attn = args[2] == "true"
+        segments, tiles = launch.grid[0], launch.grid[1]
+        lanes = launch.extra[0]["lanes"] if launch.extra else 1
+        per_frame_rows = B * (T - 1) * N * C * e  # grad r, per thread row, every non-key frame
+        grad_r_l2 = B * (T - 1) * tiles * C * e  # once per block and frame (the block's rows share it)
+        reads = {"grad_sequence.residual": seq_res, "grad_sequence.keys": seq_keys}
+        rereads = per_frame_rows - seq_res
+        l2 = grad_r_l2 + seq_keys
+        writes = {"grad_x": B * T * N * C * e}
+        if attn:
+            # x of every frame; the thread's own key row again per frame (L1); grad r twice per
+            # frame; lse and delta by every lane of a row; the query segment once per block
+            reads.update({"x.rest": x_rest, "x.key": x_key, "lse": lse, "workspace.delta": lse, "query": query})
+            scalars = B * (T - 1) * N * segments * lanes * 8
+            rereads = ((T - 2) * x_key + 2 * per_frame_rows - seq_res + scalars - 2 * lse
+                       + B * tiles * C * 4 - query)
+            l2 = x_rest + x_key + grad_r_l2 + seq_keys + B * tiles * (T - 1) * segments * 8 + B * tiles * C * 4
+            writes["workspace.partials"] = B * tiles * C * 4
+        return Traffic(reads, writes, rereads, l2)
+    if kernel == "grad_query_reduce_kernel":
+        partials = launch.extra[0] * C * 4
+        return Traffic({"workspace.partials": partials}, {"grad_query": query}, 0, partials)
+    raise ValueError(f"no traffic model for {launch.kernel}")
+
+
+# ------------------------------------------------------------------------------ the model
+
+@dataclasses.dataclass
+class KernelEstimate:
+    kernel: str
+    config: str
+    grid: tuple
+    blocks: int
+    blocks_per_sm: int
+    waves: float
+    tail: float
+    bytes_in_flight_per_sm: int
+    littles_law_gb_per_s: float  # SMs x bytes in flight / HBM latency x tail, at most the copy bandwidth
+    hbm_bytes: int
+    l2_bytes: int
+    thread_hbm_bytes: int
+    thread_cached_bytes: int
+    t_hbm_us: float
+    t_latency_us: float
+    time_us: float
+    bound: str
+
+
+def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident: set,
+                    sms: int = H100_SMS) -> KernelEstimate:
+    """One launch's time (``resident``: tensors already in L2, updated with this launch's).
+
+    The blocks run in waves of the GPU's resident capacity, the last one partly full; each wave
+    moves its share of the bytes (every block does the same work) in the larger of two times:
+    its HBM bytes at the copy bandwidth, and its loads at the bytes that its resident threads
+    keep in flight, a latency per run (Little's law: bandwidth = bytes in flight / latency)."""
+    capacity = sms * code.blocks_per_sm
+    waves = launch.blocks / capacity if capacity else math.inf
+    tail = launch.blocks / (math.ceil(waves) * capacity) if capacity else 0.0
+    threads = -(-launch.block // WARP) * WARP
+    in_flight_sm = code.blocks_per_sm * threads * code.bytes_in_flight
+    hbm_reads = sum(b for t, b in traffic.reads.items() if t not in resident)
+    thread_cached = sum(b for t, b in traffic.reads.items() if t in resident) + traffic.rereads
+    hbm = hbm_reads + sum(traffic.writes.values())
+    waiting = hbm_reads * HBM_LATENCY_S + thread_cached * L2_LATENCY_S  # byte-seconds of loads
+    full, last = divmod(launch.blocks, capacity) if capacity else (0, launch.blocks)
+    t_hbm = t_lat = total = 0.0
+    bounds = []
+    for blocks, count in ((capacity, full), (last, 1 if last else 0)):
+        if not count:
+            continue
+        share = blocks / launch.blocks
+        in_flight = blocks * threads * code.bytes_in_flight
+        wave_hbm = share * hbm / COPY_BANDWIDTH
+        wave_lat = share * waiting / in_flight if in_flight else math.inf
+        t_hbm, t_lat = t_hbm + count * wave_hbm, t_lat + count * wave_lat
+        total += count * max(wave_hbm, wave_lat)
+        bounds.append("latency" if wave_lat > wave_hbm else "bandwidth")
+    bound = bounds[0] if len(set(bounds)) == 1 else f"{bounds[0]}, tail {bounds[-1]}"
+    littles = min(COPY_BANDWIDTH, sms * in_flight_sm * tail / HBM_LATENCY_S)
+    for tensor, size in {**traffic.reads, **traffic.writes}.items():
+        if size <= L2_RESIDENT_BYTES:
+            resident.add(tensor)
+    return KernelEstimate(
+        kernel=code.kernel, config=code.config, grid=launch.grid, blocks=launch.blocks,
+        blocks_per_sm=code.blocks_per_sm, waves=waves, tail=tail, bytes_in_flight_per_sm=in_flight_sm,
+        littles_law_gb_per_s=littles / 1e9, hbm_bytes=hbm, l2_bytes=traffic.l2_bytes,
+        thread_hbm_bytes=hbm_reads, thread_cached_bytes=thread_cached, t_hbm_us=t_hbm * 1e6,
+        t_latency_us=t_lat * 1e6, time_us=total * 1e6, bound=bound)
+
+
+# The benchmark's GPU scale: 8 videos of 16 frames (benchmarks/cases.py SCALES["gpu"], the
+# frame count the headline rows use).
+MODEL_BATCH, MODEL_FRAMES = 8, 16
+MODEL_PRESETS = ("siglip", "clip")
+MODEL_DTYPES = ("bfloat16", "float32")
+MODEL_OPS = ("encode-mean", "encode-attn")
+MODEL_MODES = ("fwd", "fwd+bwd")
+
+
+def _cases():
+    """benchmarks.cases: the presets and the bytes each row must move, as the benchmark counts them."""
+    try:
+        from benchmarks import cases
+    except ImportError:  # run from outside the repository root
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks import cases
+    return cases
+
+
+def model_rows(codes: Sequence[KernelCode], presets: Sequence[str] = MODEL_PRESETS,
+               dtypes: Sequence[str] = MODEL_DTYPES, batch: int = MODEL_BATCH,
+               frames: int = MODEL_FRAMES) -> list[dict]:
+    """One row per (op, mode, preset, dtype), keyed as the benchmark rows are (benchmarks/proof.py
+    load_model), with the kernels behind its estimate."""
+    import torch
+
+    by_name = {c.name: c for c in codes if c.arch.startswith("sm_90")}
+    if not by_name:
+        raise ValueError("the model reads the sm_90a machine code: analyse sm_90a first")
+    cases = _cases()
+    rows = []
+    for preset_name in presets:
+        preset = cases.PRESETS[preset_name]
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            for op in MODEL_OPS:
+                pool = "attn" if op == "encode-attn" else "mean"
+                launches = record_launches(batch, frames, preset.num_patches, preset.channels, dtype, pool,
+                                           preset.num_heads, backward=True)
+                passes = {}
+                for name, pass_launches in launches.items():
+                    resident: set = set()
+                    estimates = []
+                    for launch in pass_launches:
+                        code = by_name.get(launch.kernel)
+                        if code is None:
+                            raise KeyError(f"{launch.kernel} is launched but not in the sm_90a machine code")
+                        estimates.append(estimate_kernel(launch, code, kernel_traffic(launch), resident))
+                    passes[name] = estimates
+                for mode in MODEL_MODES:
+                    used = ["fwd"] if mode == "fwd" else ["fwd", "bwd"]
+                    estimates = [k for name in used for k in passes[name]]
+                    seconds = sum(k.time_us for k in estimates) / 1e6
+                    moved = cases.Case(op, mode, "cuda", preset, frames, batch, dtype, "cuda").bytes_moved()
+                    element = torch.empty(0, dtype=dtype).element_size()
+                    x_bytes = batch * frames * preset.num_patches * preset.channels * element
+                    gbps = moved / seconds / 1e9
+                    rows.append({
+                        "impl": "cuda", "op": op, "mode": mode, "preset": preset_name, "dtype": dtype_name,
+                        "batch": batch, "frames": frames, "num_heads": preset.num_heads if pool == "attn" else 1,
+                        "bytes_moved": moved, "x_bytes": x_bytes, "predicted_us": seconds * 1e6,
+                        "predicted_gb_per_s": gbps, "fraction_of_copy": gbps * 1e9 / COPY_BANDWIDTH,
+                        "l2_bytes": sum(k.l2_bytes for k in estimates),
+                        "hbm_bytes": sum(k.hbm_bytes for k in estimates),
+                        "kernels": [dict(dataclasses.asdict(k), grid=list(k.grid),
+                                         **{"pass": name}) for name in used for k in passes[name]],
+                    })
+    return rows
+
+
+# ------------------------------------------------------------------------------ the report
+
+def _widths(counts: dict) -> str:
+    return "/".join(str(counts.get(w, 0)) for w in WIDTHS)
+
+
+def format_code_table(codes: Sequence[KernelCode]) -> str:
+    header = (f"{'kernel':<25}{'config':<29}{'arch':<7}{'regs':>5}{'smem':>7}{'blk/SM':>8}  "
+              f"{'loads 8/16/32/64/128':<22}{'stores 8/16/32/64/128':<23}{'b2b16':>6}{'hot':>8}{'B/run':>6}"
+              f"{'LDL/STL':>8}")
+    lines = [header, "-" * len(header)]
+    for c in codes:
+        config = c.config + ("" if c.default else " *")
+        hot = f"{c.hot_loads}/{c.hot_runs}"
+        lines.append(f"{c.kernel:<25}{config:<29}{c.arch:<7}{c.registers:>5}{c.shared_bytes:>7}"
+                     f"{c.blocks_per_sm:>4} {c.occupancy_limit[:3]:<3}  {_widths(c.loads):<22}{_widths(c.stores):<23}"
+                     f"{c.loads_back_to_back:>6}{hot:>8}{c.bytes_in_flight:>6.1f}{f'{c.ldl}/{c.stl}':>8}")
+    lines += [
+        "* the scalar fallback (V=1): only misaligned views and C not a multiple of 16 bytes take it.",
+        "blk/SM: resident blocks of 256 threads and what limits them (reg, thr, sha: registers, threads, shared).",
+        "loads / stores: global accesses in the code by width in bits. b2b16: the most 16-byte loads one",
+        "thread issues back to back (one basic block, before any use of what they load). hot: loads / runs",
+        "of loads issued back to back in the loop nest with the most 16-byte loads (else of the most",
+        "frequent width); B/run: its bytes per run, what a thread keeps in flight in the model.",
+    ]
+    return "\n".join(lines)
+
+
+def format_model_table(rows: Sequence[dict]) -> str:
+    lines = [f"Little's-law model, H100 SXM ({H100_SMS} SMs), copy bandwidth {COPY_BANDWIDTH / 1e12:.1f} TB/s, "
+             f"B={MODEL_BATCH} T={MODEL_FRAMES}:"]
+    for row in rows:
+        lines.append("")
+        lines.append(f"{row['op']} {row['mode']} {row['preset']} {row['dtype']}: "
+                     f"{row['predicted_us']:.0f} us, {row['predicted_gb_per_s']:.0f} GB/s = "
+                     f"{100 * row['fraction_of_copy']:.0f}% of {COPY_BANDWIDTH / 1e12:.1f} TB/s; "
+                     f"L2->SM {row['l2_bytes'] / row['x_bytes']:.2f} x bytes of x, HBM {row['hbm_bytes'] / 1e6:.0f} MB")
+        lines.append(f"  {'pass':<4} {'kernel':<25}{'config':<27}{'blocks':>7}{'blk/SM':>7}{'waves':>6}"
+                     f"{'KB fly/SM':>10}{'LL GB/s':>8}{'L2/x':>6}{'HBM MB':>8}{'us':>7}  bound")
+        for k in row["kernels"]:
+            lines.append(f"  {k['pass']:<4} {k['kernel']:<25}{k['config']:<27}{k['blocks']:>7}{k['blocks_per_sm']:>7}"
+                         f"{k['waves']:>6.2f}{k['bytes_in_flight_per_sm'] / 1024:>10.1f}"
+                         f"{k['littles_law_gb_per_s']:>8.0f}{k['l2_bytes'] / row['x_bytes']:>6.2f}"
+                         f"{k['hbm_bytes'] / 1e6:>8.1f}{k['time_us']:>7.1f}  {k['bound']}")
+    return "\n".join(lines)
+
+
+def summary_table(rows: Sequence[dict]) -> str:
+    header = (f"{'op':<12}{'mode':<8}{'preset':<8}{'dtype':<10}{'us':>7}{'GB/s':>7}{'of copy':>8}"
+              f"{'L2/x':>6}  kernels (blocks, blk/SM, waves, KB in flight/SM)")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        kernels = "; ".join(f"{k['pass'][0]}:{k['kernel'].replace('_kernel', '')} {k['blocks']}, {k['blocks_per_sm']}, "
+                            f"{k['waves']:.2f}, {k['bytes_in_flight_per_sm'] / 1024:.0f}" for k in r["kernels"])
+        lines.append(f"{r['op']:<12}{r['mode']:<8}{r['preset']:<8}{r['dtype']:<10}{r['predicted_us']:>7.0f}"
+                     f"{r['predicted_gb_per_s']:>7.0f}{100 * r['fraction_of_copy']:>7.0f}%"
+                     f"{r['l2_bytes'] / r['x_bytes']:>6.2f}  {kernels}")
+    return "\n".join(lines)
+
+
+def report_text(codes: Sequence[KernelCode], rows: Sequence[dict], tools: dict) -> str:
+    parts = [f"sass-report: {', '.join(sorted({c.arch for c in codes}))}; "
+             + ", ".join(f"{k} {v}" for k, v in tools.items()),
+             "", format_code_table(codes)]
+    if rows:
+        parts += ["", "Presets (f: forward kernels, b: backward kernels):", summary_table(rows),
+                  "", format_model_table(rows), "", "Assumptions:"]
+        parts += [f"  - {a}" for a in ASSUMPTIONS]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vtok_kernels sass-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="sm_90a,sm_80",
+                        help="comma-separated archs (sm_90 means sm_90a); the model needs sm_90a")
+    parser.add_argument("--json", type=Path, help="write the kernels and the model rows here")
+    parser.add_argument("--txt", type=Path, help="write the text report here")
+    parser.add_argument("--model-json", type=Path,
+                        help="write the model rows here, as benchmarks/proof.py load_model reads them "
+                             "(benchmarks/results/static-model.json)")
+    args = parser.parse_args(argv)
+    from vtok_kernels.backends import cuda
+
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    for arch in archs:
+        if re.sub(r"a$", "", arch) not in SM_LIMITS:
+            parser.error(f"--arch: unknown arch {arch!r}; expected some of {', '.join(SM_LIMITS)}")
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"sass-report: {reason}", file=sys.stderr)
+        return 1
+    targets = [cuda.nvcc_target(a) for a in archs]
+    try:
+        codes = analyse(targets)
+    except RuntimeError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    rows = []
+    if any(t.startswith("sm_90") for t in targets):
+        try:
+            rows = model_rows(codes)
+        except ImportError as exc:  # an installed package: the presets live in the repository
+            print(f"sass-report: no model without the repository's benchmarks/ ({exc})", file=sys.stderr)
+    tools = {"nvcc": tool_version(cuda.find_nvcc()), "cuobjdump": tool_version(find_tool("cuobjdump"))}
+    text = report_text(codes, rows, tools)
+    print(text, end="")
+    assumptions = list(ASSUMPTIONS)
+    if args.txt:
+        args.txt.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"tools": tools, "kernels": [c.row() for c in codes], "rows": rows,
+                                         "assumptions": assumptions}, indent=1) + "\n")
+    if args.model_json and not rows:
+        print("sass-report: --model-json needs the model, which needs sm_90a in --arch and benchmarks/",
+              file=sys.stderr)
+        return 1
+    if args.model_json:
+        args.model_json.write_text(json.dumps({
+            "source": "python -m vtok_kernels sass-report (vtok_kernels/machine_code.py)",
+            "device": f"H100 SXM, {H100_SMS} SMs, sm_90a (modelled, no GPU run)",
+            "copy_gb_per_s": COPY_BANDWIDTH / 1e9, "hbm_latency_ns": HBM_LATENCY_S * 1e9,
+            "l2_latency_ns": L2_LATENCY_S * 1e9, "tools": tools, "assumptions": assumptions,
+            "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
