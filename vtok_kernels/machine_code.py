@@ -71,7 +71,7 @@ SM_LIMITS = {
 
 # H100 SXM: the device the model describes and the one the GPU proof runs on.
 H100_SMS = 132
-# Measured copy bandwidth (bytes read + written per second) of the lent H100 (a device-to-device
+# Measured copy bandwidth (bytes read + written per second) of an H100 SXM (a device-to-device
 # copy through PyTorch on an H100 80GB HBM3, 2026-11-13): the roofline's denominator.
 COPY_BANDWIDTH = 3.0e12
 H100_SM_CLOCK_HZ = 1.98e9  # H100 SXM boost clock, for turning cycles into seconds
