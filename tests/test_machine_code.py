@@ -361,6 +361,14 @@ def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
     assert [k["kernel"] for k in siglip_fwd["kernels"]] == ["key_tokens_kernel", "residual_fwd_kernel"]
     report = json.loads(paths["report.json"].read_text())
     assert {k["arch"] for k in report["kernels"]} == {"sm_90a"} and len(report["rows"]) == 16
+    # the committed record (the GPU proof's "model" column) is today's kernels' model
+    committed = proof.load_model()
+    assert set(committed) == set(model)
+    for key, row in model.items():
+        assert committed[key]["predicted_gb_per_s"] == pytest.approx(row["predicted_gb_per_s"], rel=1e-6), (
+            f"{key}: benchmarks/results/static-model.json is stale: python -m vtok_kernels sass-report "
+            "--arch sm_90a --txt benchmarks/results/sass-report-sm_90a.txt "
+            "--model-json benchmarks/results/static-model.json")
 
 
 def test_cli_rejects_an_unknown_arch():
