@@ -3,6 +3,16 @@
 Runs on CUDA devices, and on the CPU only under ``TRITON_INTERPRET=1`` (the interpreter, for
 CI). Importing this module never imports the kernels: they load on the first call, so a missing
 or broken Triton is reported by ``availability`` instead of failing ``import vtok_kernels``.
+
+CUDA graphs. The first call of a kernel for a new autotune key (N, C, the number of heads and
+the tensors' dtypes; not the batch or the frame count) benchmarks its configs, which
+synchronises the device and so cannot run under ``torch.cuda.graph`` capture. Capture works
+either after one eager call with each shape to be captured (the warm-up torch's CUDA-graph docs
+ask for anyway, which also compiles the kernels for those shapes;
+``torch.cuda.make_graphed_callables`` and ``torch.compile(mode="reduce-overhead")`` make such
+calls themselves), or with ``VTOK_TRITON_AUTOTUNE=0``, which launches each kernel's default
+config without benchmarking (``configs.py``). A key first met during capture raises a
+``RuntimeError`` that says this, before the autotuner runs (``launch.py``).
 """
 from __future__ import annotations
 

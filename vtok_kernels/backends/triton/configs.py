@@ -96,15 +96,22 @@ def usable(kind: str, block_d: int) -> list[triton.Config]:
     return [min(candidates, key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)]
 
 
+def survivors(kind: str, config_list: list[triton.Config],
+              block_d: Optional[int]) -> list[triton.Config]:
+    """What the autotuner's pruning leaves of ``config_list`` for a channel block of
+    ``block_d`` (None: the stream kernels, whose block is tuned): the configs that fit, or the
+    first when none does."""
+    if block_d is None:
+        return list(config_list)
+    chosen = [c for c in config_list if fits(kind, c, block_d)]
+    return chosen or list(config_list[:1])
+
+
 def pruner(kind: str):
     """``early_config_prune`` hook of triton.autotune for kernels of family ``kind``."""
 
     def prune(config_list, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        if block_d is None:
-            return config_list
-        chosen = [c for c in config_list if fits(kind, c, block_d)]
-        return chosen or config_list[:1]
+        return survivors(kind, config_list, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
 
     return prune
 

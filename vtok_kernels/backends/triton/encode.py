@@ -30,7 +30,8 @@ import triton.language as tl
 
 from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton import configs
-from vtok_kernels.backends.triton.launch import autotuned, launch
+from vtok_kernels.backends.triton.launch import (
+    MAX_GRID_X, MAX_GRID_YZ, autotuned, axis_chunks, check_grid_axis, grid_slots, launch)
 
 
 def on_input_device(op):
@@ -195,17 +196,18 @@ def encode_fwd_kernel(
 def combine_kernel(
     part_acc_ptr, part_max_ptr, part_sum_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr,
     out_ptr, lse_ptr,
-    T, N, C, S, G, NUM_ROWS, NUM_PARTS, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN,
+    T, N, C, S, G, NUM_ROWS, NUM_PARTS, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN, FIRST_GROUP,
     POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr, DIVIDE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Merges the per-patch-block partials of one group, in patch-block order, into its token.
 
     Output row of group g of video b: token0 + S + g (S = 0 and G rows per video gives the
-    plain [B, G, C] layout that expand's backward uses).
+    plain [B, G, C] layout that expand's backward uses). Groups from FIRST_GROUP on: a video
+    with more groups than grid axis 1 holds takes several launches.
     """
     video = tl.program_id(0)
-    g = tl.program_id(1)
+    g = FIRST_GROUP + tl.program_id(1)
     pid_c = tl.program_id(2)
     frame0, num_frames, token0, group0, key, num_groups = _video_layout(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
@@ -255,12 +257,13 @@ def combine_kernel(
 def spatial_key_fwd_kernel(
     x_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr, seq_ptr,
     stride_xb, stride_xt, stride_xn,
-    T, C, S, G, FRAMES_PER_TOKEN, GRID_H, GRID_W, OUT_H, OUT_W,
+    T, C, S, G, FRAMES_PER_TOKEN, GRID_H, GRID_W, OUT_H, OUT_W, FIRST_TOKEN,
     IS_VARLEN: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Key tokens by adaptive average pooling of the key frame's grid (torch's bins)."""
+    """Key tokens by adaptive average pooling of the key frame's grid (torch's bins), from
+    FIRST_TOKEN on: more tokens than grid axis 1 holds take several launches."""
     video = tl.program_id(0)
-    token = tl.program_id(1)
+    token = FIRST_TOKEN + tl.program_id(1)
     pid_c = tl.program_id(2)
     frame0, num_frames, token0, group0, key, num_groups = _video_layout(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
@@ -433,8 +436,38 @@ def _num_groups(num_frames: int, frames_per_token: int) -> int:
     return 0 if num_frames <= 1 else (num_frames - 1 + frames_per_token - 1) // frames_per_token
 
 
+# Channel blocks of the combine and spatial-key kernels, widest first. Both sum each element
+# over its own inputs in a fixed order, so the block only decides how channels are dealt out.
+COMBINE_BLOCKS = (1024, 512, 256, 128)
+
+
+def combine_block(channels: int) -> int:
+    """The widest block whose padding past C is at most C/32: a power of two cannot hold
+    C = 1152 (SigLIP) in one block, and min(1024, next power of two) would leave 896 of its
+    2048 lanes idle, where 9 blocks of 128 use all. Presets: 1024 -> 1024, 1152 -> 128,
+    768 -> 256, 256 -> 256. Not below 128, the threads of the 4 warps a plain launch has; a C
+    that no block fits within C/32 takes the one with least padding."""
+    if channels <= COMBINE_BLOCKS[-1]:
+        return triton.next_power_of_2(channels)
+    padding = {block: triton.cdiv(channels, block) * block - channels for block in COMBINE_BLOCKS}
+    fitting = [block for block in COMBINE_BLOCKS if 32 * padding[block] <= channels]
+    if fitting:
+        return fitting[0]
+    return min(COMBINE_BLOCKS, key=lambda block: (padding[block], -block))
+
+
 def _combine_block(channels: int) -> int:
-    return 32 if configs.triton_interpreted() else min(1024, triton.next_power_of_2(channels))
+    # Interpreter: a block below the test widths (C = 12..48), so several blocks and a masked
+    # tail run.
+    return 32 if configs.triton_interpreted() else combine_block(channels)
+
+
+def _combine_channel_blocks(channels: int, block_c: int, tensor: str) -> int:
+    """Grid axis 2 of the combine and spatial-key launches (``tensor`` names the features)."""
+    blocks = triton.cdiv(channels, block_c)
+    check_grid_axis(blocks, MAX_GRID_YZ,
+                    f"{tensor}: C = {channels} channels in blocks of {block_c}")
+    return blocks
 
 
 def bins_per_cell(in_size: int, out_size: int) -> int:
@@ -486,6 +519,10 @@ class _Layout:
     def channel_blocks(self, meta: dict) -> int:
         return self.num_heads if self.attn else triton.cdiv(self.C, meta["BLOCK_D"])
 
+    def check_grid(self, kind: str) -> None:
+        check_grid(self.batch, self.C, self.num_heads, self.attn, kind, "x",
+                   "cu_frames: videos" if self.varlen else None)
+
     def spatial_args(self) -> tuple:
         if not self.spatial:
             return (1, 1, 1, 1)
@@ -514,15 +551,37 @@ def _target_programs(device: torch.device) -> int:
 
 def _num_splits(num_patches: int, block_n: int, batch: int, channel_blocks: int,
                 target: int) -> int:
-    """Programs per (video, channel block): each owns every num_splits-th patch block."""
-    return max(1, min(triton.cdiv(num_patches, block_n),
-                      triton.cdiv(target, max(1, batch * channel_blocks))))
+    """Programs per (video, channel block): each owns every num_splits-th patch block. Grid
+    axis 1, so at most MAX_GRID_YZ, which only the mean backward's one block per program (a
+    frame of more than half a million patches) would pass."""
+    return grid_slots(min(triton.cdiv(num_patches, block_n),
+                          triton.cdiv(target, max(1, batch * channel_blocks))))
+
+
+def config_pool(kind: str) -> list:
+    """The configs a launch of ``kind`` may run: the pinned one, or those it is tuned over."""
+    pinned = configs.pinned(kind)
+    return [pinned] if pinned is not None else configs.active(kind)
+
+
+def check_grid(batch: int, channels: int, num_heads: int, attn: bool, kind: str, tensor: str,
+               videos: Optional[str] = None) -> None:
+    """What bounds a launch's grid once long videos, many key tokens and large frames are
+    folded: the videos on axis 0 (2**31 - 1), the channel blocks, one per head for attention,
+    on axis 2 (65535). ``tensor`` names the features argument, ``videos`` the one that sets
+    the batch when it is not the features' first dimension."""
+    check_grid_axis(batch, MAX_GRID_X, videos or f"{tensor}: batch")
+    if attn:
+        check_grid_axis(num_heads, MAX_GRID_YZ, "num_heads")
+    else:
+        narrowest = min(c.kwargs["BLOCK_D"] for c in config_pool(kind))
+        check_grid_axis(triton.cdiv(channels, narrowest), MAX_GRID_YZ,
+                        f"{tensor}: C = {channels} channels in blocks of {narrowest}")
 
 
 def _max_splits(layout: "_Layout", kind: str, target: int) -> int:
     """The most splits any config of ``kind`` can use: the partial buffers' leading size."""
-    pinned = configs.pinned(kind)
-    pool = [pinned] if pinned is not None else configs.active(kind)
+    pool = config_pool(kind)
     fewest_channel_blocks = min(layout.channel_blocks(c.kwargs) for c in pool)
     return max(_num_splits(layout.N, c.kwargs["BLOCK_N"], layout.batch, fewest_channel_blocks,
                            target) for c in pool)
@@ -530,6 +589,10 @@ def _max_splits(layout: "_Layout", kind: str, target: int) -> int:
 
 def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequence, lse):
     kind = "attn_fwd" if layout.attn else "stream"
+    layout.check_grid(kind)
+    block_c = _combine_block(layout.C)
+    # Checked before the first launch, so that a grid too large fails with nothing written.
+    channel_blocks = _combine_channel_blocks(layout.C, block_c, "x")
     target = _target_programs(x.device)
     num_parts_max = _max_splits(layout, kind, target)
     part_acc = empty_output((num_parts_max, layout.num_rows, layout.C), torch.float32, x.device)
@@ -558,20 +621,18 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
         layout.num_heads, layout.frames_per_token, layout.scale,
         POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, WRITE_KEY=not layout.spatial, **extra,
     )
-    if layout.spatial:
-        block_c = _combine_block(layout.C)
-        spatial_key_fwd_kernel[(layout.batch, layout.S, triton.cdiv(layout.C, block_c))](
+    for first, count in axis_chunks(layout.S if layout.spatial else 0):
+        spatial_key_fwd_kernel[(layout.batch, count, channel_blocks)](
             x, key_index, cu_frames_arg, cu_tokens_arg, sequence, *layout.strides,
             layout.T, layout.C, layout.S, layout.G, layout.frames_per_token,
-            *layout.spatial_args(), IS_VARLEN=layout.varlen, BLOCK_C=block_c,
+            *layout.spatial_args(), first, IS_VARLEN=layout.varlen, BLOCK_C=block_c,
         )
-    if layout.num_rows > 0 and layout.max_groups > 0:
-        block_c = _combine_block(layout.C)
-        combine_kernel[(layout.batch, layout.max_groups, triton.cdiv(layout.C, block_c))](
+    for first, count in axis_chunks(layout.max_groups if layout.num_rows > 0 else 0):
+        combine_kernel[(layout.batch, count, channel_blocks)](
             part_acc, part_max, part_sum, key_index, cu_frames_arg, cu_tokens_arg,
             sequence, lse if layout.attn else part_acc,
             layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
-            grid(meta)[1], layout.head_dim, layout.num_heads, layout.frames_per_token,
+            grid(meta)[1], layout.head_dim, layout.num_heads, layout.frames_per_token, first,
             POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, DIVIDE=True, BLOCK_C=block_c,
         )
 
@@ -579,6 +640,7 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
 def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_tokens,
               layout: _Layout, grad_x):
     kind = "attn_bwd" if layout.attn else "stream"
+    layout.check_grid(kind)
     # The mean backward leaves no partials: one patch block per program, the most parallelism.
     target = _target_programs(x.device) if layout.attn else 1 << 62
     num_parts_max = _max_splits(layout, kind, target)

@@ -16,11 +16,10 @@ import triton
 import triton.language as tl
 
 from vtok_kernels.backends import empty_output
-from vtok_kernels.backends.triton import configs
 from vtok_kernels.backends.triton.encode import (
-    _combine_block, _num_groups, _num_splits, _target_programs, check_frame_elements,
-    combine_kernel, on_input_device)
-from vtok_kernels.backends.triton.launch import autotuned, launch
+    _combine_block, _combine_channel_blocks, _num_groups, _num_splits, _target_programs,
+    check_frame_elements, check_grid, combine_kernel, config_pool, on_input_device)
+from vtok_kernels.backends.triton.launch import autotuned, axis_chunks, launch
 
 
 @triton.jit
@@ -30,9 +29,13 @@ def expand_fwd_kernel(
     T, N, C, FRAMES_PER_TOKEN, NUM_HEADS,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    video = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pid_c = tl.program_id(2)
+    # Axis 0 is (video, patch block), patch blocks fastest: on axis 1 they would pass its 65535
+    # programs past half a million patches. A loop over patch blocks would do too, but takes up
+    # to 13 more registers at the wider configs on sm_90 (compile-check), the division none.
+    num_blocks = tl.cdiv(N, BLOCK_N)
+    video = (tl.program_id(0) // num_blocks).to(tl.int64)
+    pid_n = tl.program_id(0) % num_blocks
+    pid_c = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = pid_c * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
@@ -109,7 +112,8 @@ _expand_bwd = autotuned(expand_bwd_kernel, "stream")
 
 
 def _grid(batch: int, N: int, C: int):
-    return lambda meta: (batch, triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(C, meta["BLOCK_D"]))
+    return lambda meta: (batch * triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(C, meta["BLOCK_D"]),
+                         1)
 
 
 @on_input_device
@@ -117,6 +121,10 @@ def expand_fwd(key_tokens, residual_tokens, key_index, num_frames, frames_per_to
     """key_tokens [B, N, C], residual_tokens [B, G, C] -> frames [B, T, N, C] contiguous."""
     B, N, C = key_tokens.shape
     check_frame_elements(N, C)
+    block_n = min(c.kwargs["BLOCK_N"] for c in config_pool("stream"))
+    tiles = B * triton.cdiv(N, block_n)
+    check_grid(tiles, C, 1, False, "stream", "key_tokens",
+               f"key_tokens: {B} videos x {triton.cdiv(N, block_n)} patch blocks of {block_n}")
     frames = empty_output((B, num_frames, N, C), key_tokens.dtype, key_tokens.device)
     launch(expand_fwd_kernel, _expand_fwd, "stream", _grid(B, N, C),
            key_tokens, residual_tokens, key_index, frames,
@@ -136,9 +144,13 @@ def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
     if G != _num_groups(T, frames_per_token):
         raise ValueError(f"num_residual: expected {_num_groups(T, frames_per_token)} groups "
                          f"for {T} frames, got {G}")
+    check_grid(B, C, 1, False, "stream", "grad_frames")
+    block_c = _combine_block(C)
+    # Checked before the first launch, so that a grid too large fails with nothing written.
+    channel_blocks = _combine_channel_blocks(C, block_c, "grad_frames")
     grad_key_tokens = empty_output((B, N, C), grad_frames.dtype, grad_frames.device)
     grad_residual = empty_output((B, G, C), grad_frames.dtype, grad_frames.device)
-    pool = [configs.pinned("stream")] if configs.pinned("stream") else configs.active("stream")
+    pool = config_pool("stream")
     target = _target_programs(grad_frames.device)
 
     def grid(meta):
@@ -150,13 +162,12 @@ def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
     meta = launch(expand_bwd_kernel, _expand_bwd, "stream", grid,
                   grad_frames, key_index, grad_key_tokens, part_acc,
                   T, N, C, G, B * G, frames_per_token, 1)
-    if B * G > 0:
-        block_c = _combine_block(C)
-        # S = 0 and G rows per video: combine writes the plain [B, G, C] layout.
-        combine_kernel[(B, G, triton.cdiv(C, block_c))](
+    # S = 0 and G rows per video: combine writes the plain [B, G, C] layout.
+    for first, count in axis_chunks(G if B > 0 else 0):
+        combine_kernel[(B, count, channel_blocks)](
             part_acc, part_acc, part_acc, key_index, key_index, key_index,
             grad_residual, part_acc,
-            T, N, C, 0, G, B * G, grid(meta)[1], C, 1, frames_per_token,
+            T, N, C, 0, G, B * G, grid(meta)[1], C, 1, frames_per_token, first,
             POOL_ATTN=False, IS_VARLEN=False, DIVIDE=False, BLOCK_C=block_c,
         )
     return grad_key_tokens, grad_residual
