@@ -15,7 +15,7 @@ import torch
 
 import vtok_kernels as vk
 from vtok_kernels import backends, reference
-from tests.utils import TOLERANCE, assert_close, backend_device, features, rel_err
+from tests.utils import TOLERANCE, assert_close, backend_device, check_expand, features, rel_err
 
 
 def _device() -> str:
@@ -79,18 +79,7 @@ def test_every_autotune_config(kind, index):
             got, want = _encode_case(device, torch.float32, shape=(2, 4, 12, 40), pool="mean",
                                      num_heads=1, spatial=(2, 3), grid=(3, 4))
             _assert_all_close(got, want, torch.float32, f"mean {config}")
-            key_tokens = features((2, 13, 40), torch.float32, device).requires_grad_(True)
-            residual = features((2, 2, 40), torch.float32, device).requires_grad_(True)
-            frames = vk.expand(key_tokens, residual, 4, 5, 2, backend="triton")
-            grad = torch.randn_like(frames)
-            frames.backward(grad)
-            k64 = key_tokens.detach().double().requires_grad_(True)
-            r64 = residual.detach().double().requires_grad_(True)
-            ref = reference.expand(k64, r64, 4, 5, 2)
-            ref.backward(grad.double())
-            assert_close(frames, ref.detach(), torch.float32, f"expand {config}")
-            assert_close(key_tokens.grad, k64.grad, torch.float32, f"expand grad key {config}")
-            assert_close(residual.grad, r64.grad, torch.float32, f"expand grad residual {config}")
+            check_expand("triton", device, 2, 13, 40, 4, 5, 2, str(config))
         else:
             # A head of 16 channels: a block of 16, so BLOCK_N alone varies with the config.
             got, want = _encode_case(device, torch.float32, shape=(2, 4, 13, 48), pool="attn",

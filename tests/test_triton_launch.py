@@ -14,7 +14,7 @@ import triton.language as tl
 
 import vtok_kernels as vk
 from vtok_kernels import reference
-from tests.utils import assert_close, backend_device, features
+from tests.utils import assert_close, backend_device, check_expand, features
 
 
 def _triton_modules():
@@ -227,18 +227,7 @@ def test_folded_grids_are_bit_identical(monkeypatch):
             assert_close(out.sequence, ref.detach(), torch.float32, f"{pool}: sequence")
             assert_close(x.grad, x64.grad, torch.float32, f"{pool}: grad x")
             results += [out.sequence, x.grad] + ([query.grad] if query is not None else [])
-        key_tokens = features((2, 29, 24), torch.float32, device).requires_grad_(True)
-        residual = features((2, 4, 24), torch.float32, device).requires_grad_(True)
-        frames = vk.expand(key_tokens, residual, 2, 5, 1, backend="triton")
-        grad = torch.randn_like(frames)
-        frames.backward(grad)
-        k64 = key_tokens.detach().double().requires_grad_(True)
-        r64 = residual.detach().double().requires_grad_(True)
-        ref = reference.expand(k64, r64, 2, 5, 1)
-        ref.backward(grad.double())
-        assert_close(frames, ref.detach(), torch.float32, "expand")
-        assert_close(residual.grad, r64.grad, torch.float32, "expand grad residual")
-        return results + [frames, key_tokens.grad, residual.grad]
+        return results + list(check_expand("triton", device, 2, 29, 24, 2, 5, 1, "folded"))
 
     unfolded = run()
     monkeypatch.setattr(launch, "MAX_GRID_YZ", 2)

@@ -37,3 +37,26 @@ def backend_device(name: str) -> str:
 
 def backend_dtypes(name: str) -> tuple:
     return tuple(d for d in backends.get(name).dtypes)
+
+
+def check_expand(backend: str, device, batch: int, num_patches: int, channels: int, key_index,
+                 num_frames: int, frames_per_token: int, what: str) -> tuple:
+    """vk.expand forward and backward in float32 against the float64 reference; returns
+    (frames, grad of the key tokens, grad of the residual tokens)."""
+    import vtok_kernels as vk
+    from vtok_kernels import reference
+
+    groups = reference.num_groups(num_frames, frames_per_token)
+    key_tokens = features((batch, num_patches, channels), torch.float32, device).requires_grad_(True)
+    residual = features((batch, groups, channels), torch.float32, device).requires_grad_(True)
+    frames = vk.expand(key_tokens, residual, key_index, num_frames, frames_per_token, backend=backend)
+    grad = torch.randn_like(frames)
+    frames.backward(grad)
+    k64 = key_tokens.detach().double().requires_grad_(True)
+    r64 = residual.detach().double().requires_grad_(True)
+    ref = reference.expand(k64, r64, key_index, num_frames, frames_per_token)
+    ref.backward(grad.double())
+    assert_close(frames, ref.detach(), torch.float32, f"{what}: expand")
+    assert_close(key_tokens.grad, k64.grad, torch.float32, f"{what}: expand grad key")
+    assert_close(residual.grad, r64.grad, torch.float32, f"{what}: expand grad residual")
+    return frames, key_tokens.grad, residual.grad
