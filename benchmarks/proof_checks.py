@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from typing import Callable

@@ -86,25 +86,15 @@ def fits(kind: str, config: triton.Config, block_d: int) -> bool:
     return elements // (32 * config.num_warps) <= per_thread
 
 
-def usable(kind: str, block_d: int) -> list[triton.Config]:
-    """The configs of ``kind`` that fit a channel block of ``block_d``; never empty: the
-    smallest tile is kept when none fits."""
-    candidates = active(kind)
-    chosen = [c for c in candidates if fits(kind, c, block_d)]
-    if chosen:
-        return chosen
-    return [min(candidates, key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)]
-
-
 def survivors(kind: str, config_list: list[triton.Config],
               block_d: Optional[int]) -> list[triton.Config]:
-    """What the autotuner's pruning leaves of ``config_list`` for a channel block of
-    ``block_d`` (None: the stream kernels, whose block is tuned): the configs that fit, or the
-    first when none does."""
+    """What of ``config_list`` can run a channel block of ``block_d`` (None: the stream kernels,
+    whose block is tuned): the configs that fit, or, when none does, the smallest tile per thread
+    (the fewest registers). The autotuner's pruning and the default config both come from here."""
     if block_d is None:
         return list(config_list)
     chosen = [c for c in config_list if fits(kind, c, block_d)]
-    return chosen or list(config_list[:1])
+    return chosen or [min(config_list, key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)]
 
 
 def pruner(kind: str):
@@ -125,7 +115,7 @@ def autotuning() -> bool:
 
 def default(kind: str, block_d: Optional[int]) -> triton.Config:
     """The config a ``kind`` kernel runs when autotuning is off."""
-    return usable(kind, block_d)[0] if block_d is not None else active(kind)[0]
+    return survivors(kind, active(kind), block_d)[0]
 
 
 def active(kind: str) -> list[triton.Config]:
