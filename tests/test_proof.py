@@ -46,8 +46,6 @@ def test_every_stage_fits_its_budget_in_a_call(stage):
         assert set(job.after) <= set(names[:index]), f"{job.name} waits for a later job"
         files = [o for o in job.outputs.values()]
         assert all("/" not in f for f in files)
-    # every stage brings back at most the files a call returns
-    assert len({"summary.txt", "proof.json", "machine.txt", "logs.tar.gz", "bench.json"}) <= proof.MAX_FILES
 
 
 def test_quick_orders_the_work_as_the_gpu_window_needs():
