@@ -7,6 +7,7 @@ The ``gpu`` tests hold the kernels to the same tolerances at the shapes VTok ser
 CLIP features) with the real autotuner."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -102,9 +103,21 @@ def test_config_pruning_keeps_registers_bounded():
     assert configs.pruner("stream")(configs.STREAM_CONFIGS, {}) == configs.STREAM_CONFIGS
 
 
-def test_autotune_off_launches_the_default_config_without_benchmarking(monkeypatch):
-    """VTOK_TRITON_AUTOTUNE=0: the first config that fits the head, and the autotuner (which
-    compiles and benchmarks every config) never runs."""
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool):
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.mark.parametrize("switch", ["VTOK_TRITON_AUTOTUNE=0", "use_deterministic_algorithms"])
+def test_fixed_rule_launches_the_default_config_without_benchmarking(monkeypatch, switch):
+    """Either switch: the first config that fits the head, and the autotuner (which compiles and
+    benchmarks every config, and whose choice may differ between processes) never runs."""
     configs, _, _ = _triton_modules()
     from vtok_kernels.backends.triton import launch as launch_module
 
@@ -117,22 +130,25 @@ def test_autotune_off_launches_the_default_config_without_benchmarking(monkeypat
 
     class Tuner:
         def __getitem__(self, grid):
-            raise AssertionError("the autotuner ran with VTOK_TRITON_AUTOTUNE=0")
+            raise AssertionError(f"the autotuner ran with {switch}")
 
     grid = lambda meta: (meta["BLOCK_N"],)  # noqa: E731
-    monkeypatch.setenv("VTOK_TRITON_AUTOTUNE", "0")
-    for kind, block_d in (("stream", None), ("attn_fwd", 256), ("attn_bwd", 256), ("attn_bwd", 16)):
-        extra = {"BLOCK_D": block_d} if block_d else {}
-        meta = launch_module.launch(Kernel(), Tuner(), kind, grid, **extra)
-        expected = configs.default(kind, block_d)
-        assert configs.fits(kind, expected, block_d or 0) or kind == "stream"
-        assert meta == dict(expected.kwargs)
-        assert launched[-1][0] == (expected.kwargs["BLOCK_N"],)
-        assert launched[-1][1]["num_warps"] == expected.num_warps
+    monkeypatch.setenv("VTOK_TRITON_AUTOTUNE", "0" if switch.startswith("VTOK") else "1")
+    with _deterministic_algorithms(switch == "use_deterministic_algorithms"):
+        for kind, block_d in (("stream", None), ("attn_fwd", 256), ("attn_bwd", 256),
+                              ("attn_bwd", 16)):
+            extra = {"BLOCK_D": block_d} if block_d else {}
+            meta = launch_module.launch(Kernel(), Tuner(), kind, grid, **extra)
+            expected = configs.default(kind, block_d)
+            assert configs.fits(kind, expected, block_d or 0) or kind == "stream"
+            assert meta == dict(expected.kwargs)
+            assert launched[-1][0] == (expected.kwargs["BLOCK_N"],)
+            assert launched[-1][1]["num_warps"] == expected.num_warps
     # a wide head rules out the default of the list: the first config that fits is taken
     assert configs.default("attn_bwd", 256) != configs.CONFIG_LISTS["attn_bwd"][0]
+    # both switches off: the autotuner chooses
     monkeypatch.setenv("VTOK_TRITON_AUTOTUNE", "1")
-    with pytest.raises(AssertionError, match="autotuner ran"):
+    with _deterministic_algorithms(False), pytest.raises(AssertionError, match="autotuner ran"):
         launch_module.launch(Kernel(), Tuner(), "stream", grid)
 
 
@@ -496,3 +512,34 @@ def test_gpu_every_config_at_siglip_width(kind, index, heads):
                                  num_heads=heads if pool == "attn" else 1, frames_per_token=2,
                                  spatial=(14, 14), grid=(27, 27))
     _assert_all_close(got, want, torch.bfloat16, f"{pool} {config}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool", ["mean", "attn"])
+def test_gpu_deterministic_algorithms_ignore_what_the_autotuner_chose(pool):
+    """Under torch.use_deterministic_algorithms(True) a process gives the default config's bits
+    even where its autotuner already chose another config for the shape (as a DDP rank that
+    timed differently would), and every config stays within the dtype's tolerance."""
+    configs, encode, _ = _triton_modules()
+    kind = "attn_fwd" if pool == "attn" else "stream"
+    shape, heads = (2, 9, 729, 1152), 8 if pool == "attn" else 1
+    x = features(shape, torch.bfloat16, "cuda")
+    query = torch.randn(shape[-1], device="cuda") if pool == "attn" else None
+    options = dict(pool=pool, num_heads=heads, frames_per_token=2)
+    head_block = 1 << (shape[-1] // heads - 1).bit_length() if pool == "attn" else None
+    default = configs.default(kind, head_block)
+    with configs.pin(kind, default):
+        want = vk.encode(x, 1, query=query, backend="triton", **options).sequence
+    tuner = encode._fwd_attn if pool == "attn" else encode._fwd_stream
+    others = [c for c in configs.survivors(kind, configs.CONFIG_LISTS[kind], head_block)
+              if c is not default]
+    for other in others:
+        with configs.pin(kind, other):
+            got = vk.encode(x, 1, query=query, backend="triton", **options).sequence
+        assert_close(got, want.float(), torch.bfloat16, f"{pool} {other}")
+        vk.encode(x, 1, query=query, backend="triton", **options)  # fills the tuner's cache
+        for key in tuner.cache:
+            tuner.cache[key] = other
+        with _deterministic_algorithms(True):
+            got = vk.encode(x, 1, query=query, backend="triton", **options).sequence
+        assert torch.equal(got, want), f"{pool}: {other} chosen by the tuner changed the bits"

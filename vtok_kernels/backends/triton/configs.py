@@ -5,8 +5,9 @@ On a GPU every kernel is autotuned over its list, keyed on (N, C, num_heads); un
 the masking (N and C not multiples of the block) so CI stays fast.
 
 The first config of each list is its *default*: compile-check fails when a default spills.
-``VTOK_TRITON_AUTOTUNE=0`` runs the default (the first that fits the head) everywhere, with no
-benchmarking: the GPU proof's correctness checks use it, so that hundreds of new shapes cost one
+``VTOK_TRITON_AUTOTUNE=0``, or ``torch.use_deterministic_algorithms(True)``, runs the default
+(the first that fits the head) everywhere, with no benchmarking: the same bits in every process
+(see autotuning), and for the GPU proof's correctness checks hundreds of new shapes at one
 compile each instead of a compile and a benchmark per config.
 The choice of lists follows ``benchmarks/results/compile-check-*.txt``: no config there spills.
 """
@@ -16,6 +17,7 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
+import torch
 import triton
 
 from vtok_kernels.backends import triton_interpreted
@@ -107,9 +109,18 @@ def pruner(kind: str):
 
 
 def autotuning() -> bool:
-    """False when ``VTOK_TRITON_AUTOTUNE=0``: every launch takes its default config (the first
-    that fits) without benchmarking: no compile of the other configs, no device sync on a new
-    shape, and the same config, hence the same bits, in every process."""
+    """False when ``VTOK_TRITON_AUTOTUNE=0`` or ``torch.use_deterministic_algorithms(True)``:
+    every launch takes its default config (the first that fits) without benchmarking: no
+    compile of the other configs, no device sync on a new shape, and the same config, hence the
+    same bits, in every process.
+
+    Why the config decides the bits: the patch block (BLOCK_N) sets how many programs split a
+    frame and so the order in which their partials merge, and the tile and warp count set the
+    order of Triton's in-block reductions (in-thread, then across lanes, then across warps).
+    Processes or DDP ranks whose autotuners timed differently may pick different configs and
+    round differently; a fixed rule takes the timing out of the choice."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
     return os.environ.get("VTOK_TRITON_AUTOTUNE", "1") not in ("0", "false", "no")
 
 

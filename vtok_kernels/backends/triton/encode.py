@@ -8,7 +8,9 @@ program keeps one partial result (a sum, or an online-softmax state: running max
 weights, weighted sum) and merges each further patch block into it in place; a small combine
 kernel merges the programs' partials in a fixed order and writes the residual tokens and the
 log-sum-exp. num_splits is just large enough to fill the device, so the partials are a few
-percent of x. No atomics: the result is bitwise reproducible.
+percent of x. No atomics: for a given config the result is bitwise reproducible; the config
+itself is fixed by a rule instead of timings under ``torch.use_deterministic_algorithms(True)``
+(configs.autotuning).
 
 Backward. The same decomposition: a program recomputes its residual tile per frame, writes the
 frame's gradient and accumulates the key frame's gradient (minus the sum over its residuals)

@@ -89,8 +89,9 @@ def launch(kernel, tuner, kind: str, grid: Callable[[dict], tuple], *args, **kwa
                     f"its autotuner has not seen ({shape}, dtypes {list(key[len(tuner.keys):])}) "
                     f"while a CUDA graph is being captured; tuning benchmarks its configs, a "
                     f"device synchronisation that capture forbids. Call it once eagerly with "
-                    f"this shape before capturing, or set VTOK_TRITON_AUTOTUNE=0 to launch the "
-                    f"default configs without benchmarking.")
+                    f"this shape before capturing, or set VTOK_TRITON_AUTOTUNE=0 (or "
+                    f"torch.use_deterministic_algorithms(True)) to launch the default configs "
+                    f"without benchmarking.")
         tuner[grid](*args, **kwargs)
         config = tuner.best_config
     else:
