@@ -36,7 +36,7 @@ struct VecWidth {
 // How one channel segment (a head for attn, a slice of C for mean) is spread over threads:
 // `lanes` consecutive threads share a patch row, each holding `vecs_per_lane` vectors of V
 // elements; kThreads / lanes rows are in flight per block. Chosen on the host (plan_rows) and
-// mirrored by vtok_kernels/backends/cuda_plan.py for the CuPy loader.
+// mirrored by plan_rows / plan_segments of vtok_kernels/backends/cuda_nvrtc.py for the CuPy loader.
 struct RowPlan {
   int32_t lanes = 0;          // power of two in [1, 32]; 0 means unsupported
   int32_t vecs_per_lane = 0;  // K <= max_vecs_per_lane(V)

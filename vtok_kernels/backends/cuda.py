@@ -3,7 +3,10 @@
 Two loaders run the same kernel source: the compiled extension ``vtok_kernels._C`` (built with
 nvcc for ``VTOK_CUDA_ARCHS``) and, when the extension was built without nvcc, CuPy compiling the
 ``.cuh`` bodies at run time with NVRTC (``cuda_nvrtc.py``). ``VTOK_CUDA_LOADER=extension`` or
-``=cupy-nvrtc`` picks one; ``Backend.loader`` says which is in use.
+``=cupy-nvrtc`` picks one; ``Backend.loader`` says which is in use. A launch the kernels cannot
+make (more than 65535 videos, residual tokens per video or patch tiles per frame, key tokens of
+2^31 elements or more per video, a workspace too small) is the same ValueError from either
+loader, raised before anything reaches the device: ``cuda_nvrtc`` mirrors the extension's checks.
 
 Every op allocates its outputs (and the attn backward's workspace) with torch before the launch
 and enqueues the kernels on the caller's current stream: no host synchronisation, no allocation

@@ -5,7 +5,9 @@ Used by the ``cuda`` backend when ``vtok_kernels._C`` was built without nvcc. Th
 cross as NumPy structured scalars whose layout (``np.dtype(..., align=True)``, i.e. the C
 layout) matches ``csrc/include/vtok/params.h``; ``tests/test_cuda_backend.py`` checks it
 against ``offsetof`` / ``sizeof``. The launch plan (vector width, row plan, grids) mirrors
-``csrc/cuda/*.cu`` line for line.
+``csrc/cuda/*.cu`` line for line, and so do the checks before it: a launch the extension refuses
+with a ValueError (``python/cuda_bindings.cpp``, the launchers' limits) is refused here with the
+same message, before CuPy is called.
 """
 from __future__ import annotations
 
@@ -210,6 +212,301 @@ def _flat_blocks_per_video(work: int, batch: int) -> int:
     return max(1, min(-(-work // THREADS), -(-4096 // batch)))
 
 
+# ------------------------------------------------------------------ launch checks (mirror the extension)
+#
+# The extension refuses a launch it cannot make before anything reaches the device: argument
+# checks in python/cuda_bindings.cpp (check_dtype, check_encode with encode_params_error of
+# csrc/include/vtok/params_check.h, check_expand_sizes, the pointer checks of each binding), then
+# limits in the launchers (csrc/cuda/encode.cu check_encode and encode_bwd, csrc/cuda/expand.cu
+# expand_bwd). The functions below are those checks with the same text, so that both loaders
+# raise the same ValueError for the same call; a change to either side is a change to both
+# (tests/test_cuda_launch_limits.py compares them case by case).
+#
+# One difference of order: the null-pointer checks run last, at the device launch
+# (NvrtcLoader._launch), not first as in the bindings. The launch plan is computed from the
+# sizes alone so that it can be recorded from meta tensors, whose data pointers are null
+# (machine_code.record_launches); a call with a null pointer and also a bad size reports the
+# size here and the pointer in the extension. Fields missing from a params dict are 0, as
+# pack() sends them.
+
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65535
+# key_tokens_kernel indexes a video's S * C key token elements in 32 bits.
+MAX_KEY_TOKEN_ELEMS = 2**31
+
+
+def _refuse(message: str) -> None:
+    raise ValueError("vtok cuda: " + message)
+
+
+def _get(p, name: str) -> int:
+    """Field ``name`` of a params dict (0 when missing) or of a packed struct's element."""
+    return int(p[name]) if isinstance(p, np.void) else int(p.get(name, 0))
+
+
+def _check_dtype(p: dict) -> None:
+    if _get(p, "dtype") not in _DTYPE_CODES:
+        _refuse("dtype must be float32, float16 or bfloat16 (float64 runs on the cpu and torch backends)")
+
+
+def encode_params_error(p: dict) -> Optional[str]:
+    """params_check.h encode_params_error without its null-pointer checks (null_pointer_error):
+    None when consistent, else what is wrong."""
+    g = functools.partial(_get, p)
+    if g("batch") < 1 or g("num_frames") < 1 or g("num_patches") < 1 or g("channels") < 1:
+        return "batch, num_frames, num_patches and channels must be >= 1"
+    if g("frames_per_token") < 1:
+        return "frames_per_token must be >= 1"
+    if g("num_heads") < 1 or g("channels") % g("num_heads") != 0:
+        return "num_heads must be >= 1 and divide channels"
+    if bool(g("cu_frames")) != bool(g("cu_tokens")):
+        return "cu_frames and cu_tokens must both be set (varlen) or both be null (batched)"
+    if not g("cu_frames") and g("num_groups") != num_groups(g("num_frames"), g("frames_per_token")):
+        return "num_groups must be ceil((num_frames - 1) / frames_per_token)"
+    if g("pool") == MEAN:
+        if g("num_heads") != 1:
+            return "mean pooling takes num_heads == 1"
+    elif g("pool") != ATTN:
+        return "pool must be mean or attn"
+    if g("spatial"):
+        if g("grid_h") < 1 or g("grid_w") < 1 or g("grid_h") * g("grid_w") != g("num_patches"):
+            return "grid_h * grid_w must equal num_patches"
+        if g("out_h") < 1 or g("out_w") < 1 or g("out_h") > g("grid_h") or g("out_w") > g("grid_w"):
+            return "spatial (out_h, out_w) must fit in the grid"
+        if g("num_key_tokens") != g("out_h") * g("out_w"):
+            return "num_key_tokens must be out_h * out_w"
+    elif g("num_key_tokens") != g("num_patches"):
+        return "num_key_tokens must equal num_patches without spatial"
+    return None
+
+
+def null_pointer_error(struct: np.dtype, p) -> Optional[str]:
+    """The extension's null-pointer checks (params_check.h and the bindings, in their order) for
+    the fields of a ``struct``, a dict or a packed element: None when every pointer the kernels
+    read or write is set."""
+    g = functools.partial(_get, p)
+    if struct == ENCODE_PARAMS:
+        if not g("x") or not g("sequence") or not g("key_index"):
+            return "x, sequence and key_index must be set (got a null pointer)"
+        if g("pool") == ATTN:
+            if not g("query"):
+                return "attn pooling needs query"
+            # Varlen: whether any video has a residual token is known on the device only.
+            if not (g("lse") or g("cu_frames") or g("num_groups") == 0):
+                return "attn pooling needs lse"
+        return None
+    if struct == ENCODE_BWD_PARAMS:
+        error = null_pointer_error(ENCODE_PARAMS, p["fwd"])
+        if error is not None:
+            return error
+        if not g("grad_sequence") or not g("grad_x"):
+            return "grad_sequence and grad_x must be set"
+        if _get(p["fwd"], "pool") == ATTN and (not g("grad_query") or not g("workspace")):
+            return "attn backward needs grad_query and workspace (cuda_encode_bwd_workspace_elems floats)"
+        return None
+    if struct == EXPAND_PARAMS:
+        if not (g("key_tokens") and g("frames") and g("key_index") and (g("num_groups") == 0 or g("residual_tokens"))):
+            return "key_tokens, residual_tokens, key_index and frames must be device pointers"
+        return None
+    if struct == EXPAND_BWD_PARAMS:
+        if not (g("grad_frames") and g("grad_key_tokens") and g("key_index")
+                and (g("num_groups") == 0 or g("grad_residual_tokens"))):
+            return "grad_frames, grad_key_tokens, grad_residual_tokens and key_index must be device pointers"
+        return None
+    raise TypeError(f"not a params struct: {struct}")
+
+
+def check_pointers(params: np.ndarray) -> None:
+    """A ValueError for a packed params struct (what a kernel receives) with a null pointer."""
+    error = null_pointer_error(params.dtype, params.reshape(-1)[0])
+    if error is not None:
+        _refuse(error)
+
+
+def check_encode_args(p: dict) -> None:
+    """cuda_bindings.cpp check_encode: the arguments of either encode launcher."""
+    _check_dtype(p)
+    error = encode_params_error(p)
+    if error is not None:
+        _refuse(error)
+    if _get(p, "pool") == ATTN and _get(p, "channels") // _get(p, "num_heads") > MAX_HEAD_DIM:
+        _refuse(f"attention heads wider than {MAX_HEAD_DIM} channels are not supported")
+
+
+def max_groups(p: dict) -> int:
+    """encode.cu max_groups: residual tokens per video, the residual kernels' grid axis y."""
+    return (num_groups(_get(p, "num_frames"), _get(p, "frames_per_token")) if _get(p, "cu_frames")
+            else _get(p, "num_groups"))
+
+
+def check_encode_launch(p: dict, lanes: int) -> None:
+    """encode.cu check_encode: the grids (videos on axis z or y, residual tokens on axis y) and
+    key_tokens_kernel's 32-bit index, given the row plan's ``lanes``."""
+    if _get(p, "batch") > MAX_GRID_YZ:
+        _refuse("at most 65535 videos per call")
+    if _get(p, "num_key_tokens") * _get(p, "channels") >= MAX_KEY_TOKEN_ELEMS:
+        _refuse("key tokens of more than 2^31 elements per video")
+    if max_groups(p) > MAX_GRID_YZ:
+        _refuse("at most 65535 residual tokens per video")
+    if lanes == 0:
+        _refuse(f"attention heads of {_get(p, 'channels') // _get(p, 'num_heads')} channels exceed the {MAX_HEAD_DIM} "
+                "a block pools (use more heads or another backend)")
+
+
+def encode_bwd_tiles(num_patches: int, lanes: int) -> int:
+    """encode.cu encode_bwd: blocks of THREADS / lanes patch rows, the backward's grid axis y."""
+    rows = THREADS // lanes
+    return -(-num_patches // rows)
+
+
+def check_encode_bwd_launch(bp: dict, lanes: int) -> None:
+    """encode.cu encode_bwd: check_encode, then patch tiles on grid axis y and the workspace."""
+    p = bp["fwd"]
+    check_encode_launch(p, lanes)
+    g = functools.partial(_get, p)
+    if encode_bwd_tiles(g("num_patches"), lanes) > MAX_GRID_YZ:
+        _refuse("too many patches per frame")
+    if g("pool") == ATTN:
+        # Varlen: sum_b G_b is known to the caller only (cu_tokens lives on the device). The
+        # launcher's null checks of workspace and grad_query are null_pointer_error's.
+        lse_elems = 0 if g("cu_frames") else g("batch") * g("num_groups") * g("num_heads")
+        if _get(bp, "workspace_elems") < encode_bwd_workspace_elems(g("batch"), g("num_patches"), g("channels"),
+                                                                     lse_elems):
+            _refuse("the attn backward needs grad_query and a workspace of encode_bwd_workspace_elems floats")
+
+
+def check_expand_args(p: dict) -> None:
+    """The cuda_expand_fwd / cuda_expand_bwd bindings: check_dtype, check_expand_sizes."""
+    g = functools.partial(_get, p)
+    _check_dtype(p)
+    if g("batch") < 1 or g("num_frames") < 1 or g("num_patches") < 1 or g("channels") < 1:
+        _refuse("batch, num_frames, num_patches and channels must be >= 1")
+    if g("frames_per_token") < 1:
+        _refuse("frames_per_token must be >= 1")
+    if g("num_groups") != num_groups(g("num_frames"), g("frames_per_token")):
+        _refuse("num_groups must be ceil((num_frames - 1) / frames_per_token)")
+
+
+def check_expand_bwd_launch(p: dict) -> None:
+    """expand.cu expand_bwd: the group sum's grid holds the videos on axis z, the groups on y."""
+    if _get(p, "batch") > MAX_GRID_YZ or _get(p, "num_groups") > MAX_GRID_YZ:
+        _refuse("at most 65535 videos and 65535 residual tokens per call")
+
+
+def check_grid(kernel: str, grid) -> None:
+    """CUDA's grid limits, for every launch this loader makes. The checks above keep the grids
+    of the extension's launchers within them; this one stands behind them so that no launch
+    reaches the driver with a grid it would refuse."""
+    limits = (MAX_GRID_X, MAX_GRID_YZ, MAX_GRID_YZ)
+    if len(grid) > 3 or any(not 1 <= int(g) <= limit for g, limit in zip(grid, limits)):
+        _refuse(f"{kernel} would launch a grid of {tuple(int(g) for g in grid)} blocks; CUDA allows "
+                f"1 to {MAX_GRID_X} along x and 1 to {MAX_GRID_YZ} along y and z")
+
+
+# ------------------------------------------------------------------ launches
+#
+# Each op's launches as (kernel name expression, grid, kernel arguments), in launch order, built
+# by pure functions: the checks and the grids can be exercised without CuPy or a GPU.
+
+def _checked(launches: list) -> list:
+    for kernel, grid, _ in launches:
+        check_grid(kernel, grid)
+    return launches
+
+
+def _ctype(dtype_code: int) -> str:
+    return _TYPES[_DTYPE_CODES[dtype_code]]
+
+
+def _row_plan(lanes: int, k: int, seg_vecs: int, segments: int) -> np.ndarray:
+    return pack(ROW_PLAN, dict(lanes=lanes, vecs_per_lane=k, seg_vecs=seg_vecs, num_segments=segments))
+
+
+def encode_fwd_launches(p: dict) -> list:
+    """The launches of encode.cu encode_fwd, after its checks (ValueError); no CuPy needed."""
+    check_encode_args(p)
+    vec, lanes, k, seg_vecs, segments = encode_plan(p)
+    check_encode_launch(p, lanes)
+    ctype = _ctype(p["dtype"])
+    params = pack(ENCODE_PARAMS, p)
+    plan = _row_plan(lanes, k, seg_vecs, segments)
+    groups = max_groups(p)
+    launches = []
+    if p["num_key_tokens"] > 0:
+        grid = (_flat_blocks_per_video(p["num_key_tokens"] * p["channels"] // vec, p["batch"]), p["batch"])
+        launches.append((f"vtok::cuda::key_tokens_kernel<{ctype}, {vec}>", grid, (params,)))
+    if groups > 0:
+        mode = ATTN if p["pool"] == ATTN else MEAN
+        launches.append((f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {mode}>",
+                         (segments, groups, p["batch"]), (params, plan)))
+    return _checked(launches)
+
+
+def encode_bwd_launches(bp: dict) -> list:
+    """The launches of encode.cu encode_bwd, after its checks (ValueError); no CuPy needed."""
+    p = bp["fwd"]
+    check_encode_args(p)
+    vec, lanes, k, seg_vecs, segments = encode_plan(p, True, bp["grad_sequence"], bp["grad_x"])
+    check_encode_bwd_launch(bp, lanes)
+    ctype = _ctype(p["dtype"])
+    params = pack(ENCODE_BWD_PARAMS, bp)
+    plan = _row_plan(lanes, k, seg_vecs, segments)
+    groups = max_groups(p)
+    tiles = encode_bwd_tiles(p["num_patches"], lanes)
+    grid = (segments, tiles, p["batch"])
+    launches = []
+    if p["pool"] == ATTN:
+        if groups > 0:
+            launches.append((f"vtok::cuda::attn_delta_kernel<{ctype}>", (groups, p["batch"]), (params,)))
+        launches.append((f"vtok::cuda::encode_bwd_kernel<{ctype}, {vec}, true>", grid, (params, plan)))
+        launches.append((f"vtok::cuda::grad_query_reduce_kernel<{THREADS}>", (-(-p["channels"] // THREADS),),
+                         (params, np.int64(p["batch"] * tiles))))
+    else:
+        launches.append((f"vtok::cuda::encode_bwd_kernel<{ctype}, {vec}, false>", grid, (params, plan)))
+    return _checked(launches)
+
+
+def expand_fwd_launches(p: dict) -> list:
+    """The launch of expand.cu expand_fwd, after the binding's checks (ValueError)."""
+    check_expand_args(p)
+    ctype = _ctype(p["dtype"])
+    vec = vec_width(_DTYPE_CODES[p["dtype"]])
+    ok = (p["channels"] % vec == 0 and _aligned(p["key_tokens"]) and _aligned(p["frames"])
+          and p["key_stride_b"] % vec == 0 and p["key_stride_n"] % vec == 0
+          and (p["num_groups"] == 0 or (_aligned(p["residual_tokens"]) and p["res_stride_b"] % vec == 0
+                                        and p["res_stride_g"] % vec == 0)))
+    v = vec if ok else 1
+    rows = p["batch"] * p["num_frames"] * p["num_patches"]
+    return _checked([(f"vtok::cuda::expand_fwd_kernel<{ctype}, {v}>", (_flat_blocks(rows * p["channels"] // v),),
+                      (pack(EXPAND_PARAMS, p),))])
+
+
+def expand_bwd_launches(p: dict) -> list:
+    """The launches of expand.cu expand_bwd, after its checks (ValueError); no CuPy needed."""
+    check_expand_args(p)
+    check_expand_bwd_launch(p)
+    ctype = _ctype(p["dtype"])
+    vec = vec_width(_DTYPE_CODES[p["dtype"]])
+    ok = (p["channels"] % vec == 0 and _aligned(p["grad_frames"]) and _aligned(p["grad_key_tokens"])
+          and (p["num_groups"] == 0 or _aligned(p["grad_residual_tokens"])))
+    v = vec if ok else 1
+    launches = [(f"vtok::cuda::expand_grad_keys_kernel<{ctype}, {v}>",
+                 (_flat_blocks(p["batch"] * p["num_patches"] * p["channels"] // v),), (pack(EXPAND_BWD_PARAMS, p),))]
+    if p["num_groups"] > 0:
+        # expand.cu: the group sum is the encode forward's reduction in kGroupSum mode.
+        n, c, t = p["num_patches"], p["channels"], p["num_frames"]
+        fields = dict(x=p["grad_frames"], x_stride_n=c, x_stride_t=n * c, x_stride_b=t * n * c,
+                      batch=p["batch"], num_frames=t, num_patches=n, channels=c, dtype=p["dtype"],
+                      key_index=p["key_index"], frames_per_token=p["frames_per_token"],
+                      num_heads=1, num_key_tokens=0, num_groups=p["num_groups"],
+                      sequence=p["grad_residual_tokens"])
+        lanes, k, seg_vecs, segments = plan_segments(c, v, False, 1)
+        launches.append((f"vtok::cuda::residual_fwd_kernel<{ctype}, {v}, {GROUP_SUM}>",
+                         (segments, p["num_groups"], p["batch"]),
+                         (pack(ENCODE_PARAMS, fields), _row_plan(lanes, k, seg_vecs, segments))))
+    return _checked(launches)
+
+
 # ------------------------------------------------------------------ the loader
 
 def unavailable_reason() -> Optional[str]:
@@ -250,89 +547,31 @@ class NvrtcLoader:
     name = "cupy-nvrtc"
 
     def _launch(self, device_index: int, stream: int, kernel: str, grid, args) -> None:
+        # Every launch of an op passes the op's params first: the first launch checks them all.
+        check_pointers(args[0])
         import cupy
 
         function = _module(device_index).get_function(kernel)
         with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream, device_index):
             function(tuple(int(g) for g in grid), (THREADS,), args)
 
-    @staticmethod
-    def _ctype(dtype_code: int) -> str:
-        return _TYPES[_DTYPE_CODES[dtype_code]]
+    def _run(self, device_index: int, stream: int, launches: list) -> None:
+        # The launch list, and with it every check but the null-pointer ones, is complete before
+        # the first launch.
+        for kernel, grid, args in launches:
+            self._launch(device_index, stream, kernel, grid, args)
 
     def encode_fwd(self, p: dict, stream: int, device_index: int) -> None:
-        vec, lanes, k, seg_vecs, segments = encode_plan(p)
-        if lanes == 0:
-            raise ValueError(f"vtok cuda: attention heads wider than {MAX_HEAD_DIM} channels are not supported")
-        ctype = self._ctype(p["dtype"])
-        params = pack(ENCODE_PARAMS, p)
-        plan = pack(ROW_PLAN, dict(lanes=lanes, vecs_per_lane=k, seg_vecs=seg_vecs, num_segments=segments))
-        groups = num_groups(p["num_frames"], p["frames_per_token"]) if p["cu_frames"] else p["num_groups"]
-        if p["num_key_tokens"] > 0:
-            grid = (_flat_blocks_per_video(p["num_key_tokens"] * p["channels"] // vec, p["batch"]), p["batch"])
-            self._launch(device_index, stream, f"vtok::cuda::key_tokens_kernel<{ctype}, {vec}>", grid, (params,))
-        if groups > 0:
-            mode = ATTN if p["pool"] == ATTN else MEAN
-            self._launch(device_index, stream, f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {mode}>",
-                         (segments, groups, p["batch"]), (params, plan))
+        self._run(device_index, stream, encode_fwd_launches(p))
 
     def encode_bwd(self, bp: dict, stream: int, device_index: int) -> None:
-        p = bp["fwd"]
-        vec, lanes, k, seg_vecs, segments = encode_plan(p, True, bp["grad_sequence"], bp["grad_x"])
-        if lanes == 0:
-            raise ValueError(f"vtok cuda: attention heads wider than {MAX_HEAD_DIM} channels are not supported")
-        ctype = self._ctype(p["dtype"])
-        params = pack(ENCODE_BWD_PARAMS, bp)
-        plan = pack(ROW_PLAN, dict(lanes=lanes, vecs_per_lane=k, seg_vecs=seg_vecs, num_segments=segments))
-        groups = num_groups(p["num_frames"], p["frames_per_token"]) if p["cu_frames"] else p["num_groups"]
-        rows = THREADS // lanes
-        tiles = -(-p["num_patches"] // rows)
-        grid = (segments, tiles, p["batch"])
-        if p["pool"] == ATTN:
-            if groups > 0:
-                self._launch(device_index, stream, f"vtok::cuda::attn_delta_kernel<{ctype}>",
-                             (groups, p["batch"]), (params,))
-            self._launch(device_index, stream, f"vtok::cuda::encode_bwd_kernel<{ctype}, {vec}, true>", grid,
-                         (params, plan))
-            self._launch(device_index, stream, f"vtok::cuda::grad_query_reduce_kernel<{THREADS}>",
-                         (-(-p["channels"] // THREADS),), (params, np.int64(p["batch"] * tiles)))
-        else:
-            self._launch(device_index, stream, f"vtok::cuda::encode_bwd_kernel<{ctype}, {vec}, false>", grid,
-                         (params, plan))
+        self._run(device_index, stream, encode_bwd_launches(bp))
 
     def expand_fwd(self, p: dict, stream: int, device_index: int) -> None:
-        ctype = self._ctype(p["dtype"])
-        vec = vec_width(_DTYPE_CODES[p["dtype"]])
-        ok = (p["channels"] % vec == 0 and _aligned(p["key_tokens"]) and _aligned(p["frames"])
-              and p["key_stride_b"] % vec == 0 and p["key_stride_n"] % vec == 0
-              and (p["num_groups"] == 0 or (_aligned(p["residual_tokens"]) and p["res_stride_b"] % vec == 0
-                                            and p["res_stride_g"] % vec == 0)))
-        v = vec if ok else 1
-        rows = p["batch"] * p["num_frames"] * p["num_patches"]
-        self._launch(device_index, stream, f"vtok::cuda::expand_fwd_kernel<{ctype}, {v}>",
-                     (_flat_blocks(rows * p["channels"] // v),), (pack(EXPAND_PARAMS, p),))
+        self._run(device_index, stream, expand_fwd_launches(p))
 
     def expand_bwd(self, p: dict, stream: int, device_index: int) -> None:
-        ctype = self._ctype(p["dtype"])
-        vec = vec_width(_DTYPE_CODES[p["dtype"]])
-        ok = (p["channels"] % vec == 0 and _aligned(p["grad_frames"]) and _aligned(p["grad_key_tokens"])
-              and (p["num_groups"] == 0 or _aligned(p["grad_residual_tokens"])))
-        v = vec if ok else 1
-        self._launch(device_index, stream, f"vtok::cuda::expand_grad_keys_kernel<{ctype}, {v}>",
-                     (_flat_blocks(p["batch"] * p["num_patches"] * p["channels"] // v),),
-                     (pack(EXPAND_BWD_PARAMS, p),))
-        if p["num_groups"] > 0:
-            # expand.cu: the group sum is the encode forward's reduction in kGroupSum mode.
-            n, c, t = p["num_patches"], p["channels"], p["num_frames"]
-            fields = dict(x=p["grad_frames"], x_stride_n=c, x_stride_t=n * c, x_stride_b=t * n * c,
-                          batch=p["batch"], num_frames=t, num_patches=n, channels=c, dtype=p["dtype"],
-                          key_index=p["key_index"], frames_per_token=p["frames_per_token"],
-                          num_heads=1, num_key_tokens=0, num_groups=p["num_groups"],
-                          sequence=p["grad_residual_tokens"])
-            lanes, k, seg_vecs, segments = plan_segments(c, v, False, 1)
-            plan = pack(ROW_PLAN, dict(lanes=lanes, vecs_per_lane=k, seg_vecs=seg_vecs, num_segments=segments))
-            self._launch(device_index, stream, f"vtok::cuda::residual_fwd_kernel<{ctype}, {v}, {GROUP_SUM}>",
-                         (segments, p["num_groups"], p["batch"]), (pack(ENCODE_PARAMS, fields), plan))
+        self._run(device_index, stream, expand_bwd_launches(p))
 
 
 def compile_ptx(arch: str = "compute_90a", names: Optional[list[str]] = None) -> tuple[bytes, dict]:

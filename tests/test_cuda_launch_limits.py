@@ -1,0 +1,292 @@
+"""Launches the CUDA kernels cannot make: both loaders of the cuda backend refuse them with the
+same ValueError, before anything reaches a device.
+
+The extension checks in python/cuda_bindings.cpp and in its launchers (csrc/cuda/encode.cu,
+expand.cu); the CuPy loader mirrors those checks in ``cuda_nvrtc``. Each case below is refused by
+the CuPy loader without CuPy or a GPU, and, where the extension is built with CUDA, by the
+extension with the same message (its checks all run on the host, before the first launch).
+Sizes past the limits cost nothing: the params are plain integers, and the end-to-end cases use
+expanded (stride 0) views."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+
+from vtok_kernels.backends import cuda_nvrtc
+
+# A SigLIP-like batch: bf16, 729 patches x 1152 channels, attn pooling with 8 heads of 144.
+B, T, N, C, HEADS = 8, 16, 729, 1152, 8
+
+
+def _encode_fields(**overrides) -> dict:
+    fields = dict(x=4096, x_stride_b=T * N * C, x_stride_t=N * C, x_stride_n=C, batch=B, num_frames=T,
+                  num_patches=N, channels=C, dtype=2, key_index=64, cu_frames=0, cu_tokens=0, pool=1,
+                  query=512, num_heads=HEADS, frames_per_token=1, spatial=False, grid_h=0, grid_w=0,
+                  out_h=0, out_w=0, num_key_tokens=N, num_groups=T - 1, sequence=8192, lse=1024)
+    fields.update(overrides)
+    return fields
+
+
+def _encode_bwd_fields(fwd=None, **overrides) -> dict:
+    fwd = _encode_fields() if fwd is None else fwd
+    lse_elems = 0 if fwd["cu_frames"] else fwd["batch"] * fwd["num_groups"] * fwd["num_heads"]
+    elems = cuda_nvrtc.encode_bwd_workspace_elems(fwd["batch"], fwd["num_patches"], fwd["channels"], lse_elems)
+    fields = dict(fwd=fwd, grad_sequence=16384, grad_x=32768, grad_query=640, workspace=768, workspace_elems=elems)
+    fields.update(overrides)
+    return fields
+
+
+def _expand_fields(**overrides) -> dict:
+    fields = dict(key_tokens=4096, key_stride_b=N * C, key_stride_n=C, residual_tokens=8192, res_stride_b=(T - 1) * C,
+                  res_stride_g=C, batch=B, num_frames=T, num_patches=N, channels=C, num_groups=T - 1,
+                  frames_per_token=1, key_index=64, dtype=2, frames=16384)
+    fields.update(overrides)
+    return fields
+
+
+def _expand_bwd_fields(**overrides) -> dict:
+    fields = dict(grad_frames=4096, batch=B, num_frames=T, num_patches=N, channels=C, num_groups=T - 1,
+                  frames_per_token=1, key_index=64, dtype=2, grad_key_tokens=8192, grad_residual_tokens=16384)
+    fields.update(overrides)
+    return fields
+
+
+# key_tokens_kernel's 32-bit index: S * C = 2^31 exactly (1024 channels) is one past it.
+WIDE = dict(channels=1024, x_stride_n=1024, num_patches=2**21, num_key_tokens=2**21)
+WIDE_N = 2**31 // C + 1
+# The mean backward of 256 float32 channels runs 32 lanes per row, 8 rows per block: one patch
+# more than 65535 tiles hold.
+TILED = dict(dtype=0, pool=0, num_heads=1, channels=256, x_stride_n=256, x_stride_t=N * 256, x_stride_b=T * N * 256,
+             query=0, lse=0)
+MANY_TILES_N = 8 * 65535 + 1
+
+_BWD_NEEDED = _encode_bwd_fields()["workspace_elems"]
+_VARLEN = dict(cu_frames=128, cu_tokens=256, num_groups=0)
+_VARLEN_NEEDED = cuda_nvrtc.dq_partial_rows(B, N) * C
+
+# (id, op, fields, where the CuPy loader refuses it, the extension's message after "vtok cuda: ").
+# "plan": the launch plan refuses it (no CuPy call); "launch": the null-pointer checks at the
+# device launch, which the plan leaves out so that it can be recorded from meta tensors.
+CASES = [
+    # python/cuda_bindings.cpp check_dtype and params_check.h encode_params_error
+    ("encode-dtype-float64", "encode_fwd", _encode_fields(dtype=3), "plan",
+     "dtype must be float32, float16 or bfloat16 (float64 runs on the cpu and torch backends)"),
+    ("encode-no-batch", "encode_fwd", _encode_fields(batch=0), "plan",
+     "batch, num_frames, num_patches and channels must be >= 1"),
+    ("encode-fpt-0", "encode_fwd", _encode_fields(frames_per_token=0), "plan", "frames_per_token must be >= 1"),
+    ("encode-heads-7", "encode_fwd", _encode_fields(num_heads=7), "plan", "num_heads must be >= 1 and divide channels"),
+    ("encode-cu-frames-only", "encode_fwd", _encode_fields(cu_frames=128), "plan",
+     "cu_frames and cu_tokens must both be set (varlen) or both be null (batched)"),
+    ("encode-groups-14", "encode_fwd", _encode_fields(num_groups=14), "plan",
+     "num_groups must be ceil((num_frames - 1) / frames_per_token)"),
+    ("encode-mean-8-heads", "encode_fwd", _encode_fields(pool=0), "plan", "mean pooling takes num_heads == 1"),
+    ("encode-pool-2", "encode_fwd", _encode_fields(pool=2), "plan", "pool must be mean or attn"),
+    ("encode-grid-not-n", "encode_fwd", _encode_fields(spatial=True, grid_h=27, grid_w=26, out_h=2, out_w=2,
+                                                      num_key_tokens=4), "plan",
+     "grid_h * grid_w must equal num_patches"),
+    ("encode-spatial-too-big", "encode_fwd", _encode_fields(spatial=True, grid_h=27, grid_w=27, out_h=28, out_w=2,
+                                                           num_key_tokens=56), "plan",
+     "spatial (out_h, out_w) must fit in the grid"),
+    ("encode-spatial-tokens", "encode_fwd", _encode_fields(spatial=True, grid_h=27, grid_w=27, out_h=2, out_w=2,
+                                                          num_key_tokens=5), "plan",
+     "num_key_tokens must be out_h * out_w"),
+    ("encode-key-tokens", "encode_fwd", _encode_fields(num_key_tokens=5), "plan",
+     "num_key_tokens must equal num_patches without spatial"),
+    ("encode-head-1024", "encode_fwd", _encode_fields(channels=1024, num_heads=1), "plan",
+     "attention heads wider than 768 channels are not supported"),
+    # csrc/cuda/encode.cu check_encode: grid axes and the 32-bit key token index
+    ("encode-65536-videos", "encode_fwd", _encode_fields(batch=65536), "plan", "at most 65535 videos per call"),
+    ("encode-key-tokens-2^31", "encode_fwd", _encode_fields(**WIDE), "plan",
+     "key tokens of more than 2^31 elements per video"),
+    ("encode-spatial-key-tokens-2^31", "encode_fwd",
+     _encode_fields(num_patches=WIDE_N * 2, grid_h=WIDE_N, grid_w=2, spatial=True, out_h=WIDE_N, out_w=1,
+                    num_key_tokens=WIDE_N), "plan",
+     "key tokens of more than 2^31 elements per video"),
+    ("encode-65536-groups", "encode_fwd", _encode_fields(num_frames=65537, num_groups=65536), "plan",
+     "at most 65535 residual tokens per video"),
+    ("encode-varlen-65536-groups", "encode_fwd", _encode_fields(num_frames=65537, **_VARLEN), "plan",
+     "at most 65535 residual tokens per video"),
+    ("encode-bwd-65536-videos", "encode_bwd", _encode_bwd_fields(_encode_fields(batch=65536), workspace_elems=2**40),
+     "plan", "at most 65535 videos per call"),
+    # csrc/cuda/encode.cu encode_bwd: patch tiles on grid axis y, the workspace
+    ("encode-bwd-65536-tiles", "encode_bwd",
+     _encode_bwd_fields(_encode_fields(num_patches=MANY_TILES_N, num_key_tokens=MANY_TILES_N, **TILED)), "plan",
+     "too many patches per frame"),
+    ("encode-bwd-workspace-short", "encode_bwd", _encode_bwd_fields(workspace_elems=_BWD_NEEDED - 1), "plan",
+     "the attn backward needs grad_query and a workspace of encode_bwd_workspace_elems floats"),
+    ("encode-bwd-varlen-workspace-short", "encode_bwd",
+     _encode_bwd_fields(_encode_fields(**_VARLEN), workspace_elems=_VARLEN_NEEDED - 1), "plan",
+     "the attn backward needs grad_query and a workspace of encode_bwd_workspace_elems floats"),
+    # python/cuda_bindings.cpp check_expand_sizes, expand.cu expand_bwd
+    ("expand-dtype-float64", "expand_fwd", _expand_fields(dtype=3), "plan",
+     "dtype must be float32, float16 or bfloat16 (float64 runs on the cpu and torch backends)"),
+    ("expand-no-patches", "expand_fwd", _expand_fields(num_patches=0), "plan",
+     "batch, num_frames, num_patches and channels must be >= 1"),
+    ("expand-fpt-0", "expand_fwd", _expand_fields(frames_per_token=0), "plan", "frames_per_token must be >= 1"),
+    ("expand-groups-14", "expand_fwd", _expand_fields(num_groups=14), "plan",
+     "num_groups must be ceil((num_frames - 1) / frames_per_token)"),
+    ("expand-bwd-dtype-5", "expand_bwd", _expand_bwd_fields(dtype=5), "plan",
+     "dtype must be float32, float16 or bfloat16 (float64 runs on the cpu and torch backends)"),
+    ("expand-bwd-groups-7", "expand_bwd", _expand_bwd_fields(num_groups=7), "plan",
+     "num_groups must be ceil((num_frames - 1) / frames_per_token)"),
+    ("expand-bwd-65536-videos", "expand_bwd", _expand_bwd_fields(batch=65536), "plan",
+     "at most 65535 videos and 65535 residual tokens per call"),
+    ("expand-bwd-65536-groups", "expand_bwd", _expand_bwd_fields(num_frames=65537, num_groups=65536), "plan",
+     "at most 65535 videos and 65535 residual tokens per call"),
+    # null pointers: params_check.h and the bindings
+    ("encode-no-x", "encode_fwd", _encode_fields(x=0), "launch",
+     "x, sequence and key_index must be set (got a null pointer)"),
+    ("encode-no-query", "encode_fwd", _encode_fields(query=0), "launch", "attn pooling needs query"),
+    ("encode-no-lse", "encode_fwd", _encode_fields(lse=0), "launch", "attn pooling needs lse"),
+    ("encode-bwd-no-grad-x", "encode_bwd", _encode_bwd_fields(grad_x=0), "launch",
+     "grad_sequence and grad_x must be set"),
+    ("encode-bwd-no-workspace", "encode_bwd", _encode_bwd_fields(workspace=0), "launch",
+     "attn backward needs grad_query and workspace (cuda_encode_bwd_workspace_elems floats)"),
+    ("expand-no-residual", "expand_fwd", _expand_fields(residual_tokens=0), "launch",
+     "key_tokens, residual_tokens, key_index and frames must be device pointers"),
+    ("expand-bwd-no-grad-keys", "expand_bwd", _expand_bwd_fields(grad_key_tokens=0), "launch",
+     "grad_frames, grad_key_tokens, grad_residual_tokens and key_index must be device pointers"),
+]
+
+PLANS = {"encode_fwd": cuda_nvrtc.encode_fwd_launches, "encode_bwd": cuda_nvrtc.encode_bwd_launches,
+         "expand_fwd": cuda_nvrtc.expand_fwd_launches, "expand_bwd": cuda_nvrtc.expand_bwd_launches}
+
+
+def _cuda_extension():
+    from vtok_kernels import _extension
+
+    module = _extension.get()
+    if module is None or not getattr(module, "built_with_cuda", False):
+        return None
+    return module
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """The CuPy loader with CuPy unimportable and its compile refused, so that a check missing
+    here shows as an ImportError or an AssertionError, never as a launch."""
+    monkeypatch.setitem(sys.modules, "cupy", None)
+
+    def compile_reached(device_index):
+        raise AssertionError("the NVRTC module was requested: a refused launch got past the checks")
+
+    monkeypatch.setattr(cuda_nvrtc, "_module", compile_reached)
+    return cuda_nvrtc.NvrtcLoader()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_both_loaders_refuse_with_the_same_message(no_cupy, case):
+    _, op, fields, where, message = case
+    expected = "vtok cuda: " + message
+    with pytest.raises(ValueError) as nvrtc:
+        getattr(no_cupy, op)(fields, 0, 0)
+    assert str(nvrtc.value) == expected
+    if where == "plan":
+        with pytest.raises(ValueError) as planned:
+            PLANS[op](fields)
+        assert str(planned.value) == expected
+    else:
+        # Meta tensors have null data pointers: the plan must still come out for them.
+        assert PLANS[op](fields)
+    module = _cuda_extension()
+    if module is None:
+        pytest.skip("vtok_kernels._C is not built with CUDA here: the CuPy loader's side only")
+    from vtok_kernels.backends.cuda import ExtensionLoader
+
+    with pytest.raises(ValueError) as extension:
+        getattr(ExtensionLoader(module), op)(fields, 0, 0)
+    assert str(extension.value) == expected
+
+
+def _grids(launches) -> dict:
+    return {kernel.split("<")[0].split("::")[-1]: tuple(grid) for kernel, grid, _ in launches}
+
+
+def test_the_limits_themselves_are_launched():
+    """One short of each limit the plan launches, with the grid the launcher computes there:
+    the refusals above are one past, not earlier."""
+    grids = _grids(cuda_nvrtc.encode_fwd_launches(_encode_fields(batch=65535, num_frames=65536, num_groups=65535)))
+    assert grids["residual_fwd_kernel"] == (HEADS, 65535, 65535)
+    assert grids["key_tokens_kernel"][1] == 65535
+    short = dict(WIDE, num_patches=2**21 - 1, num_key_tokens=2**21 - 1)
+    assert _grids(cuda_nvrtc.encode_fwd_launches(_encode_fields(**short)))["key_tokens_kernel"] == (512, B)
+    varlen = _grids(cuda_nvrtc.encode_fwd_launches(_encode_fields(num_frames=65536, **_VARLEN)))
+    assert varlen["residual_fwd_kernel"] == (HEADS, 65535, B)
+
+    tiled = _encode_fields(num_patches=8 * 65535, num_key_tokens=8 * 65535, **TILED)
+    grids = _grids(cuda_nvrtc.encode_bwd_launches(_encode_bwd_fields(tiled)))
+    assert grids["encode_bwd_kernel"] == (1, 65535, B)
+    grids = _grids(cuda_nvrtc.encode_bwd_launches(_encode_bwd_fields(workspace_elems=_BWD_NEEDED)))
+    assert grids["encode_bwd_kernel"] == (HEADS, 23, B)  # 32 rows of 8 lanes per block: ceil(729 / 32)
+    assert cuda_nvrtc.encode_bwd_launches(_encode_bwd_fields(_encode_fields(**_VARLEN),
+                                                             workspace_elems=_VARLEN_NEEDED))
+
+    grids = _grids(cuda_nvrtc.expand_bwd_launches(_expand_bwd_fields(batch=65535, num_frames=65536,
+                                                                     num_groups=65535)))
+    assert grids["residual_fwd_kernel"][1:] == (65535, 65535)
+
+
+@pytest.mark.parametrize("grid, ok", [
+    ((2**31 - 1, 65535, 65535), True), ((2**31,), False), ((1, 65536), False), ((1, 1, 65536), False),
+    ((0,), False), ((1, 1, 1, 1), False),
+])
+def test_every_grid_is_checked_against_cuda_limits(grid, ok):
+    """Behind the launchers' checks: no grid CUDA would refuse reaches the driver."""
+    if ok:
+        cuda_nvrtc.check_grid("k", grid)
+    else:
+        with pytest.raises(ValueError, match=r"vtok cuda: k would launch a grid of .* CUDA allows"):
+            cuda_nvrtc.check_grid("k", grid)
+
+
+# ------------------------------------------------------------------ through the backend's ops
+
+class _Recorder(cuda_nvrtc.NvrtcLoader):
+    def __init__(self):
+        self.launches = []
+
+    def _launch(self, device_index, stream, kernel, grid, args):
+        self.launches.append((kernel, tuple(grid)))
+
+
+def _zeros(*shape, dtype=torch.float32):
+    """A tensor of ``shape`` holding one element (every stride 0)."""
+    return torch.zeros((1,) * len(shape), dtype=dtype).expand(*shape)
+
+
+BACKEND_CASES = [
+    ("65536-videos", lambda cuda: cuda.encode_fwd(_zeros(65536, 2, 1, 8), _zeros(65536, dtype=torch.int64), None,
+                                                  "mean", 1, 1, [], []),
+     "at most 65535 videos per call"),
+    ("65537-frames", lambda cuda: cuda.encode_fwd(_zeros(1, 65537, 1, 8), _zeros(1, dtype=torch.int64),
+                                                  torch.ones(8), "attn", 2, 1, [], []),
+     "at most 65535 residual tokens per video"),
+    ("expand-bwd-65536-groups", lambda cuda: cuda.expand_bwd(_zeros(1, 65537, 1, 8), _zeros(1, dtype=torch.int64),
+                                                             65536, 1),
+     "at most 65535 videos and 65535 residual tokens per call"),
+]
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=[c[0] for c in BACKEND_CASES])
+def test_backend_ops_refuse_before_any_launch(monkeypatch, case):
+    """The cuda backend's ops on CPU tensors too large for one launch: each loader raises the
+    extension's ValueError and launches nothing."""
+    from vtok_kernels.backends import cuda
+
+    _, call, message = case
+    monkeypatch.setattr(cuda, "_stream", lambda t: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    recorder = _Recorder()
+    loaders = [recorder]
+    module = _cuda_extension()
+    if module is not None:
+        loaders.append(cuda.ExtensionLoader(module))
+    for loader in loaders:
+        monkeypatch.setattr(cuda, "_loader", lambda loader=loader: loader)
+        with pytest.raises(ValueError) as refused:
+            call(cuda)
+        assert str(refused.value) == "vtok cuda: " + message, loader.name
+    assert recorder.launches == []
