@@ -29,6 +29,12 @@ def _triton_modules():
     return configs, encode, expand
 
 
+def head_blocks(head_dim: int) -> tuple[int, int]:
+    from vtok_kernels.backends.triton.attention import head_blocks
+
+    return head_blocks(head_dim)
+
+
 def _encode_case(device, dtype, shape=(2, 5, 11, 24), pool="attn", num_heads=3,
                  frames_per_token=2, key_index=1, spatial=None, grid=None):
     """Runs encode forward and backward; returns (sequence, grad x, grad query) and the float64
@@ -91,16 +97,33 @@ def test_every_autotune_config(kind, index):
 def test_config_pruning_keeps_registers_bounded():
     configs, _, _ = _triton_modules()
     for kind in ("attn_fwd", "attn_bwd"):
-        for block_d in (16, 64, 128, 256, 512):
+        for head_dim in (16, 64, 72, 128, 144, 256, 512):
+            hi, lo = head_blocks(head_dim)
+            block_d = hi + lo
             kept = [c for c in configs.CONFIG_LISTS[kind] if configs.fits(kind, c, block_d)]
-            pruned = configs.pruner(kind)(configs.CONFIG_LISTS[kind], {}, BLOCK_D=block_d)
-            assert pruned, f"{kind}: no config left for a head block of {block_d}"
+            pruned = configs.pruner(kind)(configs.CONFIG_LISTS[kind], {}, BLOCK_HI=hi,
+                                          BLOCK_LO=lo)
+            assert pruned, f"{kind}: no config left for a head of {head_dim}"
             smallest = min(configs.CONFIG_LISTS[kind], key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)
             assert pruned == (kept or [smallest])
             # autotuning off runs what autotuning would choose among: never a tile that does not fit
             assert configs.survivors(kind, configs.CONFIG_LISTS[kind], block_d)[0] == pruned[0]
     # The stream configs do not depend on a head size.
     assert configs.pruner("stream")(configs.STREAM_CONFIGS, {}) == configs.STREAM_CONFIGS
+
+
+@pytest.mark.parametrize("head_dim", [9, 11, 20, 40])
+def test_heads_that_are_not_powers_of_two(head_dim):
+    """A head is two power-of-two channel blocks (SigLIP's 72 = 64 + 8, 144 = 128 + 16): the rest
+    block full (9 = 8 + 1, 20 = 16 + 4, 40 = 32 + 8) or with masked lanes (11 = 8 + 4)."""
+    hi, lo = head_blocks(head_dim)
+    assert hi & (hi - 1) == 0 and lo & (lo - 1) == 0  # powers of two (lo may be 0)
+    assert hi <= head_dim <= hi + lo if lo else hi == head_dim
+    assert lo < 2 * (head_dim - hi)  # less than half the rest block is padding
+    got, want = _encode_case(_device(), torch.float32, shape=(2, 4, 12, 2 * head_dim),
+                             pool="attn", num_heads=2, frames_per_token=2, key_index=2,
+                             spatial=(2, 2), grid=(3, 4))
+    _assert_all_close(got, want, torch.float32, f"attn, heads of {head_dim}")
 
 
 @contextlib.contextmanager
@@ -137,7 +160,7 @@ def test_fixed_rule_launches_the_default_config_without_benchmarking(monkeypatch
     with _deterministic_algorithms(switch == "use_deterministic_algorithms"):
         for kind, block_d in (("stream", None), ("attn_fwd", 256), ("attn_bwd", 256),
                               ("attn_bwd", 16)):
-            extra = {"BLOCK_D": block_d} if block_d else {}
+            extra = {"BLOCK_HI": block_d, "BLOCK_LO": 0} if block_d else {}
             meta = launch_module.launch(Kernel(), Tuner(), kind, grid, **extra)
             expected = configs.default(kind, block_d)
             assert configs.fits(kind, expected, block_d or 0) or kind == "stream"
@@ -503,9 +526,9 @@ def test_gpu_every_config_at_siglip_width(kind, index, heads):
     """Each config the autotuner may pick, compiled for the real device, at SigLIP's width."""
     configs, _, _ = _triton_modules()
     config = configs.CONFIG_LISTS[kind][index]
-    head_block = 1 << (1152 // heads - 1).bit_length()
-    if not configs.fits(kind, config, head_block):
-        pytest.skip(f"pruned for a head block of {head_block}")
+    head_width = sum(head_blocks(1152 // heads))
+    if not configs.fits(kind, config, head_width):
+        pytest.skip(f"pruned for heads of {head_width} channels")
     pool = "mean" if kind == "stream" else "attn"
     with configs.pin(kind, config):
         got, want = _encode_case("cuda", torch.bfloat16, shape=(2, 9, 729, 1152), pool=pool,
@@ -526,12 +549,12 @@ def test_gpu_deterministic_algorithms_ignore_what_the_autotuner_chose(pool):
     x = features(shape, torch.bfloat16, "cuda")
     query = torch.randn(shape[-1], device="cuda") if pool == "attn" else None
     options = dict(pool=pool, num_heads=heads, frames_per_token=2)
-    head_block = 1 << (shape[-1] // heads - 1).bit_length() if pool == "attn" else None
-    default = configs.default(kind, head_block)
+    head_width = sum(head_blocks(shape[-1] // heads)) if pool == "attn" else None
+    default = configs.default(kind, head_width)
     with configs.pin(kind, default):
         want = vk.encode(x, 1, query=query, backend="triton", **options).sequence
     tuner = encode._fwd_attn if pool == "attn" else encode._fwd_stream
-    others = [c for c in configs.survivors(kind, configs.CONFIG_LISTS[kind], head_block)
+    others = [c for c in configs.survivors(kind, configs.CONFIG_LISTS[kind], head_width)
               if c is not default]
     for other in others:
         with configs.pin(kind, other):

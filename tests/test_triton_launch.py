@@ -65,10 +65,12 @@ def recorded(monkeypatch):
     launches: list = []
     # (module, attribute, the kernel it launches, the autotuner's config family or None)
     for module, name, label, kind in (
-            (encode, "encode_fwd_kernel", "encode_fwd", None),
+            (encode, "mean_fwd_kernel", "encode_fwd", None),
+            (encode, "attn_fwd_kernel", "encode_fwd", None),
             (encode, "_fwd_stream", "encode_fwd", "stream"),
             (encode, "_fwd_attn", "encode_fwd", "attn_fwd"),
-            (encode, "encode_bwd_kernel", "encode_bwd", None),
+            (encode, "mean_bwd_kernel", "encode_bwd", None),
+            (encode, "attn_bwd_kernel", "encode_bwd", None),
             (encode, "_bwd_stream", "encode_bwd", "stream"),
             (encode, "_bwd_attn", "encode_bwd", "attn_bwd"),
             (encode, "combine_kernel", "combine", None),
@@ -303,7 +305,7 @@ class _Kernel:
 
 
 def test_one_surviving_config_launches_without_the_tuner(monkeypatch):
-    """With autotuning on, a head block that leaves one config after pruning (Triton 3.6 would
+    """With autotuning on, a head that leaves one config after pruning (Triton 3.6 would
     still benchmark it: a device sync per new shape) launches it directly; two or more go
     through the tuner."""
     configs, _, _, launch = _triton_modules()
@@ -321,21 +323,27 @@ def test_one_surviving_config_launches_without_the_tuner(monkeypatch):
             return run
 
     grid = lambda meta: (meta["BLOCK_N"],)  # noqa: E731
-    single = [(kind, block_d) for kind in ("attn_fwd", "attn_bwd")
-              for block_d in (16, 64, 128, 256, 512, 1024)
-              if len(configs.pruner(kind)(configs.CONFIG_LISTS[kind], {}, BLOCK_D=block_d)) == 1]
-    # SigLIP's 144-channel heads (block 256) in the backward, at least.
-    assert ("attn_bwd", 256) in single
-    for kind, block_d in single:
-        survivor = configs.pruner(kind)(configs.CONFIG_LISTS[kind], {}, BLOCK_D=block_d)[0]
-        meta = launch.launch(_Kernel(launched), Tuner(), kind, grid, BLOCK_D=block_d)
+    from vtok_kernels.backends.triton.attention import head_blocks
+
+    def head(head_dim):
+        hi, lo = head_blocks(head_dim)
+        return {"BLOCK_HI": hi, "BLOCK_LO": lo}
+
+    single = [(kind, head_dim) for kind in ("attn_fwd", "attn_bwd")
+              for head_dim in (16, 64, 72, 128, 144, 256, 512, 1024)
+              if len(configs.pruner(kind)(configs.CONFIG_LISTS[kind], {}, **head(head_dim))) == 1]
+    # CLIP-L's 64-channel heads in the backward, at least.
+    assert ("attn_bwd", 64) in single
+    for kind, head_dim in single:
+        survivor = configs.pruner(kind)(configs.CONFIG_LISTS[kind], {}, **head(head_dim))[0]
+        meta = launch.launch(_Kernel(launched), Tuner(), kind, grid, **head(head_dim))
         assert meta == dict(survivor.kwargs)
         assert launched[-1][0] == (survivor.kwargs["BLOCK_N"],)
         assert launched[-1][1]["num_warps"] == survivor.num_warps
         assert launched[-1][1]["num_stages"] == survivor.num_stages
     assert tuned == [], "the autotuner ran with one config left"
     # Several survivors: the tuner picks.
-    launch.launch(_Kernel(launched), Tuner(), "attn_fwd", grid, BLOCK_D=128)
+    launch.launch(_Kernel(launched), Tuner(), "attn_fwd", grid, **head(128))
     launch.launch(_Kernel(launched), Tuner(), "stream", grid)
     assert len(tuned) == 2
 

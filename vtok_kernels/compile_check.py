@@ -9,8 +9,15 @@ spills and shared memory come from running Triton's own ``ptxas -v`` on the gene
 CUDA kernels contribute their rows through ``vtok_kernels.backends.cuda.compile_rows(archs)``
 when that module provides it: a list of dicts with the keys of :class:`Row` (``source`` "cuda").
 
-Exit status: 1 on any compile error or on a spill in a default config (the first of each
-autotune list, the one used when autotuning is off), else 0.
+Besides the ptxas figures, each row counts the global loads and stores in the PTX by width
+(and, for the Triton kernels, the loads of x's tiles alone): a memory-bound kernel wants 16 bytes
+per instruction. The Triton kernels are compiled twice over: at generic specialisations (every
+variant, dtype and config), and at the presets (SigLIP, CLIP-L), specialised from the arguments
+of the backend's own launches, as the GPU specialises them.
+
+Exit status: 1 on any compile error, on a spill in a default config (the first of each autotune
+list, the one used when autotuning is off), or on a spill in any Triton config that survives
+the pruning (the autotuner may pick it), else 0.
 """
 from __future__ import annotations
 
@@ -27,9 +34,13 @@ import time
 from typing import Iterable, Optional
 
 ARCHS = ("sm_80", "sm_90")
-# Head sizes of the shapes we serve (SigLIP 1152 / 8 or 16 heads: 144, 72; CLIP 1024 / 8 or
-# 16 heads: 128, 64) round up to these power-of-two channel blocks.
-ATTN_HEAD_BLOCKS = (128, 256, 64)
+# Head sizes of the shapes we serve: SigLIP 1152 / 8 or 16 heads (144, 72), CLIP 1024 / 8 or 16
+# heads (128, 64). The attention kernels take the head size as a compile-time constant.
+ATTN_HEAD_DIMS = (144, 72, 128, 64)
+# The shapes the benchmarks serve, specialised as a real launch specialises them (presets):
+# (name, patches, channels), at 8 videos of 16 frames.
+PRESETS = (("siglip", 729, 1152), ("clip-l", 576, 1024))
+PRESET_BATCH, PRESET_FRAMES = 8, 16
 
 
 @dataclasses.dataclass
@@ -45,23 +56,34 @@ class Row:
     seconds: float = 0.0
     error: str = ""
     source: str = "triton"
+    # Global loads and stores in the PTX by bytes per instruction, e.g. {"16": 6, "4": 2}.
+    load_widths: dict = dataclasses.field(default_factory=dict)
+    store_widths: dict = dataclasses.field(default_factory=dict)
+    # The loads of x's tiles alone (what the kernels stream from HBM).
+    x_load_widths: dict = dataclasses.field(default_factory=dict)
 
     @property
     def spills(self) -> int:
         return (self.spill_stores or 0) + (self.spill_loads or 0)
 
     @property
+    def fails(self) -> bool:
+        return bool(self.error) or bool(self.spills and (self.default or self.source == "triton"))
+
+    @property
     def status(self) -> str:
         if self.error:
             return "ERROR"
         if self.spills:
-            return "SPILL-FAIL" if self.default else "spill"
+            return "SPILL-FAIL" if self.fails else "spill"
         return "ok"
 
 
 @dataclasses.dataclass
 class Case:
-    """One kernel at one specialisation and one launch config."""
+    """One kernel at one specialisation and one launch config. ``values``, when set, are the
+    arguments of a real launch: the signature, the divisibility hints and the arguments equal
+    to 1 (which Triton turns into constants) then come from them, as on the GPU."""
 
     kernel: str
     label: str
@@ -72,6 +94,7 @@ class Case:
     num_stages: int
     default: bool
     pointer_types: dict
+    values: Optional[dict] = None
 
 
 def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
@@ -98,18 +121,43 @@ def _signature(fn, constexprs: dict, pointer_types: dict) -> tuple[dict, dict]:
     return signature, attrs
 
 
+def _specialised_signature(fn, values: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch with argument ``values``, by Triton's own rule
+    (the one its launcher applies on the GPU): pointers and integers divisible by 16 get the
+    divisibility hint, an integer equal to 1 becomes a constant."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind, hint = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            constants[name] = hint
+        else:
+            signature[name] = kind
+            if hint == "D":
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constants, attrs
+
+
 def triton_cases(quick: bool = False) -> list[Case]:
-    """Every (kernel, specialisation, config) the Triton backend can launch on a GPU."""
+    """Every (kernel, specialisation, config) the Triton backend can launch on a GPU, at the
+    divisibility a realistic call gets; then the presets as their launches specialise them."""
     from vtok_kernels.backends.triton import configs
+    from vtok_kernels.backends.triton.attention import head_blocks
 
     enc = "vtok_kernels.backends.triton.encode"
+    att = "vtok_kernels.backends.triton.attention"
     exp = "vtok_kernels.backends.triton.expand"
     fp32 = {name: "*fp32" for name in ("query_ptr", "part_acc_ptr", "part_max_ptr",
-                                       "part_sum_ptr", "part_dq_ptr", "lse_ptr")}
+                                       "part_sum_ptr", "part_dq_ptr", "part_r_ptr",
+                                       "part_delta_ptr", "lse_ptr")}
     ints = {name: "*i64" for name in ("key_ptr", "cu_frames_ptr", "cu_tokens_ptr")}
     types = {**fp32, **ints}
-    combine_types = {**types, "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32",
-                     "part_sum_ptr": "*fp32"}
     cases: list[Case] = []
 
     def add(kernel, module, function, config_list, fixed, pointer_types=types, only_default=False):
@@ -122,56 +170,139 @@ def triton_cases(quick: bool = False) -> list[Case]:
 
     stream = configs.STREAM_CONFIGS
 
-    def attn(kind: str, block_d: int) -> list:
-        # What the autotuner's pruning leaves for this head block.
-        listed = configs.CONFIG_LISTS[kind]
-        return [c for c in listed if configs.fits(kind, c, block_d)] or listed[:1]
+    def head(head_dim: int) -> dict:
+        hi, lo = head_blocks(head_dim)
+        return {"HEAD_DIM": head_dim, "BLOCK_HI": hi, "BLOCK_LO": lo}
+
+    def attn(kind: str, head_dim: int) -> list:
+        # What the autotuner's pruning leaves for this head.
+        return configs.survivors(kind, configs.CONFIG_LISTS[kind], sum(head_blocks(head_dim)))
 
     base = {"IS_VARLEN": False}
-    add("encode_fwd[mean]", enc, "encode_fwd_kernel", stream,
-        {"POOL_ATTN": False, **base, "WRITE_KEY": True})
-    add("encode_fwd[mean,varlen]", enc, "encode_fwd_kernel", stream,
-        {"POOL_ATTN": False, "IS_VARLEN": True, "WRITE_KEY": True}, only_default=True)
-    add("encode_bwd[mean]", enc, "encode_bwd_kernel", stream,
-        {"POOL_ATTN": False, **base, "SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1})
-    for block_d in ATTN_HEAD_BLOCKS[: 1 if quick else None]:  # quick: 128 only
-        add(f"encode_fwd[attn,head<={block_d}]", enc, "encode_fwd_kernel",
-            attn("attn_fwd", block_d),
-            {"POOL_ATTN": True, **base, "WRITE_KEY": True, "BLOCK_D": block_d})
-        add(f"encode_bwd[attn,head<={block_d}]", enc, "encode_bwd_kernel",
-            attn("attn_bwd", block_d),
-            {"POOL_ATTN": True, **base, "SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1,
-             "BLOCK_D": block_d})
-    block = max(ATTN_HEAD_BLOCKS)  # the variants below at the heaviest head block
-    add("encode_fwd[attn,varlen]", enc, "encode_fwd_kernel", attn("attn_fwd", block),
-        {"POOL_ATTN": True, "IS_VARLEN": True, "WRITE_KEY": True, "BLOCK_D": block},
+    no_spatial = {"SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1}
+    add("encode_fwd[mean]", enc, "mean_fwd_kernel", stream, {**base, "WRITE_KEY": True})
+    add("encode_fwd[mean,varlen]", enc, "mean_fwd_kernel", stream,
+        {"IS_VARLEN": True, "WRITE_KEY": True}, only_default=True)
+    add("encode_bwd[mean]", enc, "mean_bwd_kernel", stream, {**base, **no_spatial})
+    for head_dim in ATTN_HEAD_DIMS[: 1 if quick else None]:  # quick: 144 only
+        add(f"encode_fwd[attn,head={head_dim}]", att, "attn_fwd_kernel",
+            attn("attn_fwd", head_dim), {**base, "WRITE_KEY": True, **head(head_dim)})
+        add(f"encode_bwd[attn,head={head_dim}]", att, "attn_bwd_kernel",
+            attn("attn_bwd", head_dim), {**base, **no_spatial, **head(head_dim)})
+    widest = max(ATTN_HEAD_DIMS)  # the variants below at the widest head
+    add("encode_fwd[attn,varlen]", att, "attn_fwd_kernel", attn("attn_fwd", widest),
+        {"IS_VARLEN": True, "WRITE_KEY": True, **head(widest)}, only_default=True)
+    add("encode_bwd[attn,spatial]", att, "attn_bwd_kernel", attn("attn_bwd", widest),
+        {**base, "SPATIAL": True, "BINS_PER_ROW": 2, "BINS_PER_COL": 2, **head(widest)},
         only_default=True)
-    add("encode_bwd[attn,spatial]", enc, "encode_bwd_kernel", attn("attn_bwd", block),
-        {"POOL_ATTN": True, **base, "SPATIAL": True, "BINS_PER_ROW": 2, "BINS_PER_COL": 2,
-         "BLOCK_D": block}, only_default=True)
-    add("encode_bwd[mean,varlen,spatial]", enc, "encode_bwd_kernel", stream,
-        {"POOL_ATTN": False, "IS_VARLEN": True, "SPATIAL": True, "BINS_PER_ROW": 2,
-         "BINS_PER_COL": 2}, only_default=True)
+    add("encode_bwd[mean,varlen,spatial]", enc, "mean_bwd_kernel", stream,
+        {"IS_VARLEN": True, "SPATIAL": True, "BINS_PER_ROW": 2, "BINS_PER_COL": 2},
+        only_default=True)
     # The other feature dtypes, at the default configs (bfloat16 above).
     for dtype in ("fp16", "fp32"):
         feature_types = {**types, **{name: f"*{dtype}" for name in (
             "x_ptr", "seq_ptr", "grad_seq_ptr", "grad_x_ptr")}}
-        add(f"encode_fwd[mean,{dtype}]", enc, "encode_fwd_kernel", stream,
-            {"POOL_ATTN": False, **base, "WRITE_KEY": True}, feature_types, only_default=True)
-        add(f"encode_fwd[attn,{dtype}]", enc, "encode_fwd_kernel", attn("attn_fwd", block),
-            {"POOL_ATTN": True, **base, "WRITE_KEY": True, "BLOCK_D": block}, feature_types,
-            only_default=True)
-        add(f"encode_bwd[attn,{dtype}]", enc, "encode_bwd_kernel", attn("attn_bwd", block),
-            {"POOL_ATTN": True, **base, "SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1,
-             "BLOCK_D": block}, feature_types, only_default=True)
+        add(f"encode_fwd[mean,{dtype}]", enc, "mean_fwd_kernel", stream,
+            {**base, "WRITE_KEY": True}, feature_types, only_default=True)
+        add(f"encode_fwd[attn,{dtype}]", att, "attn_fwd_kernel", attn("attn_fwd", widest),
+            {**base, "WRITE_KEY": True, **head(widest)}, feature_types, only_default=True)
+        add(f"encode_bwd[attn,{dtype}]", att, "attn_bwd_kernel", attn("attn_bwd", widest),
+            {**base, **no_spatial, **head(widest)}, feature_types, only_default=True)
     single = [configs._config(4, num_stages=1)]
     for pool in (False, True):
-        add(f"combine[{'attn' if pool else 'mean'}]", enc, "combine_kernel", single,
-            {"POOL_ATTN": pool, **base, "DIVIDE": True, "BLOCK_C": 1024}, combine_types)
-    add("spatial_key_fwd", enc, "spatial_key_fwd_kernel", single,
-        {**base, "BLOCK_C": 1024})
+        for block_c in (1024, 128):  # CLIP-L's 1024 channels in one block, SigLIP's 1152 in 9
+            add(f"combine[{'attn' if pool else 'mean'},C/{block_c}]", enc, "combine_kernel",
+                single, {"HEAD_DIM": 72 if pool else 1, "POOL_ATTN": pool, **base,
+                         "DIVIDE": True, "BLOCK_C": block_c})
+    add("spatial_key_fwd", enc, "spatial_key_fwd_kernel", single, {**base, "BLOCK_C": 1024})
     add("expand_fwd", exp, "expand_fwd_kernel", stream, {})
     add("expand_bwd", exp, "expand_bwd_kernel", stream, {})
+    return cases + preset_cases(quick)
+
+
+# What a launch through the autotuner runs on the GPU: Triton's default options.
+DIRECT_LAUNCH = {"num_warps": 4, "num_stages": 3}
+
+
+def record_triton_launches(num_patches: int, channels: int, pool: str, num_heads: int,
+                           dtype="bfloat16") -> list[tuple]:
+    """(kernel function, config family or None, argument values, constexprs) of every launch
+    the triton backend makes for encode forward and backward of a preset (key frame 0, one frame
+    per token), from its own launchers: kernels and tuners are replaced by recorders, tensors
+    are meta tensors (null, hence 16-byte aligned, data pointers, as a CUDA allocation)."""
+    from unittest import mock
+
+    import torch
+
+    from vtok_kernels.backends.triton import encode
+
+    recorded: list[tuple] = []
+
+    def launch(kernel, tuner, kind, grid, *args, **kwargs):
+        recorded.append((kernel, kind, {**dict(zip(kernel.arg_names, args)), **kwargs}))
+        from vtok_kernels.backends.triton import configs
+
+        return dict(configs.default(kind, configs.head_width(kwargs)).kwargs)
+
+    class Direct:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                recorded.append((self.kernel, None,
+                                 {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+            return run
+
+    meta = torch.device("meta")
+    dtype = getattr(torch, dtype)
+    x = torch.empty(PRESET_BATCH, PRESET_FRAMES, num_patches, channels, dtype=dtype, device=meta)
+    keys = torch.zeros(PRESET_BATCH, dtype=torch.int64, device=meta)
+    query = torch.empty(channels, dtype=torch.float32, device=meta) if pool == "attn" else None
+    heads = num_heads if pool == "attn" else 1
+    with mock.patch.object(encode, "launch", launch), \
+            mock.patch.object(encode, "combine_kernel", Direct(encode.combine_kernel)), \
+            mock.patch.object(encode, "spatial_key_fwd_kernel",
+                              Direct(encode.spatial_key_fwd_kernel)), \
+            mock.patch.object(encode, "_target_programs", lambda device: 8 * 132):
+        sequence, lse = encode.encode_fwd(x, keys, query, pool, heads, 1, (), ())
+        grad = torch.empty(sequence.shape, dtype=dtype, device=meta)
+        encode.encode_bwd(grad, x, keys, query, sequence, lse, pool, heads, 1, (), ())
+    out = []
+    for kernel, kind, values in recorded:
+        constexprs = {p.name: values[p.name] for p in kernel.params
+                      if p.is_constexpr and p.name in values}
+        out.append((kernel, kind, values, constexprs))
+    return out
+
+
+def preset_cases(quick: bool = False) -> list[Case]:
+    """The encode kernels of each preset (SigLIP, CLIP-L; bfloat16; mean, and attention with 16
+    and 8 heads), specialised from the arguments of their real launches, over every config the
+    pruning leaves them (quick: the default)."""
+    from vtok_kernels.backends.triton import configs
+
+    cases: list[Case] = []
+    variants = [("mean", 1)] + [("attn", heads) for heads in (16, 8)]
+    for name, num_patches, channels in PRESETS[: 1 if quick else None]:
+        for pool, heads in variants:
+            tag = f"{name},{pool}" + (f",{heads}h" if pool == "attn" else "")
+            for kernel, kind, values, constexprs in record_triton_launches(
+                    num_patches, channels, pool, heads):
+                if kind is None:
+                    chosen = [(DIRECT_LAUNCH["num_warps"], DIRECT_LAUNCH["num_stages"], {})]
+                else:
+                    survivors = configs.survivors(kind, configs.CONFIG_LISTS[kind],
+                                                  configs.head_width(constexprs))
+                    chosen = [(c.num_warps, c.num_stages, c.kwargs)
+                              for c in survivors[: 1 if quick else None]]
+                function = kernel.fn.__name__
+                for position, (warps, stages, blocks) in enumerate(chosen):
+                    fixed = {**constexprs, **blocks}
+                    cases.append(Case(f"{function.removesuffix('_kernel')}@{tag}",
+                                      _config_label(blocks, warps, stages), kernel.__module__,
+                                      function, fixed, warps, stages, position == 0, {},
+                                      values=values))
     return cases
 
 
@@ -203,6 +334,59 @@ def _ptxas_resources(ptx: str, arch_name: str) -> tuple[int, int, int, int]:
             int(smem.group(1)) if smem else 0)
 
 
+# A global load or store in PTX, e.g. "ld.global.L1::evict_last.v4.b32" or "st.global.b16":
+# its vector count and element bits.
+_PTX_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)\s")
+
+
+_PTX_FILE = re.compile(r"^\s*\.file\s+(\d+)\s+\"([^\"]+)\"", re.M)
+_PTX_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)")
+
+
+def access_widths(ptx: str, op: str, lines: Optional[set] = None) -> dict:
+    """{bytes per instruction: count} of the global ``op`` ("ld" or "st") instructions in
+    ``ptx``, as strings for JSON (a 16-byte load is one ld.global.v4.b32). With ``lines``, a
+    set of (file name, line), only the instructions whose source line (the last ``.loc``
+    before them) is one of those."""
+    files = {index: os.path.basename(path) for index, path in _PTX_FILE.findall(ptx)}
+    counts: dict = {}
+    where = None
+    for text in ptx.splitlines():
+        loc = _PTX_LOC.match(text)
+        if loc:
+            where = (files.get(loc.group(1), ""), int(loc.group(2)))
+            continue
+        found = _PTX_GLOBAL_ACCESS.search(text + " ")
+        if not found or found.group(1) != op or (lines is not None and where not in lines):
+            continue
+        parts = found.group(2).split(".")
+        vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        bits = next((int(p[1:]) for p in parts if re.fullmatch(r"[bfsu]\d+", p)), 0)
+        width = str(vector * bits // 8)
+        counts[width] = counts.get(width, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -int(item[0])))
+
+
+def x_load_lines() -> set:
+    """(file name, line) of every load of a tile of x in the Triton kernels: the lines that
+    load through ``x_tile`` (tiles.load_x and the mean forward)."""
+    from vtok_kernels.backends.triton import tiles
+
+    folder = os.path.dirname(tiles.__file__)
+    found = set()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name)) as handle:
+                for number, text in enumerate(handle, start=1):
+                    if "tl.load(x_tile(" in text:
+                        found.add((name, number))
+    return found
+
+
+def _widths_label(widths: dict) -> str:
+    return " ".join(f"{width}B:{count}" for width, count in widths.items()) or "-"
+
+
 def compile_case(case: Case, arch: str) -> Row:
     import importlib
 
@@ -214,15 +398,23 @@ def compile_case(case: Case, arch: str) -> Row:
     start = time.perf_counter()
     try:
         fn = getattr(importlib.import_module(case.module), case.function)
-        signature, attrs = _signature(fn, case.constexprs, case.pointer_types)
+        if case.values is not None:
+            signature, constexprs, attrs = _specialised_signature(fn, case.values,
+                                                                  case.constexprs)
+        else:
+            signature, attrs = _signature(fn, case.constexprs, case.pointer_types)
+            constexprs = case.constexprs
         capability = int(arch.split("_")[1])
         compiled = triton.compile(
-            ASTSource(fn, signature, constexprs=case.constexprs, attrs=attrs),
+            ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", capability, 32),
             options={"num_warps": case.num_warps, "num_stages": case.num_stages},
         )
         arch_name = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
         regs, stores, loads, smem = _ptxas_resources(compiled.asm["ptx"], arch_name)
+        row.load_widths = access_widths(compiled.asm["ptx"], "ld")
+        row.store_widths = access_widths(compiled.asm["ptx"], "st")
+        row.x_load_widths = access_widths(compiled.asm["ptx"], "ld", x_load_lines())
         row.registers, row.spill_stores, row.spill_loads = regs, stores, loads
         # Triton's dynamic shared memory (reductions, pipelining) plus any static smem.
         row.shared_bytes = int(getattr(compiled.metadata, "shared", 0)) + smem
@@ -275,13 +467,15 @@ def run(archs: list[str], quick: bool = False, jobs: Optional[int] = None,
 
 def format_table(rows: list[Row]) -> str:
     header = ("source", "kernel", "arch", "config", "default", "regs", "spill st/ld",
-              "smem B", "sec", "status")
+              "smem B", "x loads", "global loads", "global stores", "sec", "status")
     lines = [header]
     for r in rows:
         lines.append((r.source, r.kernel, r.arch, r.config, "yes" if r.default else "",
                       "-" if r.registers is None else str(r.registers),
                       "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}",
                       "-" if r.shared_bytes is None else str(r.shared_bytes),
+                      _widths_label(r.x_load_widths), _widths_label(r.load_widths),
+                      _widths_label(r.store_widths),
                       f"{r.seconds:.1f}", r.status + (f" {r.error}" if r.error else "")))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     out = []
@@ -292,7 +486,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def failed(rows: list[Row]) -> list[Row]:
-    return [r for r in rows if r.error or (r.default and r.spills)]
+    return [r for r in rows if r.fails]
 
 
 def _environment() -> dict:
@@ -355,7 +549,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                       handle, indent=1)
     if bad:
         print("compile-check FAILED: " + "; ".join(
-            f"{r.kernel} {r.arch} {r.config}: {r.error or 'spills in a default config'}"
+            f"{r.kernel} {r.arch} {r.config}: {r.error or 'spills'}"
             for r in bad), file=sys.stderr)
         return 1
     return 0

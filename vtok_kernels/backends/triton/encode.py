@@ -1,5 +1,8 @@
 """Triton kernels of ``encode`` and ``encode_varlen``: fused residual + mean/attention pooling.
 
+The mean kernels are here; attention pooling's, which share the decomposition, in
+attention.py; the device functions both use in tiles.py.
+
 Forward. A program owns one video, one channel block (for attention pooling: exactly one head)
 and a set of patch blocks (every num_splits-th block of BLOCK_N patches). For each patch block
 it loads the key frame's tile once, keeps it in registers and streams the video's non-key
@@ -32,8 +35,10 @@ import triton.language as tl
 
 from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton import configs
+from vtok_kernels.backends.triton.attention import attn_bwd_kernel, attn_fwd_kernel, head_blocks
 from vtok_kernels.backends.triton.launch import (
     MAX_GRID_X, MAX_GRID_YZ, autotuned, axis_chunks, check_grid_axis, grid_slots, launch)
+from vtok_kernels.backends.triton.tiles import key_token_grad, video_layout, x_tile
 
 
 def on_input_device(op):
@@ -54,76 +59,22 @@ def on_input_device(op):
 
 
 @triton.jit
-def _video_layout(video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN,
-                  IS_VARLEN: tl.constexpr):
-    """(first frame, frame count, first output row, first lse row, key frame, group count)."""
-    if IS_VARLEN:
-        frame0 = tl.load(cu_frames_ptr + video).to(tl.int64)
-        num_frames = tl.load(cu_frames_ptr + video + 1) - frame0
-        # 64-bit whatever cu_tokens' dtype: token0 * C passes 2**31 in a long packed sequence.
-        token0 = tl.load(cu_tokens_ptr + video).to(tl.int64)
-        group0 = token0 - video * S
-    else:
-        frame0 = video.to(tl.int64) * 0
-        num_frames = T + video * 0
-        token0 = video.to(tl.int64) * (S + G)
-        group0 = video.to(tl.int64) * G
-    key = tl.load(key_ptr + video).to(tl.int64)
-    num_groups = (num_frames - 1 + FRAMES_PER_TOKEN - 1) // FRAMES_PER_TOKEN
-    return frame0, num_frames, token0, group0, key, num_groups
-
-
-@triton.jit
-def _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN: tl.constexpr, BLOCK_D: tl.constexpr):
-    """First channel and lane mask of a channel block; for attention the block is one head."""
-    offs_d = tl.arange(0, BLOCK_D)
-    if POOL_ATTN:
-        c0 = pid_c * HEAD_DIM
-        mask_d = offs_d < HEAD_DIM
-    else:
-        c0 = pid_c * BLOCK_D
-        mask_d = offs_d < C - c0
-    return c0, offs_d, mask_d
-
-
-@triton.jit
-def _x_tile(x_frame, rows, chans, ROW_POINTERS: tl.constexpr):
-    """Pointers of a tile of x: its frame's base pointer, plus the 64-bit offsets of its patch
-    rows, plus the 32-bit offsets of its channels (within a row, so small). Both forms give the
-    same addresses; ptxas allocates them differently (compile-check). Channels added to row
-    pointers keep the attention forward at head blocks >= 128 at or below its registers with
-    32-bit tiles (per-element 64-bit offsets take 35 more at 256 channels on sm_90);
-    per-element 64-bit offsets keep the mean forward (float32, sm_90), the attention forward at
-    64 channels (sm_80) and the attention backward (sm_80) from spilling."""
-    if ROW_POINTERS:
-        return (x_frame + rows)[:, None] + chans[None, :]
-    else:
-        return x_frame + (rows[:, None] + chans[None, :])
-
-
-@triton.jit
-def encode_fwd_kernel(
-    x_ptr, key_ptr, query_ptr, cu_frames_ptr, cu_tokens_ptr,
-    seq_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+def mean_fwd_kernel(
+    x_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr, seq_ptr, part_acc_ptr,
     stride_xb, stride_xt, stride_xn,
-    T, N, C, S, G, NUM_ROWS, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN, scale,
-    POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr, WRITE_KEY: tl.constexpr,
+    T, N, C, S, G, NUM_ROWS, FRAMES_PER_TOKEN,
+    IS_VARLEN: tl.constexpr, WRITE_KEY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     video = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    pid_c = tl.program_id(2)
-    frame0, num_frames, token0, group0, key, num_groups = _video_layout(
+    c0 = tl.program_id(2) * BLOCK_D
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
-    c0, offs_d, mask_d = _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < C - c0
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-    if POOL_ATTN:
-        # The 1/sqrt(head size) is folded into the query once instead of into every score.
-        q = tl.load(query_ptr + c0 + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
-    lane0 = offs_d == 0
-    # The form of x's tile pointers that ptxas allocates best here (see _x_tile).
-    ROW_POINTERS: tl.constexpr = POOL_ATTN and BLOCK_D >= 128
 
     # A program walks patch blocks split, split + num_splits, ...: few enough programs that
     # the per-group partials (one row per program, merged in place) stay small next to x.
@@ -134,7 +85,7 @@ def encode_fwd_kernel(
         # 64-bit: a view's patch stride is unbounded (in a patch-major buffer, N * stride_xn
         # passes 2**31).
         rows = offs_n.to(tl.int64) * stride_xn
-        key_tile = tl.load(_x_tile(x_video + key * stride_xt, rows, c0 + offs_d, ROW_POINTERS),
+        key_tile = tl.load(x_tile(x_video + key * stride_xt, rows, c0 + offs_d, False),
                            mask=mask, other=0.0).to(tl.float32)
         if WRITE_KEY:
             tl.store(seq_ptr + token0 * C + offs_n[:, None] * C + (c0 + offs_d)[None, :],
@@ -146,60 +97,29 @@ def encode_fwd_kernel(
             first = g * FRAMES_PER_TOKEN
             last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            # Running max and weight sum kept as vectors (all lanes equal) so the loop carries
-            # tensors of one shape.
-            run_max = tl.full([BLOCK_D], float("-inf"), tl.float32)
-            run_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
             for rank in range(first, last):
                 # 64-bit: frame * stride_xt passes 2**31 in a time-major buffer of a few frames.
                 frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
-                x_ptrs = _x_tile(x_video + frame * stride_xt, rows, c0 + offs_d, ROW_POINTERS)
-                x_tile = tl.load(x_ptrs, mask=mask, other=0.0)
-                residual = x_tile.to(tl.float32) - key_tile
-                if POOL_ATTN:
-                    score = tl.sum(residual * q[None, :], axis=1)
-                    score = tl.where(mask_n, score, float("-inf"))
-                    new_max = tl.maximum(run_max, tl.max(score, axis=0))
-                    rescale = tl.exp(run_max - new_max)
-                    weight = tl.exp(score - tl.max(new_max, axis=0))
-                    run_sum = run_sum * rescale + tl.sum(weight, axis=0)
-                    acc = acc * rescale + tl.sum(weight[:, None] * residual, axis=0)
-                    run_max = new_max
-                else:
-                    acc += tl.sum(residual, axis=0)
+                x_tile_ = tl.load(x_tile(x_video + frame * stride_xt, rows, c0 + offs_d, False),
+                                  mask=mask, other=0.0)
+                acc += tl.sum(x_tile_.to(tl.float32) - key_tile, axis=0)
             part = split.to(tl.int64) * NUM_ROWS + group0 + g
+            acc_ptrs = part_acc_ptr + part * C + c0 + offs_d
             # Another thread of this program may have stored the partial: the barrier makes
             # its store visible before the merge reads it.
             tl.debug_barrier()
-            acc_ptrs = part_acc_ptr + part * C + c0 + offs_d
-            previous = tl.load(acc_ptrs, mask=mask_d & merge, other=0.0)
-            if POOL_ATTN:
-                stat = part * NUM_HEADS + pid_c + offs_d * 0
-                prev_max = tl.load(part_max_ptr + stat, mask=merge, other=float("-inf"))
-                prev_sum = tl.load(part_sum_ptr + stat, mask=merge, other=0.0)
-                new_max = tl.maximum(prev_max, run_max)
-                # exp(-inf - m) = 0 drops the empty side; a finite reference avoids -inf - -inf.
-                ref_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-                prev_scale = tl.exp(prev_max - ref_max)
-                run_scale = tl.exp(run_max - ref_max)
-                acc = previous * prev_scale + acc * run_scale
-                run_sum = prev_sum * prev_scale + run_sum * run_scale
-                run_max = new_max
-            else:
-                acc += previous
+            acc += tl.load(acc_ptrs, mask=mask_d & merge, other=0.0)
             tl.debug_barrier()
             tl.store(acc_ptrs, acc, mask=mask_d)
-            if POOL_ATTN:
-                tl.store(part_max_ptr + part * NUM_HEADS + pid_c + offs_d, run_max, mask=lane0)
-                tl.store(part_sum_ptr + part * NUM_HEADS + pid_c + offs_d, run_sum, mask=lane0)
 
 
 @triton.jit
 def combine_kernel(
     part_acc_ptr, part_max_ptr, part_sum_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr,
     out_ptr, lse_ptr,
-    T, N, C, S, G, NUM_ROWS, NUM_PARTS, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN, FIRST_GROUP,
-    POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr, DIVIDE: tl.constexpr,
+    T, N, C, S, G, NUM_ROWS, NUM_PARTS, NUM_HEADS, FRAMES_PER_TOKEN, FIRST_GROUP,
+    HEAD_DIM: tl.constexpr, POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DIVIDE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Merges the per-patch-block partials of one group, in patch-block order, into its token.
@@ -211,7 +131,7 @@ def combine_kernel(
     video = tl.program_id(0)
     g = FIRST_GROUP + tl.program_id(1)
     pid_c = tl.program_id(2)
-    frame0, num_frames, token0, group0, key, num_groups = _video_layout(
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = (offs_c < C) & ((offs_c * 0 + g) < num_groups)
@@ -267,7 +187,7 @@ def spatial_key_fwd_kernel(
     video = tl.program_id(0)
     token = FIRST_TOKEN + tl.program_id(1)
     pid_c = tl.program_id(2)
-    frame0, num_frames, token0, group0, key, num_groups = _video_layout(
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -290,148 +210,63 @@ def spatial_key_fwd_kernel(
 
 
 @triton.jit
-def encode_bwd_kernel(
-    grad_seq_ptr, x_ptr, key_ptr, query_ptr, seq_ptr, lse_ptr, cu_frames_ptr, cu_tokens_ptr,
-    grad_x_ptr, part_dq_ptr, part_r_ptr, part_delta_ptr,
-    stride_xb, stride_xt, stride_xn,
-    T, N, C, S, G, NUM_ROWS, HEAD_DIM, NUM_HEADS, FRAMES_PER_TOKEN, DQ_PARTS, scale,
-    GRID_H, GRID_W, OUT_H, OUT_W,
-    POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr, SPATIAL: tl.constexpr,
+def mean_bwd_kernel(
+    grad_seq_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr, grad_x_ptr,
+    T, N, C, S, G, FRAMES_PER_TOKEN, GRID_H, GRID_W, OUT_H, OUT_W,
+    IS_VARLEN: tl.constexpr, SPATIAL: tl.constexpr,
     BINS_PER_ROW: tl.constexpr, BINS_PER_COL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Every frame of a group gets its token's gradient / (frames x patches); the key frame
+    minus the sum of those, plus its own tokens' gradient."""
     video = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    pid_c = tl.program_id(2)
-    frame0, num_frames, token0, group0, key, num_groups = _video_layout(
+    c0 = tl.program_id(2) * BLOCK_D
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
         video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
-    c0, offs_d, mask_d = _channel_block(pid_c, C, HEAD_DIM, POOL_ATTN, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < C - c0
     chans = c0 + offs_d
     # grad_x is contiguous [frames, N, C]; batched videos are T frames apart.
     if IS_VARLEN:
         grad_video = grad_x_ptr + frame0 * N * C
     else:
         grad_video = grad_x_ptr + video.to(tl.int64) * T * N * C
-    x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-    if POOL_ATTN:
-        q = tl.load(query_ptr + chans, mask=mask_d, other=0.0).to(tl.float32) * scale
-        grad_q = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    # Patch blocks split, split + num_splits, ... as in the forward.
     for block in range(split, tl.cdiv(N, BLOCK_N), num_splits):
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask = mask_n[:, None] & mask_d[None, :]
         # 32-bit: grad_x is contiguous, so a tile stays within one frame's N * C elements.
         grad_tile = offs_n[:, None] * C + chans[None, :]
-        # 64-bit: x's patch stride is unbounded (see the forward).
-        rows = offs_n.to(tl.int64) * stride_xn
-        merge = (offs_d * 0 + block) > split
         grad_key = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        if POOL_ATTN:
-            key_tile = tl.load(_x_tile(x_video + key * stride_xt, rows, chans, False), mask=mask,
-                               other=0.0).to(tl.float32)
-
         for g in range(0, num_groups):
             first = g * FRAMES_PER_TOKEN
             last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
-            token_row = (token0 + S + g) * C
-            grad_r = tl.load(grad_seq_ptr + token_row + chans, mask=mask_d,
+            grad_r = tl.load(grad_seq_ptr + (token0 + S + g) * C + chans, mask=mask_d,
                              other=0.0).to(tl.float32)
-            if POOL_ATTN:
-                r = tl.load(seq_ptr + token_row + chans, mask=mask_d, other=0.0).to(tl.float32)
-                grad_r_dot_r = tl.sum(grad_r * r, axis=0)
-                lse = tl.load(lse_ptr + (group0 + g) * NUM_HEADS + pid_c)
-                # This group's share, over this patch block, of r = sum p d and of
-                # <grad_r, r> = sum p <grad_r, d>, both exact in float32: grad_query is
-                # sum p <grad_r, d> d - <grad_r, r> r, a difference of near-equal terms that the
-                # rounded r of the sequence would swamp.
-                r_part = tl.zeros([BLOCK_D], dtype=tl.float32)
-                delta_part = tl.zeros([BLOCK_D], dtype=tl.float32)
-                for rank in range(first, last):
-                    # 64-bit: frame * stride_xt (strided x) and frame * N * C (a long video's
-                    # grad_x) pass 2**31. Not spelled with tl.where as in the forward: that takes
-                    # 31 more registers at 256 channels on sm_90 and spills at 64 on sm_80.
-                    frame = rank + (rank >= key).to(tl.int64)
-                    x_tile = tl.load(_x_tile(x_video + frame * stride_xt, rows, chans, False),
-                                     mask=mask, other=0.0)
-                    residual = x_tile.to(tl.float32) - key_tile
-                    prob = tl.exp(tl.sum(residual * q[None, :], axis=1) - lse)
-                    prob = tl.where(mask_n, prob, 0.0)
-                    prob_grad = prob * tl.sum(residual * grad_r[None, :], axis=1)
-                    # d score = p * (<grad_r, d> - <grad_r, r>); q already carries 1/sqrt(c).
-                    grad_score = prob_grad - prob * grad_r_dot_r
-                    grad_residual = (prob[:, None] * grad_r[None, :]
-                                     + grad_score[:, None] * q[None, :])
-                    tl.store(grad_video + frame * N * C + grad_tile,
-                             grad_residual.to(grad_x_ptr.dtype.element_ty), mask=mask)
-                    grad_key -= grad_residual
-                    grad_q += tl.sum(prob_grad[:, None] * residual, axis=0)
-                    r_part += tl.sum(prob[:, None] * residual, axis=0)
-                    delta_part += tl.sum(prob_grad, axis=0)
-                part = split.to(tl.int64) * NUM_ROWS + group0 + g
-                r_ptrs = part_r_ptr + part * C + chans
-                delta_ptrs = part_delta_ptr + part * NUM_HEADS + pid_c + offs_d * 0
-                # Merge into what earlier blocks of this program stored (barrier: another
-                # thread may have stored it).
-                tl.debug_barrier()
-                r_part += tl.load(r_ptrs, mask=mask_d & merge, other=0.0)
-                delta_part += tl.load(delta_ptrs, mask=merge, other=0.0)
-                tl.debug_barrier()
-                tl.store(r_ptrs, r_part, mask=mask_d)
-                tl.store(delta_ptrs, delta_part, mask=offs_d == 0)
-            else:
-                count = last - first
-                grad_residual = grad_r / (count * N).to(tl.float32)
-                grad_tile_value = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-                                   + grad_residual[None, :])
-                for rank in range(first, last):
-                    # 64-bit: frame * N * C passes 2**31 in a video of more than 2**31 elements.
-                    frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
-                    tl.store(grad_video + frame * N * C + grad_tile,
-                             grad_tile_value.to(grad_x_ptr.dtype.element_ty), mask=mask)
-                grad_key -= grad_tile_value * count.to(tl.float32)
-
-        if SPATIAL:
-            # Spread each key token's gradient uniformly over its adaptive bin. A patch lies in at
-            # most BINS_PER_ROW x BINS_PER_COL bins (bins overlap when the grid does not divide),
-            # the first of them being floor(row * OUT_H / GRID_H).
-            patch_row = offs_n // GRID_W
-            patch_col = offs_n % GRID_W
-            # Runtime loops, not unrolled: unrolled, the compiler hoists every bin's gather and
-            # its 64-bit addresses at once and the attention backward spills.
-            for di in range(0, BINS_PER_ROW):
-                bin_i = (patch_row * OUT_H) // GRID_H + di
-                row_start = (bin_i * GRID_H) // OUT_H
-                row_end = ((bin_i + 1) * GRID_H + OUT_H - 1) // OUT_H
-                in_row = (bin_i < OUT_H) & (row_start <= patch_row)
-                for dj in range(0, BINS_PER_COL):
-                    bin_j = (patch_col * OUT_W) // GRID_W + dj
-                    col_start = (bin_j * GRID_W) // OUT_W
-                    col_end = ((bin_j + 1) * GRID_W + OUT_W - 1) // OUT_W
-                    inside = in_row & (bin_j < OUT_W) & (col_start <= patch_col) & mask_n
-                    area = ((row_end - row_start) * (col_end - col_start)).to(tl.float32)
-                    area = tl.where(inside, area, 1.0)
-                    bin_rows = bin_i * OUT_W + bin_j
-                    grad_bin = tl.load(grad_seq_ptr + token0 * C + bin_rows[:, None] * C
-                                       + chans[None, :],
-                                       mask=inside[:, None] & mask_d[None, :], other=0.0)
-                    grad_key += grad_bin.to(tl.float32) / area[:, None]
-        else:
-            grad_key += tl.load(grad_seq_ptr + token0 * C + offs_n[:, None] * C + chans[None, :],
-                                mask=mask, other=0.0).to(tl.float32)
+            count = last - first
+            grad_residual = grad_r / (count * N).to(tl.float32)
+            grad_tile_value = (tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                               + grad_residual[None, :])
+            for rank in range(first, last):
+                # 64-bit: frame * N * C passes 2**31 in a video of more than 2**31 elements.
+                frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
+                tl.store(grad_video + frame * N * C + grad_tile,
+                         grad_tile_value.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            grad_key -= grad_tile_value * count.to(tl.float32)
+        grad_key += key_token_grad(grad_seq_ptr, token0, C, offs_n, mask_n, chans, mask_d,
+                                   GRID_H, GRID_W, OUT_H, OUT_W, SPATIAL, BINS_PER_ROW,
+                                   BINS_PER_COL)
         tl.store(grad_video + key * N * C + grad_tile, grad_key.to(grad_x_ptr.dtype.element_ty),
                  mask=mask)
-    if POOL_ATTN:
-        part = video.to(tl.int64) * DQ_PARTS + split
-        tl.store(part_dq_ptr + part * C + chans, grad_q, mask=mask_d)
 
 
-_fwd_stream = autotuned(encode_fwd_kernel, "stream")
-_fwd_attn = autotuned(encode_fwd_kernel, "attn_fwd")
-_bwd_stream = autotuned(encode_bwd_kernel, "stream")
-_bwd_attn = autotuned(encode_bwd_kernel, "attn_bwd")
+_fwd_stream = autotuned(mean_fwd_kernel, "stream")
+_fwd_attn = autotuned(attn_fwd_kernel, "attn_fwd")
+_bwd_stream = autotuned(mean_bwd_kernel, "stream")
+_bwd_attn = autotuned(attn_bwd_kernel, "attn_bwd")
 
 
 def _num_groups(num_frames: int, frames_per_token: int) -> int:
@@ -516,7 +351,11 @@ class _Layout:
         self.num_rows = num_rows if varlen else self.batch * self.G
         self.frames_per_token = frames_per_token
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.head_block = triton.next_power_of_2(self.head_dim)
+
+    def head_meta(self) -> dict:
+        """The compile-time head size and its two channel blocks (attention.head_blocks)."""
+        hi, lo = head_blocks(self.head_dim)
+        return {"HEAD_DIM": self.head_dim, "BLOCK_HI": hi, "BLOCK_LO": lo}
 
     def channel_blocks(self, meta: dict) -> int:
         return self.num_heads if self.attn else triton.cdiv(self.C, meta["BLOCK_D"])
@@ -604,25 +443,31 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
         part_sum = empty_output(part_max.shape, torch.float32, x.device)
     else:
         part_max = part_sum = part_acc
-    query_arg = query if query is not None else part_acc
     cu_frames_arg = cu_frames if cu_frames is not None else key_index
     cu_tokens_arg = cu_tokens if cu_tokens is not None else key_index
-    extra = {"BLOCK_D": layout.head_block} if layout.attn else {}
 
     def grid(meta):
         channel_blocks = layout.channel_blocks(meta)
         splits = _num_splits(layout.N, meta["BLOCK_N"], layout.batch, channel_blocks, target)
         return (layout.batch, splits, channel_blocks)
 
-    meta = launch(
-        encode_fwd_kernel, _fwd_attn if layout.attn else _fwd_stream, kind, grid,
-        x, key_index, query_arg, cu_frames_arg, cu_tokens_arg,
-        sequence, part_acc, part_max, part_sum,
-        *layout.strides,
-        layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows, layout.head_dim,
-        layout.num_heads, layout.frames_per_token, layout.scale,
-        POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, WRITE_KEY=not layout.spatial, **extra,
-    )
+    shared = dict(IS_VARLEN=layout.varlen, WRITE_KEY=not layout.spatial)
+    if layout.attn:
+        meta = launch(
+            attn_fwd_kernel, _fwd_attn, kind, grid,
+            x, key_index, query, cu_frames_arg, cu_tokens_arg,
+            sequence, part_acc, part_max, part_sum, *layout.strides,
+            layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
+            layout.num_heads, layout.frames_per_token, layout.scale,
+            **shared, **layout.head_meta(),
+        )
+    else:
+        meta = launch(
+            mean_fwd_kernel, _fwd_stream, kind, grid,
+            x, key_index, cu_frames_arg, cu_tokens_arg, sequence, part_acc, *layout.strides,
+            layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
+            layout.frames_per_token, **shared,
+        )
     for first, count in axis_chunks(layout.S if layout.spatial else 0):
         spatial_key_fwd_kernel[(layout.batch, count, channel_blocks)](
             x, key_index, cu_frames_arg, cu_tokens_arg, sequence, *layout.strides,
@@ -634,8 +479,9 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
             part_acc, part_max, part_sum, key_index, cu_frames_arg, cu_tokens_arg,
             sequence, lse if layout.attn else part_acc,
             layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
-            grid(meta)[1], layout.head_dim, layout.num_heads, layout.frames_per_token, first,
-            POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, DIVIDE=True, BLOCK_C=block_c,
+            grid(meta)[1], layout.num_heads, layout.frames_per_token, first,
+            HEAD_DIM=layout.head_dim if layout.attn else 1, POOL_ATTN=layout.attn,
+            IS_VARLEN=layout.varlen, DIVIDE=True, BLOCK_C=block_c,
         )
 
 
@@ -653,31 +499,34 @@ def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_t
                               x.device)
         part_delta = empty_output((num_parts_max, layout.num_rows, layout.num_heads),
                                   torch.float32, x.device)
-    else:
-        part_dq = part_r = part_delta = grad_x
     cu_frames_arg = cu_frames if cu_frames is not None else key_index
     cu_tokens_arg = cu_tokens if cu_tokens is not None else key_index
     bins = ((bins_per_cell(layout.grid[0], layout.spatial[0]),
              bins_per_cell(layout.grid[1], layout.spatial[1])) if layout.spatial else (1, 1))
-    extra = {"BLOCK_D": layout.head_block} if layout.attn else {}
 
     def grid(meta):
         channel_blocks = layout.channel_blocks(meta)
         splits = _num_splits(layout.N, meta["BLOCK_N"], layout.batch, channel_blocks, target)
         return (layout.batch, splits, channel_blocks)
 
-    meta = launch(
-        encode_bwd_kernel, _bwd_attn if layout.attn else _bwd_stream, kind, grid,
-        grad_sequence, x, key_index, query if query is not None else grad_sequence,
-        sequence, lse if layout.attn else grad_sequence, cu_frames_arg, cu_tokens_arg,
-        grad_x, part_dq, part_r, part_delta,
-        *layout.strides,
-        layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows, layout.head_dim,
-        layout.num_heads,
-        layout.frames_per_token, num_parts_max, layout.scale, *layout.spatial_args(),
-        POOL_ATTN=layout.attn, IS_VARLEN=layout.varlen, SPATIAL=bool(layout.spatial),
-        BINS_PER_ROW=bins[0], BINS_PER_COL=bins[1], **extra,
-    )
+    shared = dict(IS_VARLEN=layout.varlen, SPATIAL=bool(layout.spatial), BINS_PER_ROW=bins[0],
+                  BINS_PER_COL=bins[1])
+    if layout.attn:
+        meta = launch(
+            attn_bwd_kernel, _bwd_attn, kind, grid,
+            grad_sequence, x, key_index, query, sequence, lse, cu_frames_arg, cu_tokens_arg,
+            grad_x, part_dq, part_r, part_delta, *layout.strides,
+            layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
+            layout.num_heads, layout.frames_per_token, num_parts_max, layout.scale,
+            *layout.spatial_args(), **shared, **layout.head_meta(),
+        )
+    else:
+        launch(
+            mean_bwd_kernel, _bwd_stream, kind, grid,
+            grad_sequence, key_index, cu_frames_arg, cu_tokens_arg, grad_x,
+            layout.T, layout.N, layout.C, layout.S, layout.G, layout.frames_per_token,
+            *layout.spatial_args(), **shared,
+        )
     if not layout.attn:
         return None
     num_parts = grid(meta)[1]

@@ -43,7 +43,9 @@ def check_grid_axis(count: int, limit: int, what: str) -> None:
 
 
 def autotuned(kernel, kind: str):
-    return triton.autotune(configs=configs.active(kind), key=AUTOTUNE_KEY,
+    # The mean kernels have no head count (Triton 3.9 refuses key names that are not arguments).
+    key = [name for name in AUTOTUNE_KEY if name in kernel.arg_names]
+    return triton.autotune(configs=configs.active(kind), key=key,
                            prune_configs_by={"early_config_prune": configs.pruner(kind)})(kernel)
 
 
@@ -70,9 +72,9 @@ def launch(kernel, tuner, kind: str, grid: Callable[[dict], tuple], *args, **kwa
     config = configs.pinned(kind)
     if config is None:
         if not configs.autotuning():
-            config = configs.default(kind, kwargs.get("BLOCK_D"))
+            config = configs.default(kind, configs.head_width(kwargs))
         else:
-            survivors = configs.survivors(kind, configs.active(kind), kwargs.get("BLOCK_D"))
+            survivors = configs.survivors(kind, configs.active(kind), configs.head_width(kwargs))
             # One config left: Triton 3.6's tuner would still benchmark it (a device sync and
             # several runs) on every new shape.
             if len(survivors) == 1:
