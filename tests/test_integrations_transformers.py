@@ -291,6 +291,51 @@ def test_training_step_reaches_vtok(family):
     assert all(not torch.equal(p, before[name]) for name, p in encoder.named_parameters())
 
 
+def _loss_and_grads(model, clips, backend: str):
+    """The language-model loss of a video prompt and the gradients it sends to VTok and to the
+    projector, with VTok's kernels on ``backend``."""
+    apply_vtok(model, backend=backend)
+    model.zero_grad()
+    input_ids = video_prompt(model, clips)
+    labels = input_ids.masked_fill(input_ids == VIDEO, -100)
+    loss = model(input_ids=input_ids, pixel_values_videos=clips, labels=labels).loss
+    loss.backward()
+    watched = {"model.vtok.query", "model.vtok.residual_mlp.0.weight",
+               "model.multi_modal_projector.linear_1.weight"}
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                           if name in watched}
+
+
+def _check_backend_in_model(family: str, backend: str, device: str) -> None:
+    if backends.unavailable_reason(backend, device) is not None:
+        pytest.skip(backends.unavailable_reason(backend, device))
+    model = fresh_model(family).to(device).train()
+    apply_vtok(model, frames_per_token=2, backend="torch")
+    _randomize_vtok(model.model.vtok)
+    clips = videos(family, 2, 6, seed=int(torch.randint(0, 2**31, ()))).to(device)
+    want_loss, want = _loss_and_grads(model, clips, "torch")
+    got_loss, got = _loss_and_grads(model, clips, backend)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert want.keys() == got.keys() and len(got) == 3
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_kernel_backends_train_the_model(family, backend):
+    """The model's loss and gradients with VTok on a kernel backend (triton: under the
+    interpreter here) equal those with the reference backend."""
+    _check_backend_in_model(family, backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_kernel_backends_train_the_model(family, backend):
+    _check_backend_in_model(family, backend, "cuda")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_greedy_and_beam(family):
     model = fresh_model(family)
