@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vtok_kernels.backends.triton.tiles import key_token_grad, load_x, video_layout
+from vtok_kernels.backends.triton.tiles import key_token_grad, load_x, program_layout
 
 
 def head_blocks(head_dim: int) -> tuple[int, int]:
@@ -53,12 +53,9 @@ def attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, WRITE_KEY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_LO: tl.constexpr,
 ):
-    video = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    head = tl.program_id(2)
-    frame0, num_frames, token0, group0, key, num_groups = video_layout(
-        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    (video, split, num_splits, head, frame0, num_frames, token0, group0, key,
+     num_groups) = program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G,
+                                  FRAMES_PER_TOKEN, IS_VARLEN)
     HAS_LO: tl.constexpr = BLOCK_LO > 0
     LO_WIDTH: tl.constexpr = HEAD_DIM - BLOCK_HI
     c_hi = head * HEAD_DIM
@@ -168,12 +165,9 @@ def attn_bwd_kernel(
     BINS_PER_ROW: tl.constexpr, BINS_PER_COL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_LO: tl.constexpr,
 ):
-    video = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    head = tl.program_id(2)
-    frame0, num_frames, token0, group0, key, num_groups = video_layout(
-        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    (video, split, num_splits, head, frame0, num_frames, token0, group0, key,
+     num_groups) = program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G,
+                                  FRAMES_PER_TOKEN, IS_VARLEN)
     HAS_LO: tl.constexpr = BLOCK_LO > 0
     LO_WIDTH: tl.constexpr = HEAD_DIM - BLOCK_HI
     c_hi = head * HEAD_DIM

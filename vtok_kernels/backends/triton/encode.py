@@ -38,7 +38,8 @@ from vtok_kernels.backends.triton import configs
 from vtok_kernels.backends.triton.attention import attn_bwd_kernel, attn_fwd_kernel, head_blocks
 from vtok_kernels.backends.triton.launch import (
     MAX_GRID_X, MAX_GRID_YZ, autotuned, axis_chunks, check_grid_axis, grid_slots, launch)
-from vtok_kernels.backends.triton.tiles import key_token_grad, video_layout, x_tile
+from vtok_kernels.backends.triton.tiles import (
+    key_token_grad, program_layout, video_layout, x_tile)
 
 
 def on_input_device(op):
@@ -66,12 +67,10 @@ def mean_fwd_kernel(
     IS_VARLEN: tl.constexpr, WRITE_KEY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    video = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    c0 = tl.program_id(2) * BLOCK_D
-    frame0, num_frames, token0, group0, key, num_groups = video_layout(
-        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    (video, split, num_splits, block_c, frame0, num_frames, token0, group0, key,
+     num_groups) = program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G,
+                                  FRAMES_PER_TOKEN, IS_VARLEN)
+    c0 = block_c * BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < C - c0
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
@@ -219,12 +218,10 @@ def mean_bwd_kernel(
 ):
     """Every frame of a group gets its token's gradient / (frames x patches); the key frame
     minus the sum of those, plus its own tokens' gradient."""
-    video = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    c0 = tl.program_id(2) * BLOCK_D
-    frame0, num_frames, token0, group0, key, num_groups = video_layout(
-        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    (video, split, num_splits, block_c, frame0, num_frames, token0, group0, key,
+     num_groups) = program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G,
+                                  FRAMES_PER_TOKEN, IS_VARLEN)
+    c0 = block_c * BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < C - c0
     chans = c0 + offs_d

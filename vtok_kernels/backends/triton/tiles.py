@@ -27,6 +27,18 @@ def video_layout(video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_P
 
 
 @triton.jit
+def program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN,
+                   IS_VARLEN: tl.constexpr):
+    """The program's (video, split, number of splits, channel block) from its grid position,
+    then its video's layout (video_layout): the encode kernels' common prologue."""
+    video = tl.program_id(0)
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    return (video, tl.program_id(1), tl.num_programs(1), tl.program_id(2),
+            frame0, num_frames, token0, group0, key, num_groups)
+
+
+@triton.jit
 def x_tile(x_frame, rows, chans, ROW_POINTERS: tl.constexpr):
     """Pointers of a tile of x: its frame's base pointer, plus the 64-bit offsets of its patch
     rows, plus the 32-bit offsets of its channels (within a row, so small). Both forms give the
