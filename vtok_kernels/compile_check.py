@@ -225,24 +225,36 @@ DIRECT_LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
 def record_triton_launches(num_patches: int, channels: int, pool: str, num_heads: int,
-                           dtype="bfloat16") -> list[tuple]:
-    """(kernel function, config family or None, argument values, constexprs) of every launch
-    the triton backend makes for encode forward and backward of a preset (key frame 0, one frame
-    per token), from its own launchers: kernels and tuners are replaced by recorders, tensors
-    are meta tensors (null, hence 16-byte aligned, data pointers, as a CUDA allocation)."""
+                           dtype="bfloat16", batch: int = PRESET_BATCH,
+                           frames: int = PRESET_FRAMES, sms: int = 132) -> list[dict]:
+    """Every launch the triton backend makes for encode forward and backward of a preset (key
+    frame 0, one frame per token), from its own launchers: kernels and tuners are replaced by
+    recorders, tensors are meta tensors (null, hence 16-byte aligned, data pointers, as a CUDA
+    allocation), the device has ``sms`` SMs. Each launch: ``kernel`` (the JIT function),
+    ``kind`` (its config family, None for a plain launch), ``values`` (its arguments),
+    ``constexprs``, ``config`` (the default config a tuned launch runs, autotuning off),
+    ``grid`` and ``pass`` ("fwd" or "bwd")."""
     from unittest import mock
 
     import torch
 
-    from vtok_kernels.backends.triton import encode
+    from vtok_kernels.backends.triton import configs, encode
 
-    recorded: list[tuple] = []
+    recorded: list[dict] = []
+    current = {"pass": "fwd"}
+
+    def record(kernel, kind, values, config, grid):
+        constexprs = {p.name: values[p.name] for p in kernel.params
+                      if p.is_constexpr and p.name in values}
+        recorded.append({"kernel": kernel, "kind": kind, "values": values,
+                         "constexprs": constexprs, "config": config, "grid": tuple(grid),
+                         "pass": current["pass"]})
 
     def launch(kernel, tuner, kind, grid, *args, **kwargs):
-        recorded.append((kernel, kind, {**dict(zip(kernel.arg_names, args)), **kwargs}))
-        from vtok_kernels.backends.triton import configs
-
-        return dict(configs.default(kind, configs.head_width(kwargs)).kwargs)
+        config = configs.default(kind, configs.head_width(kwargs))
+        record(kernel, kind, {**dict(zip(kernel.arg_names, args)), **kwargs}, config,
+               grid(config.kwargs))
+        return dict(config.kwargs)
 
     class Direct:
         def __init__(self, kernel):
@@ -250,30 +262,28 @@ def record_triton_launches(num_patches: int, channels: int, pool: str, num_heads
 
         def __getitem__(self, grid):
             def run(*args, **kwargs):
-                recorded.append((self.kernel, None,
-                                 {**dict(zip(self.kernel.arg_names, args)), **kwargs}))
+                record(self.kernel, None, {**dict(zip(self.kernel.arg_names, args)), **kwargs},
+                       None, grid)
             return run
 
     meta = torch.device("meta")
-    dtype = getattr(torch, dtype)
-    x = torch.empty(PRESET_BATCH, PRESET_FRAMES, num_patches, channels, dtype=dtype, device=meta)
-    keys = torch.zeros(PRESET_BATCH, dtype=torch.int64, device=meta)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    x = torch.empty(batch, frames, num_patches, channels, dtype=dtype, device=meta)
+    keys = torch.zeros(batch, dtype=torch.int64, device=meta)
     query = torch.empty(channels, dtype=torch.float32, device=meta) if pool == "attn" else None
     heads = num_heads if pool == "attn" else 1
     with mock.patch.object(encode, "launch", launch), \
             mock.patch.object(encode, "combine_kernel", Direct(encode.combine_kernel)), \
             mock.patch.object(encode, "spatial_key_fwd_kernel",
                               Direct(encode.spatial_key_fwd_kernel)), \
-            mock.patch.object(encode, "_target_programs", lambda device: 8 * 132):
+            mock.patch.object(encode, "_target_programs", lambda device: 8 * sms), \
+            mock.patch.object(encode, "_combine_block", encode.combine_block), \
+            mock.patch.object(configs, "active", lambda kind: configs.CONFIG_LISTS[kind]):
         sequence, lse = encode.encode_fwd(x, keys, query, pool, heads, 1, (), ())
+        current["pass"] = "bwd"
         grad = torch.empty(sequence.shape, dtype=dtype, device=meta)
         encode.encode_bwd(grad, x, keys, query, sequence, lse, pool, heads, 1, (), ())
-    out = []
-    for kernel, kind, values in recorded:
-        constexprs = {p.name: values[p.name] for p in kernel.params
-                      if p.is_constexpr and p.name in values}
-        out.append((kernel, kind, values, constexprs))
-    return out
+    return recorded
 
 
 def preset_cases(quick: bool = False) -> list[Case]:
@@ -287,8 +297,9 @@ def preset_cases(quick: bool = False) -> list[Case]:
     for name, num_patches, channels in PRESETS[: 1 if quick else None]:
         for pool, heads in variants:
             tag = f"{name},{pool}" + (f",{heads}h" if pool == "attn" else "")
-            for kernel, kind, values, constexprs in record_triton_launches(
-                    num_patches, channels, pool, heads):
+            for launch in record_triton_launches(num_patches, channels, pool, heads):
+                kernel, kind = launch["kernel"], launch["kind"]
+                values, constexprs = launch["values"], launch["constexprs"]
                 if kind is None:
                     chosen = [(DIRECT_LAUNCH["num_warps"], DIRECT_LAUNCH["num_stages"], {})]
                 else:
