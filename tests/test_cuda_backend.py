@@ -759,3 +759,69 @@ def test_non_finite_values_propagate_as_in_the_reference(pool, heads):
     torch.cuda.synchronize()  # returns: no hang
     assert torch.equal(torch.isnan(out.sequence), torch.isnan(ref))
     assert torch.equal(torch.isinf(out.sequence), torch.isinf(ref))
+
+
+# ------------------------------------------------------------------ CPU: clamped loads, emulated
+
+# What the kernels load on clamped addresses (row N - 1, the segment's first vector) and then
+# zero or never store: rows past N (N not a multiple of the rows a block holds, after several passes), a
+# lane's last vector past its segment or past C, a last group shorter than frames_per_token,
+# and the scalar path of a misaligned view.
+CLAMPED = [
+    # (id, shape, pool, heads, fpt, channel offset)
+    ("mean-two-segments-tail-rows", (1, 4, 45, 560), "mean", 1, 2, 0),
+    ("mean-last-vector-past-row", (2, 3, 20, 88), "mean", 1, 1, 0),
+    ("attn-last-vector-past-head", (1, 5, 33, 120), "attn", 3, 3, 0),
+    ("attn-misaligned-scalar-tail-rows", (1, 4, 45, 40), "attn", 2, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID)
+@pytest.mark.parametrize("case", CLAMPED, ids=[c[0] for c in CLAMPED])
+def test_emulated_clamped_tails_match_reference(emulated, case, dtype):
+    _, shape, pool, heads, fpt, offset = case
+    B, T, N, C = shape
+    vec = 1 if offset else 16 // torch.empty(0, dtype=dtype).element_size()
+    lanes, vecs_per_lane, seg_vecs, segments = cuda_nvrtc.plan_segments(C, vec, pool == "attn", heads)
+    # the case reaches a clamped load: rows past N, or vectors past a segment or past C
+    assert N % (256 // lanes) or lanes * vecs_per_lane > seg_vecs or segments * seg_vecs > C // vec
+    x = features((B, T, N, C + offset), dtype)[..., offset:]
+    keys = torch.tensor([T - 1] + [1] * (B - 1))
+    query = torch.randn(C) if pool == "attn" else None
+    seq, ref, lse, ref_lse, gx, ref_gx, gq, ref_gq = _emulated_encode(emulated, x, keys, query, pool, heads, fpt,
+                                                                     [], [])
+    assert_close(seq, ref.to(dtype), dtype, "sequence")
+    if pool == "attn":
+        assert_close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")
+    assert_close(gx, ref_gx, dtype, "grad x")
+    if query is not None:
+        assert_close(gq, ref_gq, dtype, "grad query")
+
+
+@pytest.mark.parametrize("where", ["x", "grad"])
+def test_emulated_clamped_loads_keep_a_bad_value_in_its_head(emulated, where):
+    """3 heads of 16 float32 channels: 4 lanes per row with one vector each, so every lane
+    loads its 3 other vectors on a clamped address and zeroes them. An inf at channel 0 (in x
+    or in grad r) stays in head 0, as in the reference: no other head's score or gradient
+    sees it, as inf * 0 or otherwise."""
+    B, T, N, C, H, head = 2, 4, 11, 48, 3, 16
+    assert cuda_nvrtc.plan_segments(C, 4, True, H)[:2] == (4, 1)
+    x = features((B, T, N, C), torch.float32)
+    keys = torch.tensor([0, 2])
+    query = torch.randn(C)
+    if where == "x":
+        x[0, 1, :, 0] = float("inf")  # a non-key frame of video 0
+        x[1, 2, 3, 0] = float("-inf")  # the key frame of video 1
+    seq, lse = emulated.encode_fwd(x, keys, query, "attn", H, 1, [], [])
+    x64 = x.double().requires_grad_(True)
+    q64 = query.double().requires_grad_(True)
+    ref = reference.encode(x64, keys, query=q64, pool="attn", num_heads=H)
+    grad = torch.randn(ref.shape)
+    if where == "grad":
+        grad[:, N:, 0] = float("inf")  # every residual token's grad at channel 0
+    ref_gx, ref_gq = torch.autograd.grad(ref, [x64, q64], grad.double())
+    gx, gq = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", H, 1, [], [])
+    for out, expected, what in [(seq, ref.detach(), "sequence"), (gx, ref_gx, "grad x"), (gq, ref_gq, "grad query")]:
+        assert torch.isfinite(expected[..., head:]).all()
+        assert torch.isfinite(out[..., head:]).all(), f"{what}: a non-finite value left head 0"
+        assert_close(out[..., head:], expected[..., head:], torch.float32, what)

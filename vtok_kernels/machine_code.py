@@ -99,7 +99,9 @@ ASSUMPTIONS = (
     "so the Little's-law bandwidth is an upper bound",
     "a thread keeps in flight the bytes per run of loads of its kernel's hot loop nest (the one with "
     "the most 16-byte loads, read from the SASS): each run waits one latency, each instruction of "
-    "the nest runs once per pass (frames_per_token 1, every row valid)",
+    "the nest runs once per pass (frames_per_token 1, every row valid); in the encode kernels only "
+    "the share vecs_per_lane / max_vecs_per_lane of those bytes is data, the rest re-reads a vector "
+    "on a clamped address",
     "loads served by L1 are charged the L2 latency; stores are not waited on",
     "within a kernel every re-read (the key frame per group, grad r per frame) hits L1 or L2",
     f"across kernels of one pass a tensor stays in L2 if it is at most {L2_RESIDENT_BYTES >> 20} MiB; "
@@ -674,12 +676,15 @@ def record_launches(batch: int, frames: int, num_patches: int, channels: int, dt
 class Traffic:
     """What one kernel moves. ``reads`` / ``writes``: {tensor: bytes} touched (compulsory
     traffic); ``rereads``: further bytes its threads load from what it already read (L1 / L2);
-    ``l2_bytes``: bytes the SMs load from L2 (first reads and re-reads that miss L1)."""
+    ``l2_bytes``: bytes the SMs load from L2 (first reads and re-reads that miss L1);
+    ``used_in_flight``: the share of the hot loop's loads that bring a thread data it uses
+    (:func:`used_vector_share`), by which its bytes in flight are scaled."""
 
     reads: dict
     writes: dict
     rereads: int
     l2_bytes: int
+    used_in_flight: float = 1.0
 
 
 def _template_args(name: str) -> list[str]:
@@ -688,6 +693,17 @@ def _template_args(name: str) -> list[str]:
 
 
 _ELEMENT_BYTES = {0: 4, 1: 2, 2: 2}
+
+
+def used_vector_share(launch: Launch) -> float:
+    """The encode kernels load every vector a lane may hold (max_vecs_per_lane(V) of them, all
+    in one run), those past the row plan's vecs_per_lane on a clamped address, the segment's
+    first vector, which the block reads anyway (csrc/cuda/encode.cuh LaneVectors): of a run's
+    bytes, this share brings data."""
+    from vtok_kernels.backends import cuda_nvrtc
+
+    vec = int(_template_args(launch.kernel)[1])
+    return launch.extra[0]["vecs_per_lane"] / cuda_nvrtc.max_vecs_per_lane(vec)
 
 
 def kernel_traffic(launch: Launch) -> Traffic:
@@ -713,7 +729,8 @@ def kernel_traffic(launch: Launch) -> Traffic:
         # query segment once per block
         rereads = (G - 1) * x_key + (B * G * query - query if attn else 0)
         writes = {"sequence.residual": seq_res, **({"lse": lse} if attn else {})}
-        return Traffic(reads, writes, rereads, x_rest + G * x_key + (B * G * query if attn else 0))
+        return Traffic(reads, writes, rereads, x_rest + G * x_key + (B * G * query if attn else 0),
+                       used_vector_share(launch))
     if kernel == "attn_delta_kernel":
         return Traffic({"sequence.residual": seq_res, "grad_sequence.residual": seq_res},
                        {"workspace.delta": lse}, 0, 2 * seq_res)
@@ -728,15 +745,15 @@ def kernel_traffic(launch: Launch) -> Traffic:
         l2 = grad_r_l2 + seq_keys
         writes = {"grad_x": B * T * N * C * e}
         if attn:
-            # x of every frame; the thread's own key row again per frame (L1); grad r twice per
-            # frame; lse and delta by every lane of a row; the query segment once per block
+            # x of every frame; the thread's own key row once (held across the frames); grad r
+            # once per frame; lse and delta by every lane of a row; the query segment once per
+            # block
             reads.update({"x.rest": x_rest, "x.key": x_key, "lse": lse, "workspace.delta": lse, "query": query})
             scalars = B * (T - 1) * N * segments * lanes * 8
-            rereads = ((T - 2) * x_key + 2 * per_frame_rows - seq_res + scalars - 2 * lse
-                       + B * tiles * C * 4 - query)
+            rereads = per_frame_rows - seq_res + scalars - 2 * lse + B * tiles * C * 4 - query
             l2 = x_rest + x_key + grad_r_l2 + seq_keys + B * tiles * (T - 1) * segments * 8 + B * tiles * C * 4
             writes["workspace.partials"] = B * tiles * C * 4
-        return Traffic(reads, writes, rereads, l2)
+        return Traffic(reads, writes, rereads, l2, used_vector_share(launch))
     if kernel == "grad_query_reduce_kernel":
         partials = launch.extra[0] * C * 4
         return Traffic({"workspace.partials": partials}, {"grad_query": query}, 0, partials)
@@ -778,7 +795,8 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
     waves = launch.blocks / capacity if capacity else math.inf
     tail = launch.blocks / (math.ceil(waves) * capacity) if capacity else 0.0
     threads = -(-launch.block // WARP) * WARP
-    in_flight_sm = code.blocks_per_sm * threads * code.bytes_in_flight
+    per_thread = code.bytes_in_flight * traffic.used_in_flight
+    in_flight_sm = code.blocks_per_sm * threads * per_thread
     hbm_reads = sum(b for t, b in traffic.reads.items() if t not in resident)
     thread_cached = sum(b for t, b in traffic.reads.items() if t in resident) + traffic.rereads
     hbm = hbm_reads + sum(traffic.writes.values())
@@ -790,7 +808,7 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
         if not count:
             continue
         share = blocks / launch.blocks
-        in_flight = blocks * threads * code.bytes_in_flight
+        in_flight = blocks * threads * per_thread
         wave_hbm = share * hbm / COPY_BANDWIDTH
         wave_lat = share * waiting / in_flight if in_flight else math.inf
         t_hbm, t_lat = t_hbm + count * wave_hbm, t_lat + count * wave_lat

@@ -176,29 +176,112 @@ __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[V]) {
   }
 }
 
-// Same, for data read exactly once (non-key frames): evict-first keeps the key frame and the
-// small per-group vectors resident in L2 instead.
+// V elements as loaded, converted to float only where used: a row of a 16-bit type stays in
+// half the registers floats would take, which is what lets the forward keep every load of a
+// pass in flight at once within its register budget. V * sizeof(T) is 16, or V is 1.
 template <typename T, int V>
-__device__ __forceinline__ void load_vec_stream(const T* ptr, float (&out)[V]) {
-  if constexpr (V * sizeof(T) == 16) {
-    unpack16<T, V>(__ldcs(reinterpret_cast<const uint4*>(ptr)), out);
+struct Packed {
+  static_assert(V * sizeof(T) == 16, "a packed vector is one 16-byte access or one element");
+  uint4 bits;
+};
+template <typename T>
+struct Packed<T, 1> {
+  T value;
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Packed<T, V> load_packed(const T* ptr) {
+  if constexpr (V == 1) {
+    return {*ptr};
   } else {
-#pragma unroll
-    for (int e = 0; e < V; ++e) out[e] = to_float(ptr[e]);
+    return {*reinterpret_cast<const uint4*>(ptr)};
   }
+}
+
+// For data read exactly once (non-key frames): evict-first keeps the key frame and the small
+// per-group vectors resident in L2 instead.
+template <typename T, int V>
+__device__ __forceinline__ Packed<T, V> load_packed_stream(const T* ptr) {
+  if constexpr (V == 1) {
+    return {*ptr};
+  } else {
+    return {__ldcs(reinterpret_cast<const uint4*>(ptr))};
+  }
+}
+
+// The kernels load on clamped (always valid) addresses so that no load sits behind a branch;
+// what a lane must not see is replaced by zeros after the load, with selects.
+template <typename T, int V>
+__device__ __forceinline__ Packed<T, V> zero_unless(bool keep, Packed<T, V> v) {
+  if constexpr (V == 1) {
+    if (!keep) v.value = T{};
+  } else {
+    v.bits.x = keep ? v.bits.x : 0u;
+    v.bits.y = keep ? v.bits.y : 0u;
+    v.bits.z = keep ? v.bits.z : 0u;
+    v.bits.w = keep ? v.bits.w : 0u;
+  }
+  return v;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void unpack(const Packed<T, V>& v, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_float(v.value);
+  } else {
+    unpack16<T, V>(v.bits, out);
+  }
+}
+
+// One 16-byte store to global memory (ptr 16-byte aligned), written in PTX: from a uint4
+// assignment nvcc 13 emitted four 32-bit STG.E for every vector store of these kernels on
+// sm_90a. `ok` predicates the whole vector, so a lane past the end of a row needs neither a
+// branch nor a valid address.
+__device__ __forceinline__ void store16_if(bool ok, void* ptr, const uint4 v) {
+#if defined(VTOK_CUDA_EMULATION)
+  if (ok) *static_cast<uint4*>(ptr) = v;
+#else
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %0, 0;\n\t@p st.global.v4.b32 [%1], {%2, %3, %4, %5};\n\t}"
+      :
+      : "r"(static_cast<int>(ok)), "l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+      : "memory");
+#endif
+}
+
+__device__ __forceinline__ void store16(void* ptr, const uint4 v) {
+#if defined(VTOK_CUDA_EMULATION)
+  *static_cast<uint4*>(ptr) = v;
+#else
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
+               :
+               : "l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#endif
+}
+
+template <typename T, int V>
+__device__ __forceinline__ uint4 pack16(const float (&in)[V]) {
+  constexpr int kPerWord = 4 / sizeof(T);
+  return uint4{pack_word(in + 0 * kPerWord, T{}), pack_word(in + 1 * kPerWord, T{}),
+               pack_word(in + 2 * kPerWord, T{}), pack_word(in + 3 * kPerWord, T{})};
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[V]) {
   if constexpr (V * sizeof(T) == 16) {
-    constexpr int kPerWord = 4 / sizeof(T);
-    uint4 raw;
-    raw.x = pack_word(in + 0 * kPerWord, T{});
-    raw.y = pack_word(in + 1 * kPerWord, T{});
-    raw.z = pack_word(in + 2 * kPerWord, T{});
-    raw.w = pack_word(in + 3 * kPerWord, T{});
-    *reinterpret_cast<uint4*>(ptr) = raw;
+    store16(ptr, pack16<T, V>(in));
   } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) ptr[e] = from_float<T>(in[e]);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec_if(bool ok, T* ptr, const float (&in)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    store16_if(ok, ptr, pack16<T, V>(in));
+  } else if (ok) {
 #pragma unroll
     for (int e = 0; e < V; ++e) ptr[e] = from_float<T>(in[e]);
   }
