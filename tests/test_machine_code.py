@@ -350,7 +350,8 @@ def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
     model = proof.load_model(paths["static-model.json"])
     keys = {(op, mode, preset, dtype) for op in ("encode-mean", "encode-attn") for mode in ("fwd", "fwd+bwd")
             for preset in ("siglip", "clip") for dtype in ("bfloat16", "float32")}
-    assert set(model) == {("cuda",) + k for k in keys}
+    # the cuda kernels, and the triton kernels (their launches, compiled and read the same way)
+    assert set(model) == {(impl,) + k for k in keys for impl in ("cuda", "triton")}
     for row in model.values():
         assert 0 < row["predicted_gb_per_s"] <= mc.COPY_BANDWIDTH / 1e9 + 1e-6
         assert row["fraction_of_copy"] == pytest.approx(row["predicted_gb_per_s"] / 3000)
@@ -360,7 +361,10 @@ def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
     siglip_fwd = model[("cuda", "encode-mean", "fwd", "siglip", "bfloat16")]
     assert [k["kernel"] for k in siglip_fwd["kernels"]] == ["key_tokens_kernel", "residual_fwd_kernel"]
     report = json.loads(paths["report.json"].read_text())
-    assert {k["arch"] for k in report["kernels"]} == {"sm_90a"} and len(report["rows"]) == 16
+    assert {k["arch"] for k in report["kernels"]} == {"sm_90a"} and len(report["rows"]) == 32
+    triton_fwd = model[("triton", "encode-attn", "fwd", "siglip", "bfloat16")]
+    assert [k["kernel"] for k in triton_fwd["kernels"]] == ["attn_fwd_kernel", "combine_kernel"]
+    assert "Triton kernels at the presets" in out and "attn_bwd_kernel" in out
     # the committed record (the GPU proof's "model" column) is today's kernels' model
     committed = proof.load_model()
     assert set(committed) == set(model)

@@ -930,7 +930,7 @@ def format_model_table(rows: Sequence[dict]) -> str:
              f"B={MODEL_BATCH} T={MODEL_FRAMES}:"]
     for row in rows:
         lines.append("")
-        lines.append(f"{row['op']} {row['mode']} {row['preset']} {row['dtype']}: "
+        lines.append(f"{row['impl']}: {row['op']} {row['mode']} {row['preset']} {row['dtype']}: "
                      f"{row['predicted_us']:.0f} us, {row['predicted_gb_per_s']:.0f} GB/s = "
                      f"{100 * row['fraction_of_copy']:.0f}% of {COPY_BANDWIDTH / 1e12:.1f} TB/s; "
                      f"L2->SM {row['l2_bytes'] / row['x_bytes']:.2f} x bytes of x, HBM {row['hbm_bytes'] / 1e6:.0f} MB")
@@ -945,26 +945,30 @@ def format_model_table(rows: Sequence[dict]) -> str:
 
 
 def summary_table(rows: Sequence[dict]) -> str:
-    header = (f"{'op':<12}{'mode':<8}{'preset':<8}{'dtype':<10}{'us':>7}{'GB/s':>7}{'of copy':>8}"
+    header = (f"{'impl':<7}{'op':<12}{'mode':<8}{'preset':<8}{'dtype':<10}{'us':>7}{'GB/s':>7}{'of copy':>8}"
               f"{'L2/x':>6}  kernels (blocks, blk/SM, waves, KB in flight/SM)")
     lines = [header, "-" * len(header)]
     for r in rows:
         kernels = "; ".join(f"{k['pass'][0]}:{k['kernel'].replace('_kernel', '')} {k['blocks']}, {k['blocks_per_sm']}, "
                             f"{k['waves']:.2f}, {k['bytes_in_flight_per_sm'] / 1024:.0f}" for k in r["kernels"])
-        lines.append(f"{r['op']:<12}{r['mode']:<8}{r['preset']:<8}{r['dtype']:<10}{r['predicted_us']:>7.0f}"
+        lines.append(f"{r['impl']:<7}{r['op']:<12}{r['mode']:<8}{r['preset']:<8}{r['dtype']:<10}{r['predicted_us']:>7.0f}"
                      f"{r['predicted_gb_per_s']:>7.0f}{100 * r['fraction_of_copy']:>7.0f}%"
                      f"{r['l2_bytes'] / r['x_bytes']:>6.2f}  {kernels}")
     return "\n".join(lines)
 
 
-def report_text(codes: Sequence[KernelCode], rows: Sequence[dict], tools: dict) -> str:
+def report_text(codes: Sequence[KernelCode], rows: Sequence[dict], tools: dict,
+                triton_codes: Sequence[KernelCode] = (), assumptions: Sequence[str] = ASSUMPTIONS) -> str:
     parts = [f"sass-report: {', '.join(sorted({c.arch for c in codes}))}; "
              + ", ".join(f"{k} {v}" for k, v in tools.items()),
              "", format_code_table(codes)]
+    if triton_codes:
+        parts += ["", "Triton kernels at the presets (the default config of each launch; blk/SM: "
+                  "programs of 32 x num_warps threads):", format_code_table(triton_codes).split("\n* ")[0]]
     if rows:
         parts += ["", "Presets (f: forward kernels, b: backward kernels):", summary_table(rows),
                   "", format_model_table(rows), "", "Assumptions:"]
-        parts += [f"  - {a}" for a in ASSUMPTIONS]
+        parts += [f"  - {a}" for a in assumptions]
     return "\n".join(parts) + "\n"
 
 
@@ -978,6 +982,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model-json", type=Path,
                         help="write the model rows here, as benchmarks/proof.py load_model reads them "
                              "(benchmarks/results/static-model.json)")
+    parser.add_argument("--no-triton", action="store_true",
+                        help="leave the Triton kernels out of the model (they need triton installed)")
     args = parser.parse_args(argv)
     from vtok_kernels.backends import cuda
 
@@ -996,15 +1002,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     rows = []
+    triton_codes: list = []
+    assumptions = list(ASSUMPTIONS)
+    tools = {"nvcc": tool_version(cuda.find_nvcc()), "cuobjdump": tool_version(find_tool("cuobjdump"))}
     if any(t.startswith("sm_90") for t in targets):
         try:
             rows = model_rows(codes)
         except ImportError as exc:  # an installed package: the presets live in the repository
             print(f"sass-report: no model without the repository's benchmarks/ ({exc})", file=sys.stderr)
-    tools = {"nvcc": tool_version(cuda.find_nvcc()), "cuobjdump": tool_version(find_tool("cuobjdump"))}
-    text = report_text(codes, rows, tools)
+        if rows and not args.no_triton:
+            from vtok_kernels import triton_model
+
+            reason = triton_model.available()
+            if reason is None:
+                snapshot = triton_model.snapshot_anywhere(MODEL_PRESETS, MODEL_DTYPES)
+                rows += snapshot["rows"]
+                triton_codes = triton_model.distinct_codes(snapshot)
+                assumptions += triton_model.ASSUMPTIONS
+                tools["triton"] = snapshot["triton"]
+            else:
+                print(f"sass-report: no Triton rows ({reason})", file=sys.stderr)
+    text = report_text(codes, rows, tools, triton_codes, assumptions)
     print(text, end="")
-    assumptions = list(ASSUMPTIONS)
     if args.txt:
         args.txt.write_text(text)
     if args.json:

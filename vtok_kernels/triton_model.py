@@ -211,17 +211,6 @@ def _specialisation(launch: dict) -> str:
     return ",".join(parts)
 
 
-def codes_of(rows: Sequence[dict]) -> list[dict]:
-    """The distinct kernels of the rows (for the report's code table)."""
-    seen, out = set(), []
-    for row in rows:
-        for k in row["kernels"]:
-            if (k["kernel"], k["config"]) not in seen:
-                seen.add((k["kernel"], k["config"]))
-                out.append(k)
-    return out
-
-
 def available() -> Optional[str]:
     """None when the model can run here, else why not (no triton, or no cuobjdump)."""
     try:
@@ -255,6 +244,39 @@ def snapshot(presets: Sequence[str], dtypes: Sequence[str]) -> dict:
                         "kernel": launch["kernel"].fn.__name__, "grid": list(launch["grid"]),
                         "code": kernel_code(launch).row(), "traffic": dataclasses.asdict(traffic)})
     return {"rows": model_rows(presets, dtypes), "launches": launches_out}
+
+
+def snapshot_anywhere(presets: Sequence[str], dtypes: Sequence[str]) -> dict:
+    """:func:`snapshot`, from a fresh process when this one runs the Triton interpreter (whose
+    kernels cannot be compiled); with the triton version that made it."""
+    import json
+    import sys
+
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return {**snapshot(presets, dtypes), "triton": triton.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "model.json")
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        subprocess.run([sys.executable, "-m", "vtok_kernels.triton_model", "--preset",
+                        ",".join(presets), "--dtype", ",".join(dtypes), "--json", out],
+                       env=env, check=True, capture_output=True)
+        with open(out) as handle:
+            return {**json.load(handle), "triton": triton.__version__}
+
+
+def distinct_codes(data: dict) -> list[mc.KernelCode]:
+    """The machine code of each distinct kernel of a snapshot, as KernelCode rows."""
+    seen, codes = set(), []
+    for launch in data["launches"]:
+        code = launch["code"]
+        if code["name"] not in seen:
+            seen.add(code["name"])
+            fields = {**code, "loads": {int(k): v for k, v in code["loads"].items()},
+                      "stores": {int(k): v for k, v in code["stores"].items()}}
+            codes.append(mc.KernelCode(**fields))
+    return sorted(codes, key=lambda c: (c.kernel, c.config))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
