@@ -461,27 +461,6 @@ def test_images_go_through_unchanged(family):
 
 
 # ------------------------------------------------------------------------------ what it refuses
-def _tiny_qwen_vl(name: str):
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
-    if name == "qwen3_vl":
-        vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0])
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=64, rope_parameters={"rope_type": "default",
-                "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
-    cls = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
-           "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}[name]
-    config = getattr(transformers, cls[0])(vision_config=vision, text_config=text)
-    return getattr(transformers, cls[1])(config)
-
-
-@pytest.mark.parametrize("name, why", [("qwen2_5_vl", "M-RoPE"), ("qwen3_vl", "deepstack")])
-def test_qwen_vl_is_not_supported(name, why):
-    supported = "Supported families: llava_next_video, llava_onevision"
-    with pytest.raises(NotImplementedError, match=f"{name}.*{why}.*{supported}"):
-        apply_vtok(_tiny_qwen_vl(name))
-
-
 def test_other_models_are_refused():
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT))
     with pytest.raises(NotImplementedError, match="no VTok adapter for LlamaForCausalLM"):

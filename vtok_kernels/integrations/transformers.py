@@ -14,7 +14,9 @@ the processor write exactly as many placeholders as VTok gives::
 
 Per family, an adapter (:class:`VideoAdapter`, kept in a registry keyed by the base model class)
 says where VTok sits, which grid the key frame keeps by default and what is appended.
-Images go through the model unchanged.
+Images go through the model unchanged. The Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3-VL-MoE), whose videos also carry 3-D position ids, timestamps and deepstack features, have
+their adapters in :mod:`vtok_kernels.integrations.qwen`, registered when this module is imported.
 """
 from __future__ import annotations
 
@@ -111,6 +113,40 @@ class VideoAdapter:
     model_type: str = ""
     appended_tokens: int = 0
 
+    # Hooks that apply_vtok calls; the defaults are the LLaVA families' (features of the vision
+    # tower, before the projector). An adapter that works elsewhere overrides them.
+    def check_compatible(self, base: nn.Module, processor=None) -> None:
+        """Raises if the installed transformers lacks what the adapter relies on."""
+
+    def feature_dim(self, config) -> int:
+        """C, the width of the features VTok reads (the encoder's in_dim)."""
+        layer = config.vision_feature_layer
+        return config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
+
+    def default_num_heads(self, config, in_dim: int) -> int:
+        """Attention-pooling heads when none are given: the vision tower's, which divide its width."""
+        heads = config.vision_config.num_attention_heads
+        return heads if in_dim % heads == 0 else 1
+
+    def reference_parameter(self, base: nn.Module) -> Tensor:
+        """A parameter whose device and dtype the new encoder takes."""
+        return base.multi_modal_projector.linear_1.weight
+
+    def check_settings(self, config, settings: dict) -> None:
+        """Errors for settings that do not fit this family, before anything is built."""
+        if settings["spatial"] is not None:
+            spatial, grid = tuple(api._check_pair(settings["spatial"], "spatial")), self.frame_grid(config)
+            if spatial[0] > grid[0] or spatial[1] > grid[1]:
+                raise ValueError(f"spatial: {spatial} must not exceed the grid {grid}")
+
+    def bind(self, base: nn.Module) -> None:
+        """Binds VTok's methods to this one base model instance."""
+        base.get_video_features = types.MethodType(_vtok_get_video_features, base)
+
+    def patch_processor(self, processor, config, settings: dict) -> None:
+        """Makes the processor write as many video placeholders as VTok gives."""
+        _patch_processor(processor, self, config, settings)
+
     def frame_grid(self, config) -> tuple[int, int]:
         """(H, W): the vision tower's patch grid per frame."""
         side = config.vision_config.image_size // config.vision_config.patch_size
@@ -127,13 +163,21 @@ class VideoAdapter:
     def append(self, base: nn.Module, tokens: Tensor) -> Tensor:
         return tokens
 
-    def num_video_tokens(self, config, num_frames: int, *, spatial=None, frames_per_token: int = 1) -> int:
+    def _no_frame_size(self, frame_size) -> None:
+        if frame_size is not None:
+            raise ValueError(f"frame_size: {self.model_type} resizes every frame to the vision tower's "
+                             f"image_size, so the count does not depend on it; leave frame_size out")
+
+    def num_video_tokens(self, config, num_frames: int, *, spatial=None, frames_per_token: int = 1,
+                         frame_size=None) -> int:
         """Placeholders per video of ``num_frames`` frames with VTok."""
+        self._no_frame_size(frame_size)
         h, w = spatial if spatial is not None else self.pooled_grid(config)
         return h * w + num_groups(num_frames, frames_per_token) + self.appended_tokens
 
-    def num_plain_video_tokens(self, config, num_frames: int) -> int:
+    def num_plain_video_tokens(self, config, num_frames: int, *, frame_size=None) -> int:
         """Placeholders per video without VTok (every frame at the pooled grid)."""
+        self._no_frame_size(frame_size)
         h, w = self.pooled_grid(config)
         return num_frames * h * w + self.appended_tokens
 
@@ -205,18 +249,6 @@ ADAPTERS: dict[type, VideoAdapter] = {
     LlavaOnevisionModel: LlavaOnevisionAdapter(),
 }
 
-_NOT_SUPPORTED = {
-    "qwen2_vl": "it builds 3-D (M-RoPE) position ids from each video's (t, h, w) grid and merges "
-                "pairs of frames with a Conv3d patch embedding, so VTok's tokens would need their "
-                "own position ids and an encoder that sees frames one by one",
-    "qwen3_vl": "it builds 3-D (M-RoPE) position ids from each video's (t, h, w) grid, merges pairs "
-                "of frames with a Conv3d patch embedding and injects deepstack features of the "
-                "video tokens into the language model's layers, so VTok's tokens would need their "
-                "own position ids, frames encoded one by one and deepstack features",
-}
-_NOT_SUPPORTED["qwen2_5_vl"] = _NOT_SUPPORTED["qwen2_vl"]
-_NOT_SUPPORTED["qwen3_vl_moe"] = _NOT_SUPPORTED["qwen3_vl"]
-
 
 def register_adapter(base_model_class: type, adapter: VideoAdapter) -> None:
     """Adds a family: ``base_model_class`` is the class whose ``get_video_features`` makes the
@@ -239,11 +271,6 @@ def _find(model) -> tuple[nn.Module, VideoAdapter]:
         if isinstance(base, cls):
             return base, adapter
     model_type = getattr(model.config, "model_type", None)
-    why = _NOT_SUPPORTED.get(model_type)
-    if why is not None:
-        raise NotImplementedError(
-            f"apply_vtok: {type(model).__name__} ({model_type}) is not supported: {why}. "
-            f"Supported families: {_supported()}.")
     raise NotImplementedError(
         f"apply_vtok: no VTok adapter for {type(model).__name__} (model_type {model_type!r}). "
         f"Supported families: {_supported()}; register_adapter() adds one.")
@@ -258,15 +285,22 @@ def adapter_for_config(config) -> VideoAdapter:
         f"no VTok adapter for model_type {getattr(config, 'model_type', None)!r}; supported: {_supported()}")
 
 
-def num_video_tokens(config, num_frames: int, *, spatial=None, frames_per_token: int = 1) -> int:
+def num_video_tokens(config, num_frames: int, *, spatial=None, frames_per_token: int = 1,
+                     frame_size: Optional[tuple[int, int]] = None) -> int:
     """Tokens per video of ``num_frames`` frames that VTok gives a model of this ``config``
-    (``spatial=None``: the key frame keeps the model's own pooled grid)."""
+    (``spatial=None``: the key frame keeps the model's own pooled grid). ``frame_size``
+    (height, width in pixels, as the processor resized the frames) sets the grid of the Qwen-VL
+    families, whose grid follows the frame; the LLaVA families resize every frame to one size
+    and refuse it."""
     api._check_positive_int(num_frames, "num_frames")
     api._check_positive_int(frames_per_token, "frames_per_token")
     if spatial is not None:
         spatial = api._check_pair(spatial, "spatial")
+    if frame_size is not None:
+        frame_size = api._check_pair(frame_size, "frame_size")
     return adapter_for_config(config).num_video_tokens(config, num_frames, spatial=spatial,
-                                                       frames_per_token=frames_per_token)
+                                                       frames_per_token=frames_per_token,
+                                                       frame_size=frame_size)
 
 
 # ------------------------------------------------------------------------ the model's new hook
@@ -336,13 +370,17 @@ class _NumMultimodalTokens:
         return _NumMultimodalTokens(memo.get(id(self.processor), self.processor), self.count)
 
 
-def _patch_processor(processor, adapter: VideoAdapter, config, settings: dict) -> None:
+def _check_processor(processor, config) -> None:
     if not isinstance(getattr(processor, "video_token", None), str):
         raise TypeError("processor: expected the model's processor (with a video_token), "
                         f"got {type(processor).__name__}")
     token_id = getattr(processor, "video_token_id", None)
     if token_id is not None and token_id != config.video_token_id:
         raise ValueError(f"processor: its video_token_id {token_id} is not the model's {config.video_token_id}")
+
+
+def _patch_processor(processor, adapter: VideoAdapter, config, settings: dict) -> None:
+    _check_processor(processor, config)
     spatial = tuple(settings["spatial"]) if settings["spatial"] is not None else None
     # A partial of the adapter's method, not a closure: the processor stays picklable (DataLoader
     # workers that spawn).
@@ -370,8 +408,7 @@ def _resolve_settings(adapter: VideoAdapter, config, requested: dict, in_dim: in
     settings = {**recorded, **requested}
     pool = settings.setdefault("pool", "attn")
     if pool == "attn" and "num_heads" not in settings:
-        heads = config.vision_config.num_attention_heads  # divides the vision width
-        settings["num_heads"] = heads if in_dim % heads == 0 else 1
+        settings["num_heads"] = adapter.default_num_heads(config, in_dim)
     settings.setdefault("num_heads", 1)
     settings.setdefault("hidden_dim", config.text_config.hidden_size)
     settings.setdefault("spatial", None)
@@ -380,10 +417,7 @@ def _resolve_settings(adapter: VideoAdapter, config, requested: dict, in_dim: in
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise ValueError(f"model.config.vtok: unknown settings {sorted(unknown)}; expected {SETTINGS}")
-    if settings["spatial"] is not None:
-        spatial, grid = tuple(api._check_pair(settings["spatial"], "spatial")), adapter.frame_grid(config)
-        if spatial[0] > grid[0] or spatial[1] > grid[1]:
-            raise ValueError(f"spatial: {spatial} must not exceed the grid {grid}")
+    adapter.check_settings(config, settings)
     return {name: settings[name] for name in SETTINGS}
 
 
@@ -476,10 +510,12 @@ def apply_vtok(
     appends (LLaVA-OneVision's newline): ``num_video_tokens(model.config, T)``.
 
     model: a supported ``...ForConditionalGeneration`` or its base model (LLaVA-NeXT-Video,
-        LLaVA-OneVision; others raise NotImplementedError saying why). The encoder becomes the
+        LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE; others raise
+        NotImplementedError). The encoder becomes the
         submodule ``vtok`` of its base model (``model.model.vtok``, state-dict keys
         ``model.vtok.*``): it follows ``.to()``, ``parameters()`` and ``state_dict()``. Only
-        this instance's ``get_video_features`` changes; images are untouched.
+        this instance's ``get_video_features`` (Qwen-VL: and ``get_rope_index``) changes;
+        images are untouched.
     processor: the model's processor; its ``replace_video_token`` (and
         ``_get_num_multimodal_tokens``) then count VTok's tokens.
     pool, num_heads, spatial, key_index, frames_per_token, hidden_dim: as in
@@ -494,9 +530,9 @@ def apply_vtok(
     """
     base, adapter = _find(model)
     config = base.config
+    adapter.check_compatible(base, processor)
     _check_arguments(pool, num_heads, spatial, key_index, frames_per_token, hidden_dim, backend)
-    num_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
-    in_dim = config.vision_config.hidden_size * num_layers
+    in_dim = adapter.feature_dim(config)
     requested = {name: value for name, value in dict(
         pool=pool, num_heads=num_heads, spatial=spatial, key_index=key_index,
         frames_per_token=frames_per_token, hidden_dim=hidden_dim).items() if value is not None}
@@ -505,7 +541,7 @@ def apply_vtok(
         config.vtok = _settings_of(encoder)
     settings = _resolve_settings(adapter, config, requested, in_dim)
     if not isinstance(encoder, VideoLMEncoder):
-        reference = base.multi_modal_projector.linear_1.weight
+        reference = adapter.reference_parameter(base)
         encoder = VideoLMEncoder(
             in_dim, config.text_config.hidden_size, pool=settings["pool"], num_heads=settings["num_heads"],
             hidden_dim=settings["hidden_dim"], frames_per_token=settings["frames_per_token"],
@@ -520,10 +556,23 @@ def apply_vtok(
     if backend is not None:
         encoder.backend = backend
     config.vtok = settings
-    base.get_video_features = types.MethodType(_vtok_get_video_features, base)
+    adapter.bind(base)
     if processor is not None:
-        _patch_processor(processor, adapter, config, settings)
+        adapter.patch_processor(processor, config, settings)
     return encoder
+
+
+# The Qwen-VL adapters register themselves in ADAPTERS (imported last: they build on the above;
+# importing that module first works too, hence the names below are looked up when asked for).
+from vtok_kernels.integrations import qwen as _qwen  # noqa: E402
+
+_FROM_QWEN = ("QWEN_MIN_TRANSFORMERS", "Qwen2VLAdapter", "Qwen3VLAdapter")
+
+
+def __getattr__(name: str):
+    if name in _FROM_QWEN:
+        return getattr(_qwen, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -531,6 +580,9 @@ __all__ = [
     "LlavaNextVideoAdapter",
     "LlavaOnevisionAdapter",
     "MIN_TRANSFORMERS",
+    "QWEN_MIN_TRANSFORMERS",
+    "Qwen2VLAdapter",
+    "Qwen3VLAdapter",
     "VideoAdapter",
     "VideoLMEncoder",
     "adapter_for_config",
