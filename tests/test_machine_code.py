@@ -375,6 +375,27 @@ def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
             "--model-json benchmarks/results/static-model.json")
 
 
+def test_cuda_kernels_hold_their_machine_code_goals(sm90_codes):
+    """The gate on what a memory-bound kernel needs, read from the sm_90a vector path: every
+    16-byte load of a forward pass issued back to back (6 for bf16/fp16, 4 at least for fp32),
+    at most 80 registers in the forward, at least half of the backward's global stores 16 bytes
+    wide, no local memory; and the model of the presets in bf16 at >= 90% of the copy bandwidth
+    forward, >= 80% forward and backward."""
+    for c in sm90_codes:
+        if not c.default or c.kernel not in ("residual_fwd_kernel", "encode_bwd_kernel"):
+            continue
+        assert (c.ldl, c.stl, c.local_bytes) == (0, 0, 0), c
+        if c.kernel == "residual_fwd_kernel" and "group_sum" not in c.config:
+            assert c.loads_back_to_back >= (4 if "fp32" in c.config else 6), c
+            assert c.registers <= 80, c
+        if c.kernel == "encode_bwd_kernel":
+            assert 2 * c.stores[128] >= sum(c.stores.values()), c
+    for row in mc.model_rows(sm90_codes, dtypes=("bfloat16",)):
+        goal = 0.90 if row["mode"] == "fwd" else 0.80
+        assert row["fraction_of_copy"] >= goal, (row["op"], row["mode"], row["preset"],
+                                                 row["fraction_of_copy"])
+
+
 def test_cli_rejects_an_unknown_arch():
     from vtok_kernels.__main__ import main
 
