@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cuda/launch.h"
+#include "vtok/encode_split.h"
 #include "vtok/index_math.h"
 #include "vtok/params.h"
 #include "vtok/params_check.h"
@@ -82,6 +83,8 @@ py::dict params_layout() {
     VTOK_OFFSET(f, EncodeParams, num_groups);
     VTOK_OFFSET(f, EncodeParams, sequence);
     VTOK_OFFSET(f, EncodeParams, lse);
+    VTOK_OFFSET(f, EncodeParams, workspace);
+    VTOK_OFFSET(f, EncodeParams, workspace_elems);
     layout["EncodeParams"] = py::make_tuple(sizeof(EncodeParams), f);
   }
   {
@@ -134,15 +137,20 @@ py::dict params_layout() {
 }  // namespace
 
 void bind_cuda(py::module_& m) {
+  // The workspace comes as arguments: EncodeParams is bound in bindings.cpp, which the CPU-only
+  // build shares, without the CUDA forward's scratch fields.
   m.def(
       "cuda_encode_fwd",
-      [](const EncodeParams& p, std::uintptr_t stream) {
+      [](EncodeParams p, std::uintptr_t stream, std::uintptr_t workspace, int64_t workspace_elems) {
         check_encode(p);
+        p.workspace = reinterpret_cast<float*>(workspace);
+        p.workspace_elems = workspace_elems;
         py::gil_scoped_release release;
         cuda::encode_fwd(p, as_stream(stream));
       },
-      py::arg("params"), py::arg("stream"),
-      "encode forward on the GPU (varlen when params.cu_frames != 0), enqueued on `stream`");
+      py::arg("params"), py::arg("stream"), py::arg("workspace") = 0, py::arg("workspace_elems") = 0,
+      "encode forward on the GPU (varlen when params.cu_frames != 0), enqueued on `stream`; a workspace "
+      "of cuda_encode_fwd_workspace_elems floats when a frame's patch tiles are split over blocks");
   m.def(
       "cuda_encode_bwd",
       [](const EncodeBwdParams& bp, std::uintptr_t stream) {
@@ -179,6 +187,17 @@ void bind_cuda(py::module_& m) {
         cuda::expand_bwd(p, as_stream(stream));
       },
       py::arg("params"), py::arg("stream"));
+  m.def("cuda_encode_fwd_workspace_elems", &encode_fwd_workspace_elems, py::arg("batch"), py::arg("groups"),
+        py::arg("splits"), py::arg("channels"), py::arg("heads"), py::arg("attn"), py::arg("tile_blocks"),
+        "floats of workspace the forward needs (vtok/encode_split.h)");
+  m.def(
+      "cuda_encode_split",
+      [](int64_t tiles, int64_t segments, int64_t batch, int64_t groups, int64_t fill_blocks, bool tile_blocks) {
+        const EncodeSplit s = encode_split(tiles, segments, batch, groups, fill_blocks, tile_blocks);
+        return py::make_tuple(s.splits, s.groups_per_block, s.chunks);
+      },
+      py::arg("tiles"), py::arg("segments"), py::arg("batch"), py::arg("groups"), py::arg("fill_blocks"),
+      py::arg("tile_blocks"), "(splits, groups_per_block, chunks) of the forward's grid (vtok/encode_split.h)");
   m.def("cuda_encode_bwd_workspace_elems", &cuda::encode_bwd_workspace_elems, py::arg("batch"),
         py::arg("num_patches"), py::arg("channels"), py::arg("lse_elems"),
         "floats of workspace the attn backward needs");

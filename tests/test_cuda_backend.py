@@ -106,7 +106,11 @@ def test_row_plan_covers_each_segment(vec):
 def test_wide_float32_heads_take_the_scalar_path():
     fields = _fake_encode_fields(C=768, heads=1, dtype=0)
     assert cuda_nvrtc.encode_plan(fields) == (1, 32, 24, 768, 1)
-    assert cuda_nvrtc.encode_plan(_fake_encode_fields(C=1024, heads=2, dtype=0))[0] == 4
+    # The forward's 16-byte float32 rows hold 32 lanes x 3 vectors per head (384 channels), the
+    # backward's 32 x 4.
+    wide = _fake_encode_fields(C=1024, heads=2, dtype=0)
+    assert cuda_nvrtc.encode_plan(wide)[0] == 1 and cuda_nvrtc.encode_plan(wide, True, 4096, 8192)[0] == 4
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields(C=1024, heads=4, dtype=0))[0] == 4
 
 
 def _fake_encode_fields(C=1152, heads=8, pool=1, dtype=2, x=4096, seq=8192, stride_n=None, varlen=False):
@@ -144,6 +148,14 @@ def test_launch_plan_picks_16_byte_vectors_only_when_aligned():
     assert cuda_nvrtc.encode_plan(_fake_encode_fields(dtype=0, C=1024, heads=8))[0] == 4
     # SigLIP heads: 144 channels = 18 vectors of 8 spread over 8 lanes x 3 (6 idle of 24).
     assert cuda_nvrtc.encode_plan(_fake_encode_fields()) == (8, 8, 3, 18, 8)
+    # The forward's rows take the fewest lanes that idle no more: heads of 64 channels on 4 lanes
+    # of 2 vectors (tiles of 64 rows), the backward's on 8 of 1; mean pooling in segments of one
+    # 128-byte line (2 vectors per lane).
+    heads64 = _fake_encode_fields(heads=18)
+    assert cuda_nvrtc.encode_plan(heads64) == (8, 4, 2, 8, 18)
+    assert cuda_nvrtc.encode_plan(heads64, True, 4096, 8192) == (8, 8, 1, 8, 18)
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields(pool=0, heads=1)) == (8, 4, 2, 8, 18)
+    assert cuda_nvrtc.encode_plan(_fake_encode_fields(pool=0, heads=1, dtype=0)) == (4, 4, 2, 8, 36)
 
 
 class _Recorder(cuda_nvrtc.NvrtcLoader):
@@ -158,7 +170,7 @@ def test_nvrtc_loader_launches_instantiated_kernels_with_the_cpp_grids():
     names = set(cuda_nvrtc.kernel_names())
     loader = _Recorder()
     fields = _fake_encode_fields()
-    loader.encode_fwd(fields, 0, 0)
+    loader.encode_fwd(dict(fields, workspace=1 << 20, workspace_elems=cuda_nvrtc.encode_fwd_workspace_elems(fields)), 0, 0)
     loader.encode_bwd(dict(fwd=fields, grad_sequence=4096, grad_x=8192, grad_query=64, workspace=128,
                            workspace_elems=10**9), 0, 0)
     loader.expand_fwd(dict(key_tokens=4096, key_stride_b=729 * 1152, key_stride_n=1152, residual_tokens=8192,
@@ -171,7 +183,12 @@ def test_nvrtc_loader_launches_instantiated_kernels_with_the_cpp_grids():
     kernels = [c[0] for c in loader.calls]
     assert set(kernels) <= names, set(kernels) - names
     grids = dict((c[0], c[1]) for c in loader.calls)
-    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 1>"] == (8, 15, 8)
+    # The forward: 8 heads x ceil(729 / 32) tiles of 32 rows on x, every group in each block;
+    # the merge of the tiles' partial rows: 144 vectors of 8 channels on x, the groups on y.
+    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 1>"] == (8 * 23, 1, 8)
+    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 3>"] == (1, 15, 8)
+    plan = [c[2][1] for c in loader.calls if c[0].endswith("8, 1>")][0]
+    assert (int(plan["splits"][0]), int(plan["groups_per_block"][0])) == (23, 15)
     assert grids["vtok::cuda::attn_delta_kernel<vtok::cuda::bf16_t>"] == (15, 8)
     # 256 threads / 8 lanes = 32 patch rows per block: ceil(729 / 32) = 23 tiles.
     assert grids["vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, true>"] == (8, 23, 8)
@@ -825,3 +842,231 @@ def test_emulated_clamped_loads_keep_a_bad_value_in_its_head(emulated, where):
         assert torch.isfinite(expected[..., head:]).all()
         assert torch.isfinite(out[..., head:]).all(), f"{what}: a non-finite value left head 0"
         assert_close(out[..., head:], expected[..., head:], torch.float32, what)
+
+
+# ------------------------------------------------------------------ CPU: expand's item walk, emulated
+#
+# expand_fwd_kernel and expand_grad_keys_kernel walk items (video, key token, vector) with a
+# grid-stride loop whose position is carried from item to item, and the forward walks each
+# item's frames in rank order, stepping over the key frame, with the groups cut into chunks
+# over grid axis z. The launcher's grid is a choice of speed: the results must be the same for
+# any grid with at most 4096 blocks on x. The cases below force small grids (one block striding
+# over every video, chunks of one group, more chunks than groups) and compare bit for bit with
+# the reference run in the same dtype (float32 sums, rounded once), which is what the kernels
+# compute.
+
+def _forced_grid_loader(grids: dict):
+    """The emulated loader, with the grid of each kernel family named in ``grids`` replaced."""
+    from tests import cuda_emulator
+
+    class Loader(cuda_emulator.EmulatedLoader):
+        def _launch(self, device_index, stream, kernel, grid, args):
+            family = kernel.split("<")[0].split("::")[-1]
+            super()._launch(device_index, stream, kernel, grids.get(family, grid), args)
+
+    return Loader()
+
+
+def _expand_inputs(B, N, C, G, dtype, layout):
+    """(key_tokens [B, N, C], residual_tokens [B, G, C]) as views: contiguous, strided (padded
+    token rows, residual tokens in the middle of a longer buffer), or misaligned (a channel
+    offset of one element: the scalar path)."""
+    if layout == "contiguous":
+        return features((B, N, C), dtype), features((B, G, C), dtype)
+    if layout == "strided":
+        keys = features((B, N, C + 8), dtype)[..., :C]
+        residual = features((B, G + 3, C), dtype)[:, 2:G + 2]
+        return keys, residual
+    assert layout == "misaligned"
+    tokens = features((B, N + G, C + 1), dtype)[..., 1:]
+    return tokens[:, :N], tokens[:, N:]
+
+
+def _grad_keys_in_order(grad: torch.Tensor) -> torch.Tensor:
+    """sum over t of grad[:, t] in increasing t, in float32: what expand_grad_keys_kernel adds."""
+    acc = torch.zeros(grad[:, 0].shape, dtype=torch.float32)
+    for t in range(grad.shape[1]):
+        acc += grad[:, t].float()
+    return acc.to(grad.dtype)
+
+
+EXPAND_WALK = [
+    # (id, B, N, C, T, fpt, keys, layout): B * N * C / V items, most cases more than one block holds
+    ("fpt3-short-last-group", 4, 29, 48, 8, 3, [0, 3, 7, 5], "contiguous"),
+    ("fpt1-key-middle", 3, 29, 40, 6, 1, [2, 5, 0], "strided"),
+    ("fpt2-strided", 3, 17, 56, 7, 2, [6, 1, 4], "strided"),
+    ("fpt4-misaligned-scalar", 2, 13, 21, 9, 4, [4, 8], "misaligned"),
+    ("one-frame", 3, 29, 48, 1, 1, [0, 0, 0], "contiguous"),
+    ("two-frames", 2, 29, 48, 2, 1, [1, 0], "misaligned"),
+    ("fpt-longer-than-video", 2, 29, 48, 5, 7, [3, 0], "contiguous"),
+]
+# (x, y, z) or None for the launcher's own grid; z > 1 only where G < 2^31, as the launcher does.
+EXPAND_GRIDS = [None, (1, 1, 1), (1, 1, 2), (3, 1, 3), (2, 1, 5)]
+# float32 on every grid; bfloat16 (8-element vectors) on the launcher's and on a striding one.
+EXPAND_WALK_PARAMS = [
+    pytest.param(case, grid, dtype,
+                 id=f"{case[0]}-{'launcher' if grid is None else 'x'.join(map(str, grid))}-{DTYPE_ID(dtype)}")
+    for case in EXPAND_WALK for grid in EXPAND_GRIDS for dtype in (torch.float32, torch.bfloat16)
+    if dtype == torch.float32 or grid in (None, (2, 1, 5))
+]
+
+
+@pytest.mark.parametrize("case, grid, dtype", EXPAND_WALK_PARAMS)
+def test_emulated_expand_walk_matches_reference(emulated, monkeypatch, case, grid, dtype):
+    _, B, N, C, T, fpt, keys, layout = case
+    G = reference.num_groups(T, fpt)
+    loader = _forced_grid_loader({} if grid is None else {"expand_fwd_kernel": grid,
+                                                          "expand_grad_keys_kernel": grid[:1]})
+    monkeypatch.setattr(emulated, "_loader", lambda: loader)
+    key_tokens, residual_tokens = _expand_inputs(B, N, C, G, dtype, layout)
+    key_index = torch.tensor(keys)
+    frames = emulated.expand_fwd(key_tokens, residual_tokens, key_index, T, fpt)
+    [(kernel, launched)] = [launch for launch in loader.launches if "expand_fwd" in launch[0]]
+    vec = 16 // key_tokens.element_size()
+    assert kernel.endswith(f", {1 if layout == 'misaligned' else vec}>")
+    if grid is not None:
+        assert launched == grid
+    assert torch.equal(frames, reference.expand(key_tokens, residual_tokens, key_index, T, fpt))
+    assert_close(frames, reference.expand(key_tokens.double(), residual_tokens.double(), key_index, T, fpt),
+                 dtype, "expand")
+
+    grad = features((B, T, N, C), dtype)
+    grad_keys, grad_res = emulated.expand_bwd(grad, key_index, G, fpt)
+    assert torch.equal(grad_keys, _grad_keys_in_order(grad))
+    if G:
+        k64 = key_tokens.double().requires_grad_(True)
+        r64 = residual_tokens.double().requires_grad_(True)
+        ref = reference.expand(k64, r64, key_index, T, fpt)
+        _, ref_gr = torch.autograd.grad(ref, [k64, r64], grad.double())
+        assert_close(grad_res, ref_gr, dtype, "expand grad residual")
+
+
+def test_expand_forward_grid_spreads_groups_only_while_blocks_are_few():
+    """expand.cu expand_fwd_grid, as the CuPy loader mirrors it: the key tokens' vectors on x
+    (flat_blocks: at most 4096 blocks, which the kernel's 32-bit split of its first item
+    relies on); groups on z only while x is under one wave of resident blocks on an H100, and
+    only for G < 2^31 (the kernel's 32-bit chunk size)."""
+    grid = cuda_nvrtc.expand_fwd_grid
+    assert grid(8 * 729 * 1152 // 8, 15) == (3281, 1, 1)  # SigLIP, bf16: one item per thread
+    assert grid(2 * 11 * 3, 3) == (1, 1, 3)
+    assert grid(100 * 256, 40) == (100, 1, 11)  # ceil(1056 / 100) chunks
+    assert grid(100 * 256, 1) == (100, 1, 1)
+    assert grid(7, 2**31 - 1) == (1, 1, cuda_nvrtc.EXPAND_FILL_BLOCKS)
+    assert grid(7, 2**31) == (1, 1, 1)
+    assert grid(2**40, 2**40) == (4096, 1, 1)
+    fields = dict(key_tokens=4096, key_stride_b=729 * 1152, key_stride_n=1152, residual_tokens=8192,
+                  res_stride_b=15 * 1152, res_stride_g=1152, batch=2, num_frames=16, num_patches=729,
+                  channels=1152, num_groups=15, frames_per_token=1, key_index=64, dtype=2, frames=16384)
+    [(kernel, launched, _)] = cuda_nvrtc.expand_fwd_launches(fields)
+    assert kernel == "vtok::cuda::expand_fwd_kernel<vtok::cuda::bf16_t, 8>"
+    assert launched == (821, 1, 2)  # 2 * 729 * 144 vectors; ceil(1056 / 821) chunks
+    [(kernel, launched, _)] = cuda_nvrtc.expand_fwd_launches(dict(fields, frames=16386))
+    assert kernel.endswith(", 1>") and launched == (4096, 1, 1)
+
+
+# ------------------------------------------------------------------ CPU: the forward's tiles and group chunks, emulated
+#
+# On 16-byte rows a forward block holds one tile of patch rows (its key rows in registers) for
+# groups_per_block consecutive groups; each tile of a frame leaves a partial row per group,
+# which residual_fwd_kernel in its merge mode folds in tile order. FILL_SMS (the SMs whose two
+# waves the grid aims at) is lowered so that the small shapes below reach several groups per
+# block; 0 puts every group of a video in one block.
+
+FORWARD_SPLITS = [
+    # (id, lengths (batched: [T] * B), N, C, pool, heads, fpt, fill_sms, dtype,
+    #  (splits, groups_per_block, chunks) the plan must come to)
+    ("mean-chunks-ragged-tiles-ragged", [6, 6], 150, 64, "mean", 1, 1, 2, torch.bfloat16, (3, 2, 3)),
+    ("mean-every-group-per-block", [6, 6], 150, 64, "mean", 1, 1, 0, torch.bfloat16, (3, 5, 1)),
+    ("mean-one-group-per-block", [6, 6], 150, 64, "mean", 1, 1, 132, torch.bfloat16, (3, 1, 5)),
+    # groups of 3, 3, 3 and 2 frames, the short one after another in its block
+    ("mean-fpt3-short-last-group", [12, 12], 100, 32, "mean", 1, 3, 0, torch.float32, (2, 4, 1)),
+    ("attn-merge-across-tiles", [5, 5], 300, 64, "attn", 2, 1, 1, torch.bfloat16, (3, 4, 1)),
+    ("attn-chunks-ragged-fpt2", [11, 11, 11], 300, 64, "attn", 2, 2, 6, torch.float32, (5, 4, 2)),
+    ("attn-one-tile", [7, 7], 40, 48, "attn", 3, 2, 0, torch.float16, (1, 3, 1)),
+    # videos of 2, 0, 5 and 4 groups: only the third has a group in chunk 1
+    ("varlen-mean-chunks", [3, 1, 6, 5], 70, 64, "mean", 1, 1, 2, torch.bfloat16, (2, 4, 2)),
+    ("varlen-attn-every-group", [3, 1, 6, 5], 300, 64, "attn", 4, 2, 0, torch.bfloat16, (2, 3, 1)),
+]
+
+
+def _forward_split_case(emulated, monkeypatch, case, fill_sms=None, dtype=None):
+    """(sequence, lse, reference sequence, reference lse, (launches, pooling plans)) of one
+    FORWARD_SPLITS case, after checking its residual tokens against the reference."""
+    _, lengths, N, C, pool, heads, fpt, fill, case_dtype, _ = case
+    dtype = dtype or case_dtype
+    monkeypatch.setattr(cuda_nvrtc, "FILL_SMS", fill if fill_sms is None else fill_sms)
+    varlen = case[0].startswith("varlen")
+    gen = torch.Generator().manual_seed(sum(lengths) * N + C)  # the same data for every fill_sms
+    query = torch.randn(C, generator=gen) if pool == "attn" else None
+    keys = torch.tensor([int(torch.randint(0, t, (1,), generator=gen)) for t in lengths])
+    loader = emulated._loader()
+    plans = []
+    launch = loader._launch
+
+    def recording(device_index, stream, kernel, grid, args):
+        if "residual_fwd_kernel" in kernel and not kernel.endswith(", 3>"):
+            plan = args[1].reshape(-1)[0]
+            plans.append((kernel, tuple(int(g) for g in grid), int(plan["splits"]), int(plan["groups_per_block"])))
+        launch(device_index, stream, kernel, grid, args)
+
+    monkeypatch.setattr(loader, "_launch", recording)
+    first = len(loader.launches)
+    if varlen:
+        x = features((sum(lengths), N, C), dtype, generator=gen)
+        cu_frames = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+        groups = [reference.num_groups(t, fpt) for t in lengths]
+        cu_tokens = torch.tensor([0] + torch.tensor([N + g for g in groups]).cumsum(0).tolist())
+        seq, lse = emulated.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool, heads, fpt, [], [],
+                                              max(lengths), int(cu_tokens[-1]))
+        ref, _, ref_lse = reference.encode_varlen(x.double(), cu_frames, keys, pool=pool, num_heads=heads,
+                                                  query=None if query is None else query.double(),
+                                                  frames_per_token=fpt, return_lse=True)
+    else:
+        x = features((len(lengths), lengths[0], N, C), dtype, generator=gen)
+        seq, lse = emulated.encode_fwd(x, keys, query, pool, heads, fpt, [], [])
+        ref, ref_lse = reference.encode(x.double(), keys, pool=pool, num_heads=heads,
+                                        query=None if query is None else query.double(), frames_per_token=fpt,
+                                        return_lse=True)
+    # The residual tokens apart from the key tokens, whose norm would hide their errors.
+    if varlen:
+        residual = torch.ones(seq.shape[0], dtype=torch.bool)
+        for start in cu_tokens[:-1].tolist():
+            residual[start:start + N] = False
+    else:
+        residual = (slice(None), slice(N, None))
+    assert_close(seq[residual], ref[residual].to(dtype), dtype, "residual tokens")
+    return seq, lse, ref, ref_lse, (loader.launches[first:], plans)
+
+
+@pytest.mark.parametrize("case", FORWARD_SPLITS, ids=[c[0] for c in FORWARD_SPLITS])
+def test_emulated_forward_tiles_and_chunks_match_reference(emulated, monkeypatch, case):
+    seq, lse, ref, ref_lse, (launches, plans) = _forward_split_case(emulated, monkeypatch, case)
+    _, lengths, N, C, pool, heads, fpt, fill, dtype, (splits, per_block, chunks) = case
+    vec = 16 // torch.empty(0, dtype=dtype).element_size()
+    lanes, _, _, segments = cuda_nvrtc.plan_segments_fwd(C, vec, pool == "attn", heads)
+    # The case reaches what it is named for: the 16-byte path, its tiles (the last one short of
+    # rows where N is not a multiple), its groups per block and chunks (the last one short of
+    # groups where they do not divide), and the merge launch after the pooling.
+    [(kernel, grid, planned_splits, planned_per_block)] = plans
+    assert kernel.endswith(f", {vec}, {1 if pool == 'attn' else 0}>")
+    assert (planned_splits, planned_per_block, grid) == (splits, per_block, (splits * segments, chunks, len(lengths)))
+    assert -(-N // (256 // lanes)) == splits
+    assert -(-max(reference.num_groups(t, fpt) for t in lengths) // per_block) == chunks
+    assert any(k.endswith(f"{vec}, 3>") for k, _ in launches)
+    assert_close(seq, ref.to(dtype), dtype, "sequence")
+    if pool == "attn":
+        assert_close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")
+
+
+@pytest.mark.parametrize("case", [c for c in FORWARD_SPLITS if c[0] in ("mean-chunks-ragged-tiles-ragged",
+                                                                         "attn-chunks-ragged-fpt2",
+                                                                         "varlen-mean-chunks")],
+                         ids=lambda c: c[0])
+def test_emulated_forward_bits_do_not_depend_on_groups_per_block(emulated, monkeypatch, case):
+    """Which block pools a group changes with the grid; the order of every sum does not (float32,
+    where a different order shows in the last bits)."""
+    runs = [_forward_split_case(emulated, monkeypatch, case, fill_sms, torch.float32) for fill_sms in (0, 1, 132)]
+    assert len({run[4][1][0][3] for run in runs}) > 1  # several groups per block, and fewer
+    results = [run[:2] for run in runs]
+    for seq, lse in results[1:]:
+        assert torch.equal(seq, results[0][0]) and torch.equal(lse, results[0][1])

@@ -22,11 +22,19 @@ B, T, N, C, HEADS = 8, 16, 729, 1152, 8
 
 
 def _encode_fields(**overrides) -> dict:
+    """Forward params; the forward's workspace is as large as the plan asks (none where the
+    plan refuses the launch) unless overrides say otherwise."""
     fields = dict(x=4096, x_stride_b=T * N * C, x_stride_t=N * C, x_stride_n=C, batch=B, num_frames=T,
                   num_patches=N, channels=C, dtype=2, key_index=64, cu_frames=0, cu_tokens=0, pool=1,
                   query=512, num_heads=HEADS, frames_per_token=1, spatial=False, grid_h=0, grid_w=0,
                   out_h=0, out_w=0, num_key_tokens=N, num_groups=T - 1, sequence=8192, lse=1024)
     fields.update(overrides)
+    if "workspace_elems" not in overrides:
+        try:
+            elems = cuda_nvrtc.encode_fwd_workspace_elems(fields)
+        except ValueError:
+            elems = 0
+        fields.update(workspace=fields.get("workspace", 1 << 20) if elems else 0, workspace_elems=elems)
     return fields
 
 
@@ -64,6 +72,7 @@ TILED = dict(dtype=0, pool=0, num_heads=1, channels=256, x_stride_n=256, x_strid
 MANY_TILES_N = 8 * 65535 + 1
 
 _BWD_NEEDED = _encode_bwd_fields()["workspace_elems"]
+_FWD_NEEDED = _encode_fields()["workspace_elems"]
 _VARLEN = dict(cu_frames=128, cu_tokens=256, num_groups=0)
 _VARLEN_NEEDED = cuda_nvrtc.dq_partial_rows(B, N) * C
 
@@ -107,6 +116,22 @@ CASES = [
      "key tokens of more than 2^31 elements per video"),
     ("encode-65536-groups", "encode_fwd", _encode_fields(num_frames=65537, num_groups=65536), "plan",
      "at most 65535 residual tokens per video"),
+    ("encode-2^31-frames", "encode_fwd",
+     _encode_fields(num_frames=2**31, num_groups=65535, frames_per_token=32769), "plan",
+     "fewer than 2^31 frames per video"),
+    ("encode-varlen-2^31-frames", "encode_fwd",
+     _encode_fields(num_frames=2**31, frames_per_token=2**31 // 65535 + 1, **_VARLEN), "plan",
+     "fewer than 2^31 frames per video"),
+    # csrc/cuda/encode.cu encode_fwd: the forward's workspace (the partial rows of the tiles)
+    ("encode-workspace-short", "encode_fwd", _encode_fields(workspace_elems=_FWD_NEEDED - 1), "plan",
+     "the forward needs a workspace of encode_fwd_workspace_elems floats"),
+    ("encode-mean-workspace-short", "encode_fwd",
+     _encode_fields(pool=0, num_heads=1, query=0, lse=0,
+                    workspace_elems=_encode_fields(pool=0, num_heads=1, query=0, lse=0)["workspace_elems"] - 1),
+     "plan", "the forward needs a workspace of encode_fwd_workspace_elems floats"),
+    ("encode-varlen-workspace-short", "encode_fwd",
+     _encode_fields(workspace_elems=_encode_fields(**_VARLEN)["workspace_elems"] - 1, **_VARLEN), "plan",
+     "the forward needs a workspace of encode_fwd_workspace_elems floats"),
     ("encode-varlen-65536-groups", "encode_fwd", _encode_fields(num_frames=65537, **_VARLEN), "plan",
      "at most 65535 residual tokens per video"),
     ("encode-bwd-65536-videos", "encode_bwd", _encode_bwd_fields(_encode_fields(batch=65536), workspace_elems=2**40),
@@ -141,6 +166,8 @@ CASES = [
      "x, sequence and key_index must be set (got a null pointer)"),
     ("encode-no-query", "encode_fwd", _encode_fields(query=0), "launch", "attn pooling needs query"),
     ("encode-no-lse", "encode_fwd", _encode_fields(lse=0), "launch", "attn pooling needs lse"),
+    ("encode-no-workspace", "encode_fwd", _encode_fields(workspace=0), "launch",
+     "the forward needs a workspace of encode_fwd_workspace_elems floats"),
     ("encode-bwd-no-grad-x", "encode_bwd", _encode_bwd_fields(grad_x=0), "launch",
      "grad_sequence and grad_x must be set"),
     ("encode-bwd-no-workspace", "encode_bwd", _encode_bwd_fields(workspace=0), "launch",
@@ -202,19 +229,31 @@ def test_both_loaders_refuse_with_the_same_message(no_cupy, case):
 
 
 def _grids(launches) -> dict:
-    return {kernel.split("<")[0].split("::")[-1]: tuple(grid) for kernel, grid, _ in launches}
+    """{kernel: grid}; the forward's merge of partial rows (residual_fwd_kernel in its mode 3)
+    as residual_merge."""
+    def name(kernel):
+        family = kernel.split("<")[0].split("::")[-1]
+        return "residual_merge" if family == "residual_fwd_kernel" and kernel.endswith(", 3>") else family
+
+    return {name(kernel): tuple(grid) for kernel, grid, _ in launches}
 
 
 def test_the_limits_themselves_are_launched():
     """One short of each limit the plan launches, with the grid the launcher computes there:
     the refusals above are one past, not earlier."""
+    # The forward: 8 heads of 144 channels, 32 rows of 8 lanes per block, ceil(729 / 32) = 23
+    # tiles per frame, each block holding every group (one chunk); the merge of the tiles'
+    # partial rows has the groups on axis y.
     grids = _grids(cuda_nvrtc.encode_fwd_launches(_encode_fields(batch=65535, num_frames=65536, num_groups=65535)))
-    assert grids["residual_fwd_kernel"] == (HEADS, 65535, 65535)
+    assert grids["residual_fwd_kernel"] == (23 * HEADS, 1, 65535)
+    assert grids["residual_merge"] == (1, 65535, 65535)
     assert grids["key_tokens_kernel"][1] == 65535
     short = dict(WIDE, num_patches=2**21 - 1, num_key_tokens=2**21 - 1)
     assert _grids(cuda_nvrtc.encode_fwd_launches(_encode_fields(**short)))["key_tokens_kernel"] == (512, B)
     varlen = _grids(cuda_nvrtc.encode_fwd_launches(_encode_fields(num_frames=65536, **_VARLEN)))
-    assert varlen["residual_fwd_kernel"] == (HEADS, 65535, B)
+    assert varlen["residual_fwd_kernel"] == (23 * HEADS, 1, B) and varlen["residual_merge"] == (1, 65535, B)
+    frames = _encode_fields(num_frames=2**31 - 1, num_groups=65534, frames_per_token=32769)
+    assert _grids(cuda_nvrtc.encode_fwd_launches(frames))["residual_merge"] == (1, 65534, B)
 
     tiled = _encode_fields(num_patches=8 * 65535, num_key_tokens=8 * 65535, **TILED)
     grids = _grids(cuda_nvrtc.encode_bwd_launches(_encode_bwd_fields(tiled)))
@@ -290,3 +329,40 @@ def test_backend_ops_refuse_before_any_launch(monkeypatch, case):
             call(cuda)
         assert str(refused.value) == "vtok cuda: " + message, loader.name
     assert recorder.launches == []
+
+
+# ------------------------------------------------------------------ the forward's split of a frame and its workspace
+
+def test_forward_split_and_workspace_match_the_extension():
+    """vtok/encode_split.h, as the launcher computes it and as cuda_nvrtc mirrors it."""
+    module = _cuda_extension()
+    if module is None:
+        pytest.skip("vtok_kernels._C is not built with CUDA here")
+    for tiles in (1, 2, 12, 23):
+        for segments in (1, 8, 18):
+            for batch in (1, 3, 8):
+                for groups in (0, 1, 2, 5, 15, 64):
+                    for fill in (0, 7, 792, 1056, 10**6):
+                        for tile_blocks in (True, False):
+                            args = (tiles, segments, batch, groups, fill, tile_blocks)
+                            assert module.cuda_encode_split(*args) == cuda_nvrtc.encode_split(*args), args
+    for args in ((8, 15, 12, 1152, 18, True, True), (8, 15, 12, 1152, 1, False, True), (3, 7, 1, 40, 5, True, True),
+                 (8, 15, 1, 1152, 18, True, False)):
+        assert module.cuda_encode_fwd_workspace_elems(*args) == cuda_nvrtc.encode_fwd_workspace_elems_for(*args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches with made-up pointers: only where no device runs them")
+@pytest.mark.parametrize("fields", [_encode_fields(), _encode_fields(pool=0, num_heads=1, query=0, lse=0),
+                                    _encode_fields(**_VARLEN)], ids=["attn", "mean", "varlen"])
+def test_the_planned_workspace_passes_the_extension(fields):
+    """cuda_nvrtc.encode_fwd_workspace_elems floats are what the launcher asks for: one fewer
+    is refused (above), these pass its checks and reach the launch, which fails here for want
+    of a device."""
+    module = _cuda_extension()
+    if module is None:
+        pytest.skip("vtok_kernels._C is not built with CUDA here")
+    from vtok_kernels.backends.cuda import ExtensionLoader
+
+    assert fields["workspace_elems"] > 0
+    with pytest.raises(RuntimeError, match="launch of key_tokens_kernel failed"):
+        ExtensionLoader(module).encode_fwd(fields, 0, 0)

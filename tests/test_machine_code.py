@@ -276,9 +276,13 @@ def test_few_blocks_leave_the_gpu_idle():
 def test_launches_come_from_the_backend_launch_path():
     siglip = dict(batch=8, frames=16, num_patches=729, channels=1152, num_heads=18, backward=True)
     mean = mc.record_launches(dtype=torch.bfloat16, pool="mean", **siglip)
+    # the forward: 18 segments of 128 bytes x 12 tiles of 64 rows, every group in each block;
+    # then the merge of the tiles' partial rows, per group and video
     assert [(l.kernel, l.grid) for l in mean["fwd"]] == [
         ("vtok::cuda::key_tokens_kernel<vtok::cuda::bf16_t, 8>", (411, 8)),
-        ("vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 0>", (3, 15, 8))]
+        ("vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 0>", (18 * 12, 1, 8)),
+        ("vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 3>", (1, 15, 8))]
+    assert (mean["fwd"][1].extra[0]["splits"], mean["fwd"][1].extra[0]["groups_per_block"]) == (12, 15)
     assert [(l.kernel, l.grid) for l in mean["bwd"]] == [
         ("vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, false>", (3, 46, 8))]
     assert mean["bwd"][0].extra[0]["lanes"] == 16 and mean["bwd"][0].params["fwd"]["channels"] == 1152
@@ -290,14 +294,27 @@ def test_launches_come_from_the_backend_launch_path():
     assert attn["bwd"][2].extra == (8 * 46,)
 
 
-def test_forward_traffic_rereads_the_key_frame_per_group():
+def test_forward_traffic_reads_the_key_frame_once_per_chunk_of_groups():
     fwd = mc.record_launches(8, 16, 729, 1152, torch.bfloat16, "mean", 1, backward=False)["fwd"]
     frame = 8 * 729 * 1152 * 2  # one frame of every video
-    key_tokens, residual = (mc.kernel_traffic(l) for l in fwd)
+    key_tokens, residual, merge = (mc.kernel_traffic(l) for l in fwd)
     assert key_tokens.reads == {"x.key": frame} and key_tokens.l2_bytes == frame
+    # one chunk: each block holds its key rows in registers for all 15 groups
+    partials = 8 * 15 * 12 * 1152 * 4  # a float row per (video, group, tile)
     assert residual.reads == {"x.rest": 15 * frame, "x.key": frame}
-    assert residual.rereads == 14 * frame and residual.l2_bytes == 30 * frame  # 1.875 x the bytes of x
-    assert residual.writes == {"sequence.residual": 8 * 15 * 1152 * 2}
+    assert residual.rereads == 0 and residual.l2_bytes == 16 * frame  # the bytes of x
+    assert residual.writes == {"workspace.partials": partials}
+    assert residual.used_in_flight == 1.0  # 4 lanes x 2 vectors: no clamped vector
+    assert merge.reads == {"workspace.partials": partials} and merge.l2_bytes == partials
+    assert merge.writes == {"sequence.residual": 8 * 15 * 1152 * 2}
+    # at B = 1, 5 chunks of 3 groups: the key frame read 5 times
+    small = mc.record_launches(1, 16, 729, 1152, torch.bfloat16, "mean", 1, backward=False)["fwd"]
+    assert small[1].grid == (216, 5, 1) and mc.kernel_traffic(small[1]).rereads == 4 * frame // 8
+    attn = mc.record_launches(8, 16, 729, 1152, torch.bfloat16, "attn", 18, backward=False)["fwd"]
+    residual, merge = mc.kernel_traffic(attn[1]), mc.kernel_traffic(attn[2])
+    assert residual.writes == {"workspace.partials": 8 * 15 * 12 * (1152 + 2 * 18) * 4}
+    assert residual.used_in_flight == pytest.approx(2 / 3)  # 4 lanes x 2 of 3 vectors
+    assert merge.writes == {"sequence.residual": 8 * 15 * 1152 * 2, "lse": 8 * 15 * 18 * 4}
 
 
 # ------------------------------------------------------------------------------ today's kernels
@@ -359,7 +376,9 @@ def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
         assert math.isclose(sum(k["time_us"] for k in row["kernels"]), row["predicted_us"], rel_tol=1e-9)
         assert all(k["blocks"] >= 1 and k["blocks_per_sm"] >= 1 for k in row["kernels"])
     siglip_fwd = model[("cuda", "encode-mean", "fwd", "siglip", "bfloat16")]
-    assert [k["kernel"] for k in siglip_fwd["kernels"]] == ["key_tokens_kernel", "residual_fwd_kernel"]
+    assert [(k["kernel"], k["config"]) for k in siglip_fwd["kernels"]] == [
+        ("key_tokens_kernel", "T=bf16,V=8"), ("residual_fwd_kernel", "T=bf16,V=8,pool=mean"),
+        ("residual_fwd_kernel", "T=bf16,V=8,merge")]
     report = json.loads(paths["report.json"].read_text())
     assert {k["arch"] for k in report["kernels"]} == {"sm_90a"} and len(report["rows"]) == 32
     triton_fwd = model[("triton", "encode-attn", "fwd", "siglip", "bfloat16")]
@@ -396,8 +415,94 @@ def test_cuda_kernels_hold_their_machine_code_goals(sm90_codes):
                                                  row["fraction_of_copy"])
 
 
+def test_forward_reads_x_from_l2_about_once(sm90_codes):
+    """The forward's L2-to-SM bytes at the presets (modelled): x once, the key frame once more
+    for the key tokens, and the tiles' partial rows, at most 1.15 x the bytes of x."""
+    for row in mc.model_rows(sm90_codes):
+        if row["mode"] == "fwd":
+            assert row["l2_bytes"] <= 1.15 * row["x_bytes"], (row["op"], row["preset"], row["dtype"],
+                                                               row["l2_bytes"] / row["x_bytes"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_one_video_fills_two_waves(sm90_codes, dtype):
+    """B = 1, T = 16 at the presets: the forward's pooling launch fills at least two waves of the
+    blocks its machine code lets an H100 SM hold (or exactly one), splitting the groups of the
+    video over blocks where its tiles alone are too few."""
+    by_name = {c.name: c for c in sm90_codes}
+    cases = _cases()
+    for preset_name in mc.MODEL_PRESETS:
+        preset = cases.PRESETS[preset_name]
+        for pool in ("mean", "attn"):
+            fwd = mc.record_launches(1, 16, preset.num_patches, preset.channels, getattr(torch, dtype), pool,
+                                     preset.num_heads, backward=False)["fwd"]
+            [pooling] = [l for l in fwd if "residual_fwd_kernel" in l.kernel and not l.kernel.endswith(", 3>")]
+            capacity = mc.H100_SMS * by_name[pooling.kernel].blocks_per_sm
+            waves = pooling.blocks / capacity
+            assert waves >= 2 or pooling.blocks == capacity, (preset_name, pool, pooling.grid, waves)
+            assert pooling.grid[1] > 1  # the 15 groups of the video spread over several blocks
+
+
+def _cases():
+    from benchmarks import cases
+
+    return cases
+
+
 def test_cli_rejects_an_unknown_arch():
     from vtok_kernels.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["sass-report", "--arch", "sm_75"])
+
+
+# ------------------------------------------------------------------------------ expand: index math
+
+# A flat loop over the output vectors that splits each vector's 64-bit index into (video,
+# frame, patch, channel) and finds its group makes four 64-bit divisions per 16-byte store, each
+# a CALL to nvcc's out-of-line routine (about 20 instructions on its 32-bit fast path): 191
+# instructions per store in the bf16 vector path on sm_90a, about 100 of them dividing. The
+# expand kernels carry their indices instead; the budget holds the forward well below that.
+EXPAND_STORE_BUDGET = 80  # instructions per 16-byte store in the forward's frame loop
+
+
+@pytest.fixture(scope="module")
+def expand_sass():
+    """{kernel instantiation: its sm_90a SASS} for the expand kernels of csrc/cuda/expand.cu."""
+    reason = mc.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"sass-report needs nvcc and cuobjdump: {reason}")
+    sass, _ = mc.dump(REPO / "csrc" / "cuda" / "expand.cu", cuda.nvcc_target("sm_90a"))
+    functions = mc.parse_sass(sass)
+    names = [mc._strip_signature(n) for n in cuda._demangle(list(functions))]
+    return {name: items for name, items in zip(names, functions.values()) if "::expand_" in name}
+
+
+def _innermost_loop(items, holds) -> list:
+    """The instructions of the shortest loop (a branch back to an earlier address) holding an
+    instruction for which ``holds`` is true."""
+    instructions = [i for i in items if isinstance(i, mc.Instruction)]
+    bodies = [[i for i in instructions if first <= i.address <= last] for first, last in mc.loops(items)]
+    bodies = [body for body in bodies if any(holds(i) for i in body)]
+    assert bodies, "no loop holds such an instruction"
+    return min(bodies, key=len)
+
+
+def test_expand_kernels_carry_their_indices(expand_sass):
+    """Both expand kernels split their first item in 32 bits and carry every index from item to
+    item and frame to frame: no 64-bit division (no CALL) anywhere in them, no local memory, and
+    the forward's 16-byte path spends at most EXPAND_STORE_BUDGET instructions per 16-byte store
+    in its frame loop, a new group at every frame (nvcc 13.0: 58 for bf16, 50 for fp16, 32 for
+    float32)."""
+    assert len(expand_sass) == 12, sorted(expand_sass)  # 2 kernels x 3 dtypes x (vector, scalar)
+    for name, items in expand_sass.items():
+        instructions = [i for i in items if isinstance(i, mc.Instruction)]
+        assert not [i for i in instructions if i.base == "CALL"], f"{name}: calls a routine (64-bit division)"
+        assert not [i for i in instructions if i.base in ("LDL", "STL")], f"{name}: local memory"
+    for name, items in expand_sass.items():
+        if "expand_fwd_kernel" not in name or name.endswith(", 1>"):
+            continue
+        wide_store = lambda i: mc.is_global_store(i) and mc.access_width(i) == 128  # noqa: E731
+        body = _innermost_loop(items, wide_store)
+        stores = sum(wide_store(i) for i in body)
+        assert stores == 1 and len(body) <= EXPAND_STORE_BUDGET, (name, len(body), stores)

@@ -100,10 +100,12 @@ ASSUMPTIONS = (
     "a thread keeps in flight the bytes per run of loads of its kernel's hot loop nest (the one with "
     "the most 16-byte loads, read from the SASS): each run waits one latency, each instruction of "
     "the nest runs once per pass (frames_per_token 1, every row valid); in the encode kernels only "
-    "the share vecs_per_lane / max_vecs_per_lane of those bytes is data, the rest re-reads a vector "
-    "on a clamped address",
+    "the share vecs_per_lane / (vectors a lane loads) of those bytes is data, the rest re-reads a "
+    "vector on a clamped address",
     "loads served by L1 are charged the L2 latency; stores are not waited on",
-    "within a kernel every re-read (the key frame per group, grad r per frame) hits L1 or L2",
+    "the forward's blocks hold their key rows in registers across their chunk of groups (the key "
+    "frame is read once per chunk); within a kernel every other re-read (grad r per frame, the "
+    "partial rows' softmax states per head) hits L1 or L2",
     f"across kernels of one pass a tensor stays in L2 if it is at most {L2_RESIDENT_BYTES >> 20} MiB; "
     "each pass (forward, backward) starts cold",
     "resident blocks per SM from registers, threads, blocks and shared memory with the largest carveout",
@@ -696,14 +698,18 @@ _ELEMENT_BYTES = {0: 4, 1: 2, 2: 2}
 
 
 def used_vector_share(launch: Launch) -> float:
-    """The encode kernels load every vector a lane may hold (max_vecs_per_lane(V) of them, all
-    in one run), those past the row plan's vecs_per_lane on a clamped address, the segment's
-    first vector, which the block reads anyway (csrc/cuda/encode.cuh LaneVectors): of a run's
-    bytes, this share brings data."""
+    """The encode kernels load every vector a lane may hold (max_vecs_per_lane(V) of them, or
+    in the forward's tiles fwd_vecs_per_lane(V, attn), all in one run), those past the row
+    plan's vecs_per_lane on a clamped address, the segment's first vector, which the block reads
+    anyway (csrc/cuda/encode.cuh LaneVectors): of a run's bytes, this share brings data."""
     from vtok_kernels.backends import cuda_nvrtc
 
-    vec = int(_template_args(launch.kernel)[1])
-    return launch.extra[0]["vecs_per_lane"] / cuda_nvrtc.max_vecs_per_lane(vec)
+    args = _template_args(launch.kernel)
+    vec = int(args[1])
+    lane_vectors = cuda_nvrtc.max_vecs_per_lane(vec)
+    if launch.kernel.split("<")[0].endswith("residual_fwd_kernel") and vec > 1 and args[2] in ("0", "1"):
+        lane_vectors = cuda_nvrtc.fwd_vecs_per_lane(vec, args[2] == "1")
+    return launch.extra[0]["vecs_per_lane"] / lane_vectors
 
 
 def kernel_traffic(launch: Launch) -> Traffic:
@@ -722,11 +728,36 @@ def kernel_traffic(launch: Launch) -> Traffic:
     query = C * 4
     if kernel == "key_tokens_kernel":
         return Traffic({"x.key": x_key}, {"sequence.keys": seq_keys}, 0, x_key)
+    if kernel == "residual_fwd_kernel" and args[2] == "3":
+        # The merge of the tiles' partial rows (kMergeSplits): each thread reads its V channels
+        # of every partial row of its group, and its head's softmax state of each (the threads
+        # of a head re-read one state).
+        attn = p["pool"] == 1
+        vec, splits = int(args[1]), launch.extra[0]["splits"]
+        partials = B * G * splits * C * 4
+        states = B * G * splits * H * 8 if attn else 0
+        state_loads = B * G * splits * (C // vec) * 8 if attn else 0
+        writes = {"sequence.residual": seq_res, **({"lse": lse} if attn else {})}
+        return Traffic({"workspace.partials": partials + states}, writes, state_loads - states,
+                       partials + state_loads)
+    if kernel == "residual_fwd_kernel" and int(args[1]) > 1:
+        # One block per (segment, tile of rows, chunk of groups, video): a thread loads its key
+        # row once and holds it in registers for the chunk's groups, so the key frame is read
+        # once per chunk; the query segment once per block. The tiles' partial rows (and, attn,
+        # their softmax states) go to the workspace, for the merge.
+        attn = args[2] == "1"
+        splits, chunks = launch.extra[0]["splits"], launch.grid[1]
+        query_loads = B * chunks * splits * C * 4 if attn else 0
+        reads = {"x.rest": x_rest, "x.key": x_key, **({"query": query} if attn else {})}
+        rereads = (chunks - 1) * x_key + (query_loads - query if attn else 0)
+        partials = B * G * splits * (C + (2 * H if attn else 0)) * 4
+        return Traffic(reads, {"workspace.partials": partials}, rereads,
+                       x_rest + chunks * x_key + query_loads, used_vector_share(launch))
     if kernel == "residual_fwd_kernel":
+        # The scalar path: one block per (segment, group, video) walks every row, so the key
+        # frame is read once per group, and the query segment once per block.
         attn = int(args[2]) == 1
         reads = {"x.rest": x_rest, "x.key": x_key, **({"query": query} if attn else {})}
-        # one block per (segment, group, video): the key frame is read once per group, and the
-        # query segment once per block
         rereads = (G - 1) * x_key + (B * G * query - query if attn else 0)
         writes = {"sequence.residual": seq_res, **({"lse": lse} if attn else {})}
         return Traffic(reads, writes, rereads, x_rest + G * x_key + (B * G * query if attn else 0),

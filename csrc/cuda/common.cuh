@@ -17,6 +17,14 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kLaneElems = 24;
 VTOK_HOST_DEVICE constexpr int max_vecs_per_lane(int vec) { return vec == 4 ? 4 : kLaneElems / vec; }
 constexpr int kSegMax = 32 * kLaneElems;
+// Vectors per lane of the encode forward on 16-byte rows, whose threads hold a key row across
+// the frames (encode.cuh): mean pooling loads two frames' rows at a time, of two vectors each;
+// attention one row, of up to three (float32: four spilled on sm_80, at the 80 registers of
+// three resident blocks). Wider heads take the forward's scalar path.
+constexpr int kFwdVecs = 2;
+VTOK_HOST_DEVICE constexpr int fwd_vecs_per_lane(int vec, bool attn) {
+  return attn ? (vec == 4 ? 3 : max_vecs_per_lane(vec)) : kFwdVecs;
+}
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // 16-bit storage types, converted with PTX so NVRTC needs no cuda_fp16.h / cuda_bf16.h.
@@ -42,15 +50,24 @@ struct RowPlan {
   int32_t vecs_per_lane = 0;  // K <= max_vecs_per_lane(V)
   int32_t seg_vecs = 0;       // vectors of V elements per segment
   int32_t num_segments = 0;
+  // The encode forward's residual kernel only (vtok/encode_split.h): blocks along the patch
+  // tiles of a frame, and consecutive groups per block. 1 and 1: a block walks every tile of
+  // one group (expand's group sum, the scalar path).
+  int32_t splits = 1;
+  int32_t groups_per_block = 1;
 };
 
 #if !defined(__CUDACC_RTC__)
-// Lanes per row minimising idle lanes for a segment of seg_vecs vectors, ties to more lanes.
-inline RowPlan plan_rows(int64_t seg_vecs, int64_t num_segments, int vec) {
+// Lanes per row minimising idle lanes for a segment of seg_vecs vectors, ties to more lanes, or
+// with fewest_lanes to fewer lanes (the forward: a block holds one tile of kThreads / lanes
+// rows, and a frame's partial results per group shrink as the tiles grow).
+inline RowPlan plan_rows(int64_t seg_vecs, int64_t num_segments, int vec, bool fewest_lanes = false,
+                         int max_k = 0) {
   RowPlan plan;
-  const int max_k = max_vecs_per_lane(vec);
+  if (max_k == 0) max_k = max_vecs_per_lane(vec);
   int64_t best_waste = -1;
-  for (int lanes = 32; lanes >= 1; lanes /= 2) {
+  for (int step = 0; step < 6; ++step) {
+    const int lanes = fewest_lanes ? 1 << step : 32 >> step;
     const int64_t k = (seg_vecs + lanes - 1) / lanes;
     if (k > max_k) continue;
     const int64_t waste = lanes * k - seg_vecs;
@@ -73,6 +90,18 @@ inline RowPlan plan_segments(int64_t channels, int vec, bool attn, int64_t num_h
   if (attn) return plan_rows(total_vecs / num_heads, num_heads, vec);
   const int64_t segments = (total_vecs + 63) / 64;
   return plan_rows((total_vecs + segments - 1) / segments, segments, vec);
+}
+
+// The encode forward on 16-byte rows (fwd_vecs_per_lane vectors per lane): a block's tile is
+// kThreads / lanes rows, so rows of few lanes (fewest_lanes) make the fewest partial results per
+// group; mean pooling cuts C into segments of one 128-byte line per row (8 vectors: 4 lanes),
+// which keep whole L2 sectors per block and, with more segments than plan_segments makes,
+// blocks enough for two waves at the benchmark's batches without splitting the groups.
+inline RowPlan plan_segments_fwd(int64_t channels, int vec, bool attn, int64_t num_heads) {
+  const int64_t total_vecs = channels / vec;
+  if (attn) return plan_rows(total_vecs / num_heads, num_heads, vec, true, fwd_vecs_per_lane(vec, true));
+  const int64_t segments = (total_vecs + 7) / 8;
+  return plan_rows((total_vecs + segments - 1) / segments, segments, vec, true, fwd_vecs_per_lane(vec, false));
 }
 #endif
 
@@ -222,6 +251,16 @@ __device__ __forceinline__ Packed<T, V> zero_unless(bool keep, Packed<T, V> v) {
     v.bits.w = keep ? v.bits.w : 0u;
   }
   return v;
+}
+
+// Makes the compiler treat v as redefined here: a loop-invariant packed row (the forward's key
+// row) is then converted where it is used, not once before the loop into floats that hold
+// twice its registers across the loop.
+template <typename T, int V>
+__device__ __forceinline__ void keep_packed(Packed<T, V>& v) {
+#if !defined(VTOK_CUDA_EMULATION)
+  if constexpr (V > 1) asm volatile("" : "+r"(v.bits.x), "+r"(v.bits.y), "+r"(v.bits.z), "+r"(v.bits.w));
+#endif
 }
 
 template <typename T, int V>

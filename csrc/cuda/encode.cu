@@ -4,6 +4,7 @@
 
 #include "encode.cuh"
 #include "launch_utils.cuh"
+#include "vtok/encode_split.h"
 
 namespace vtok {
 namespace cuda {
@@ -11,27 +12,40 @@ namespace cuda {
 namespace {
 
 // 16-byte accesses need every row the kernels touch to start on a 16-byte boundary: aligned
-// base pointers, strides and (attn) head starts that are multiples of the vector width.
+// base pointers, strides and (attn) head starts that are multiples of the vector width; the
+// forward's partial rows are read back 16 bytes at a time too.
 int encode_vector_width(const EncodeParams& p, const void* grad_sequence, const void* grad_x) {
   const int vec = 16 / element_size(p.dtype);
   const bool attn = p.pool == Pool::kAttn;
   bool ok = p.channels % vec == 0 && (!attn || (p.channels / p.num_heads) % vec == 0) &&
             aligned16(p.x) && aligned16(p.sequence) && p.x_stride_t % vec == 0 &&
             p.x_stride_n % vec == 0 && (p.cu_frames != nullptr || p.x_stride_b % vec == 0);
+  if (p.workspace != nullptr) ok = ok && aligned16(p.workspace);
   if (grad_sequence != nullptr) ok = ok && aligned16(grad_sequence);
   if (grad_x != nullptr) ok = ok && aligned16(grad_x);
   return ok ? vec : 1;
 }
 
-int64_t max_groups(const EncodeParams& p) {
-  return p.cu_frames != nullptr ? num_groups(p.num_frames, p.frames_per_token) : p.num_groups;
+// Two waves of resident blocks on an H100 (132 SMs), the forward's grid target: a constant
+// rather than the device's count, so that the CuPy loader plans the same grid without asking
+// the device (and the results do not depend on it: groups per block change which block pools
+// a group, not the order of any sum).
+constexpr int64_t kFillSms = 132;
+
+EncodeSplit forward_split(const EncodeParams& p, const PlanInfo& info) {
+  const int64_t rows = kThreads / info.lanes;
+  const int64_t tiles = (p.num_patches + rows - 1) / rows;
+  const int mode = p.pool == Pool::kAttn ? kAttnPool : kMeanPool;
+  return encode_split(tiles, info.num_segments, p.batch, encode_max_groups(p),
+                      2 * kFillSms * fwd_min_blocks(info.vec, mode), info.vec > 1);
 }
 
 void check_encode(const EncodeParams& p, const PlanInfo& info) {
   if (p.batch > 65535) throw std::invalid_argument("vtok cuda: at most 65535 videos per call");
   if (p.num_key_tokens * p.channels >= (int64_t{1} << 31))
     throw std::invalid_argument("vtok cuda: key tokens of more than 2^31 elements per video");
-  if (max_groups(p) > 65535) throw std::invalid_argument("vtok cuda: at most 65535 residual tokens per video");
+  if (encode_max_groups(p) > 65535) throw std::invalid_argument("vtok cuda: at most 65535 residual tokens per video");
+  if (p.num_frames >= (int64_t{1} << 31)) throw std::invalid_argument("vtok cuda: fewer than 2^31 frames per video");
   if (info.lanes == 0)
     throw std::invalid_argument("vtok cuda: attention heads of " + std::to_string(p.channels / p.num_heads) +
                                 " channels exceed the " + std::to_string(kMaxHeadDim) +
@@ -50,11 +64,13 @@ RowPlan to_row_plan(const PlanInfo& info) {
 }  // namespace
 
 PlanInfo encode_plan(const EncodeParams& p, bool backward, const void* grad_sequence, const void* grad_x) {
+  const bool attn = p.pool == Pool::kAttn;
   int vec = backward ? encode_vector_width(p, grad_sequence, grad_x) : encode_vector_width(p, nullptr, nullptr);
-  RowPlan plan = plan_segments(p.channels, vec, p.pool == Pool::kAttn, p.num_heads);
+  RowPlan plan = backward || vec == 1 ? plan_segments(p.channels, vec, attn, p.num_heads)
+                                      : plan_segments_fwd(p.channels, vec, attn, p.num_heads);
   if (plan.lanes == 0 && vec > 1) {  // a head too wide for 16-byte rows: the scalar path
     vec = 1;
-    plan = plan_segments(p.channels, vec, p.pool == Pool::kAttn, p.num_heads);
+    plan = plan_segments(p.channels, vec, attn, p.num_heads);
   }
   return {vec, plan.lanes, plan.vecs_per_lane, plan.seg_vecs, plan.num_segments};
 }
@@ -67,9 +83,20 @@ void encode_fwd(const EncodeParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   const PlanInfo info = encode_plan(p, false, nullptr, nullptr);
   check_encode(p, info);
-  const RowPlan plan = to_row_plan(info);
+  RowPlan plan = to_row_plan(info);
   const bool attn = p.pool == Pool::kAttn;
-  const int64_t groups = max_groups(p);
+  const int64_t groups = encode_max_groups(p);
+  const EncodeSplit split = forward_split(p, info);
+  if (groups > 0) {
+    const int64_t needed =
+        encode_fwd_workspace_elems(p.batch, groups, split.splits, p.channels, p.num_heads, attn, info.vec > 1);
+    if (needed > 0 && (p.workspace == nullptr || p.workspace_elems < needed))
+      throw std::invalid_argument("vtok cuda: the forward needs a workspace of encode_fwd_workspace_elems floats");
+    if (split.splits * plan.num_segments > (int64_t{1} << 31) - 1)
+      throw std::invalid_argument("vtok cuda: too many patches per frame");
+  }
+  plan.splits = static_cast<int32_t>(split.splits);
+  plan.groups_per_block = static_cast<int32_t>(split.groups_per_block);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto width) {
@@ -81,12 +108,20 @@ void encode_fwd(const EncodeParams& p, void* stream) {
         check_launch("key_tokens_kernel");
       }
       if (groups > 0) {
-        const dim3 grid(plan.num_segments, static_cast<unsigned>(groups), static_cast<unsigned>(p.batch));
+        const dim3 grid(static_cast<unsigned>(split.splits * plan.num_segments), static_cast<unsigned>(split.chunks),
+                        static_cast<unsigned>(p.batch));
         if (attn)
           residual_fwd_kernel<T, V, kAttnPool><<<grid, kThreads, 0, s>>>(p, plan);
         else
           residual_fwd_kernel<T, V, kMeanPool><<<grid, kThreads, 0, s>>>(p, plan);
         check_launch("residual_fwd_kernel");
+        if constexpr (V > 1) {  // the partial rows of the tiles, merged in tile order
+          const int64_t vectors = p.channels / V;
+          const dim3 merge_grid(static_cast<unsigned>((vectors + kThreads - 1) / kThreads), static_cast<unsigned>(groups),
+                                static_cast<unsigned>(p.batch));
+          residual_fwd_kernel<T, V, kMergeSplits><<<merge_grid, kThreads, 0, s>>>(p, plan);
+          check_launch("residual_fwd_kernel<merge>");
+        }
       }
     };
     if (info.vec == VecWidth<T>::value)
@@ -103,7 +138,7 @@ void encode_bwd(const EncodeBwdParams& bp, void* stream) {
   check_encode(p, info);
   const RowPlan plan = to_row_plan(info);
   const bool attn = p.pool == Pool::kAttn;
-  const int64_t groups = max_groups(p);
+  const int64_t groups = encode_max_groups(p);
   const int64_t tiles = (p.num_patches + kThreads / plan.lanes - 1) / (kThreads / plan.lanes);
   if (tiles > 65535) throw std::invalid_argument("vtok cuda: too many patches per frame");
   if (attn) {

@@ -1,10 +1,15 @@
 #pragma once
 // Encode kernels (batched and varlen share them: cu_frames == nullptr means batched).
 //
-// Forward: one block per (channel segment, group, video) reduces the group's fpt * N residual
-// rows; `lanes` threads share a row, kThreads / lanes rows are in flight, and the partial
-// results of the rows are merged once at the end (warp shuffles, then shared memory in a fixed
-// order), so the result does not depend on scheduling. Key tokens are a second, small kernel.
+// Forward: on 16-byte rows a block holds one tile of patch rows of one channel segment
+// (`lanes` threads share a row, kThreads / lanes rows per tile) for several consecutive groups
+// of one video: each thread loads its key row once, keeps it in registers and streams the
+// frames of its groups past it. At the end of each group the rows of the block are merged in a
+// fixed order (warp shuffles, then shared memory); the tiles of a frame leave one partial row
+// per group in a workspace, which a second launch merges in tile order (kMergeSplits). On the
+// scalar path, and for expand's group sum, a block walks every tile of one group instead and
+// writes the token itself. No atomics: the result does not depend on scheduling. Key tokens
+// are a separate, small kernel.
 //
 // Backward: one block per (channel segment, tile of patch rows, video) walks all frames of the
 // video for its rows, accumulating the key frame's gradient on chip (registers) across them;
@@ -15,15 +20,46 @@
 namespace vtok {
 namespace cuda {
 
-enum ResidualMode : int { kMeanPool = 0, kAttnPool = 1, kGroupSum = 2 };
+enum ResidualMode : int { kMeanPool = 0, kAttnPool = 1, kGroupSum = 2, kMergeSplits = 3 };
 
 // Resident blocks of 256 threads the forward's vector path is compiled for (the launch bounds'
-// minimum, which caps registers at 64K / (256 x blocks)): 4 for mean and group sums (64
-// registers), 3 for attention (80), so that the loads in flight, a key row and a frame row of
-// 16-byte vectors per thread, cover the HBM latency. The scalar path holds 24 elements per row
-// and keeps the compiler's choice.
+// minimum, which caps registers at 64K / (256 x blocks)): 4 for mean pooling, group sums and
+// the merge of partial rows (64 registers), 3 for attention (80), so that the loads in flight, a
+// key row and two frame rows of 16-byte vectors per thread, cover the HBM latency. The encode
+// launcher sizes its grid with them. The scalar path holds 24 elements per row and keeps the
+// compiler's choice.
 VTOK_HOST_DEVICE constexpr int fwd_min_blocks(int vec, int mode) {
   return vec == 1 ? 1 : (mode == kAttnPool ? 3 : 4);
+}
+
+VTOK_HOST_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Frame ranks within a video: 32-bit in the encode forward's frame loop, where registers are
+// scarce (its launcher refuses videos of 2^31 frames or more), else 64-bit.
+template <bool kNarrow>
+struct RankInt {
+  using type = int64_t;
+};
+template <>
+struct RankInt<true> {
+  using type = int32_t;
+};
+
+// Residual tokens of the longest video: the workspace's groups per video.
+VTOK_HOST_DEVICE int64_t encode_max_groups(const EncodeParams& p) {
+  return p.cu_frames != nullptr ? num_groups(p.num_frames, p.frames_per_token) : p.num_groups;
+}
+
+// The forward's workspace (vtok/encode_split.h): the partial sums of (video b, group g, split s)
+// are row (b x groups + g) x splits + s of C floats; for attn the softmax states of those rows
+// follow, (max, sum) per head.
+__device__ __forceinline__ int64_t split_row(const EncodeParams& p, const RowPlan& plan, int64_t b, int64_t group,
+                                             int64_t split) {
+  return (b * encode_max_groups(p) + group) * plan.splits + split;
+}
+
+__device__ __forceinline__ float* split_states(const EncodeParams& p, const RowPlan& plan) {
+  return p.workspace + p.batch * encode_max_groups(p) * plan.splits * p.channels;
 }
 
 // Where each of a lane's kK vectors starts in a row (element offset from channel 0). A vector
@@ -57,167 +93,347 @@ __device__ __forceinline__ void load_query(float* query_s, const EncodeParams& p
   __syncthreads();
 }
 
+// The same, laid out by lane: the kK vectors of lane l at (l x kK + k) x V, so that a thread
+// reads its query at one base address plus constants (in the forward's frame loop, one address
+// register rather than one per vector).
+template <int kK, int V>
+__device__ __forceinline__ void load_query_by_lane(float* query_s, const EncodeParams& p, int64_t c0, int seg_elems,
+                                                   int lanes) {
+  const float scale = rsqrtf(static_cast<float>(p.channels / p.num_heads));
+  for (int i = threadIdx.x; i < kSegMax; i += kThreads) {
+    const int l = i / (kK * V), k = i / V % kK, e = i % V;
+    const int j = (k * lanes + l) * V + e;
+    query_s[i] = l < lanes && j < seg_elems ? p.query[c0 + j] * scale : 0.0f;
+  }
+  __syncthreads();
+}
+
+// 1 / the rows a group averages (mean), or 1 / the softmax denominator (attn). An infinite
+// maximum score (inf in x) makes softmax NaN in the reference (inf - inf); the streaming
+// softmax would instead average the infinite rows. Propagate NaN as it does.
+__device__ __forceinline__ float residual_scale(const EncodeParams& p, const GroupBounds& bounds, bool attn,
+                                                const SoftmaxState& state) {
+  if (!attn) return 1.0f / static_cast<float>((bounds.last - bounds.first) * p.num_patches);
+  if (!(state.max > -INFINITY && state.max < INFINITY)) return __int_as_float(0x7fffffff);
+  return 1.0f / state.sum;
+}
+
 // r_g for every group: mean or attention pooling of x[t] - x[key], or (kGroupSum, expand's
-// backward) the plain sum of x[t] over the group's frames and patches.
+// backward) the plain sum of x[t] over the group's frames and patches. grid: (segment + split x
+// segments, chunk of groups_per_block groups, video).
 template <typename T, int V, int kMode>
-__global__ void __launch_bounds__(kThreads, fwd_min_blocks(V, kMode))
-    residual_fwd_kernel(const EncodeParams p, const RowPlan plan) {
+__device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan& plan) {
   constexpr bool kAttn = kMode == kAttnPool;
   constexpr bool kKey = kMode != kGroupSum;
-  constexpr int kK = max_vecs_per_lane(V);
+  // A block owns one tile and a chunk of groups (the encode forward's vector path: the plan's
+  // splits are the frame's tiles), or every tile of one group (the scalar path, and expand's
+  // group sum, whose launcher keeps the plan's default of one split and one group per block).
+  constexpr bool kOneTile = V > 1 && kMode != kGroupSum;
+  // Mean pooling in one tile takes the frames' rows two at a time, with kFwdVecs vectors per
+  // lane; attention (whose row needs more registers: the query, the softmax state) one at a
+  // time, with a head of up to 32 x fwd_vecs_per_lane(V, true) vectors.
+  constexpr bool kPair = kOneTile && kMode == kMeanPool;
+  constexpr int kK = kOneTile ? fwd_vecs_per_lane(V, kAttn) : max_vecs_per_lane(V);
+  // A row's vectors, packed; declared here rather than in the lambdas below (g++ 12, which
+  // builds the tests' host emulator, fails on the template inside them).
+  using Row = Packed<T, V>[kK];
   const int lanes = plan.lanes;
   const int lane_in_row = threadIdx.x % lanes;
   const int slot = threadIdx.x / lanes;
-  const int rows_per_pass = kThreads / lanes;
-  const int64_t seg = blockIdx.x;
-  const int64_t group = blockIdx.y;
+  const int rows_per_tile = kThreads / lanes;
+  const int64_t seg = blockIdx.x % plan.num_segments;
+  const int64_t split = blockIdx.x / plan.num_segments;
   const int64_t b = blockIdx.z;
 
   const VideoSpan video = video_span(p, b);
-  if (group >= video.groups) return;  // block-uniform: varlen videos with fewer groups
-  const GroupBounds bounds = group_bounds(group, video.frames, p.frames_per_token);
+  const int64_t group_begin = static_cast<int64_t>(blockIdx.y) * plan.groups_per_block;
+  if (group_begin >= video.groups) return;  // block-uniform: varlen videos with fewer groups
+  const int64_t group_end = min_i64(group_begin + plan.groups_per_block, video.groups);
+  // The block's frames are the non-key ranks of its groups, consecutive.
+  using Rank = typename RankInt<kOneTile>::type;
+  const Rank frames = static_cast<Rank>(video.frames);
+  const Rank key_frame = static_cast<Rank>(video.key);
+  const Rank fpt = static_cast<Rank>(min_i64(p.frames_per_token, video.frames));
+  const Rank rank_begin = static_cast<Rank>(group_begin * p.frames_per_token);
+  const Rank rank_end = static_cast<Rank>(min_i64(group_end * p.frames_per_token, video.frames - 1));
   const T* x = static_cast<const T*>(p.x) + video.x_offset;
   const int64_t c0 = seg * plan.seg_vecs * V;
+  const int seg_elems = plan.seg_vecs * V;
 
   __shared__ float query_s[kAttn ? kSegMax : 1];
   __shared__ float acc_s[kWarps][kSegMax];
   __shared__ SoftmaxState state_s[kWarps];
-  if constexpr (kAttn) load_query(query_s, p, c0, plan.seg_vecs * V);
+  if constexpr (kAttn) load_query_by_lane<kK, V>(query_s, p, c0, seg_elems, lanes);
   const LaneVectors<kK, V> vecs(plan, c0, lane_in_row, p.channels);
+  const float* query_lane = query_s + lane_in_row * kK * V;
 
   float acc[kK][V] = {};
   SoftmaxState state = softmax_init();
-  // One loop over (pass of rows, frame of the group), frames fastest: a single loop body holds
-  // every load of a step, key row and frame row, issued before the first use. (As two nested
-  // loops, the compiler hoists the key row's loads out of the frame loop, which splits them
-  // from the frame's.) The key row is thus loaded again for each frame of a group (a cache
-  // hit); with one frame per token, the default, it is loaded once either way.
-  int64_t base = 0, rank = bounds.first;
-  while (base < p.num_patches) {
-    // Rows past N load row N - 1 and count as zeros.
-    const bool row_ok = base + slot < p.num_patches;
-    const T* patch = x + (row_ok ? base + slot : p.num_patches - 1) * p.x_stride_n;
-    const T* key_row = patch + video.key * p.x_stride_t;
-    const T* row = patch + nonkey_frame(rank, video.key) * p.x_stride_t;
-    Packed<T, V> key[kK], cur[kK];
+
+  // The group's rows merged: those of a warp (lanes at distance >= `lanes` hold the same
+  // channels), then the warps, always in the same order; then this tile's partial row (kOneTile:
+  // merged by a second launch, even for a frame of one tile), or the token. Every thread of the
+  // block calls it.
+  auto finish_group = [&](int64_t group) {
+    for (int offset = lanes; offset < 32; offset *= 2) {
+      if constexpr (kAttn) {
+        const SoftmaxState other = {__shfl_xor_sync(kFullMask, state.max, offset),
+                                    __shfl_xor_sync(kFullMask, state.sum, offset)};
+        const MergeScale scale = softmax_merge(state, other);
+#pragma unroll
+        for (int k = 0; k < kK; ++k)
+#pragma unroll
+          for (int e = 0; e < V; ++e)
+            acc[k][e] = acc[k][e] * scale.a + __shfl_xor_sync(kFullMask, acc[k][e], offset) * scale.b;
+      } else {
+#pragma unroll
+        for (int k = 0; k < kK; ++k)
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[k][e] += __shfl_xor_sync(kFullMask, acc[k][e], offset);
+      }
+    }
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (lane < lanes) {
+#pragma unroll
+      for (int k = 0; k < kK; ++k)
+        if (vecs.ok(k))
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc_s[warp][(k * lanes + lane) * V + e] = acc[k][e];
+      if (lane == 0) state_s[warp] = state;
+    }
+    __syncthreads();
+    // What the merge needs is recomputed here, once per group, rather than held in registers
+    // across the frame loop.
+    const int64_t seg = blockIdx.x % plan.num_segments;
+    const int64_t split = blockIdx.x / plan.num_segments;
+    const int64_t c0 = seg * plan.seg_vecs * V;
+    const int seg_elems = plan.seg_vecs * V;
+    // One element of the segment per thread: the whole block shares the merge of the warps.
+    for (int i = threadIdx.x; i < seg_elems && c0 + i < p.channels; i += kThreads) {
+      SoftmaxState merged = state_s[0];
+      float sum = acc_s[0][i];
+#pragma unroll 1
+      for (int w = 1; w < kWarps; ++w) {
+        if constexpr (kAttn) {
+          const MergeScale scale = softmax_merge(merged, state_s[w]);
+          sum = sum * scale.a + acc_s[w][i] * scale.b;
+        } else {
+          sum += acc_s[w][i];
+        }
+      }
+      if constexpr (kOneTile) {
+        const int64_t row = split_row(p, plan, blockIdx.z, group, split);
+        p.workspace[row * p.channels + c0 + i] = sum;
+        if (kAttn && i == 0) {
+          float* saved = split_states(p, plan) + (row * p.num_heads + seg) * 2;
+          saved[0] = merged.max;
+          saved[1] = merged.sum;
+        }
+      } else {
+        const VideoSpan video = video_span(p, blockIdx.z);
+        const GroupBounds bounds = group_bounds(group, video.frames, p.frames_per_token);
+        const float r = kMode == kGroupSum ? sum : sum * residual_scale(p, bounds, kAttn, merged);
+        T* out = static_cast<T*>(p.sequence) + (video.seq_row0 + p.num_key_tokens + group) * p.channels;
+        out[c0 + i] = from_float<T>(r);
+        if (kAttn && i == 0) p.lse[(video.lse_row0 + group) * p.num_heads + seg] = softmax_lse(merged);
+      }
+    }
+    __syncthreads();  // acc_s and state_s are the next group's
 #pragma unroll
     for (int k = 0; k < kK; ++k)
-      if constexpr (kKey) key[k] = load_packed<T, V>(key_row + vecs.at(k));
 #pragma unroll
-    for (int k = 0; k < kK; ++k) cur[k] = load_packed_stream<T, V>(row + vecs.at(k));
-#pragma unroll
-    for (int k = 0; k < kK; ++k) {
-      const bool ok = row_ok && vecs.ok(k);
-      cur[k] = zero_unless(ok, cur[k]);
-      if constexpr (kKey) key[k] = zero_unless(ok, key[k]);
-    }
-    if constexpr (kAttn) {
-      // d = x - key is recomputed from the packed rows for the accumulation rather than kept
-      // as floats across the row's shuffles.
-      float score = 0.0f;
+      for (int e = 0; e < V; ++e) acc[k][e] = 0.0f;
+    state = softmax_init();
+  };
+
+  // The block's frames at one tile of rows. Block-uniform: every thread walks the same tiles
+  // and frames.
+  auto walk_tile = [&](int64_t tile, bool last_tile) {
+    // Rows past N load row N - 1 and count as zeros.
+    const int64_t row = tile * rows_per_tile + slot;
+    const bool row_ok = row < p.num_patches;
+    const T* patch = x + (row_ok ? row : p.num_patches - 1) * p.x_stride_n;
+    auto frame_row = [&](Rank rank) { return patch + nonkey_frame(rank, key_frame) * p.x_stride_t; };
+    // Zeros where the lane has no data; applied where a row is used, not where it is loaded,
+    // which would wait for the load there.
+    auto mine = [&](const Packed<T, V>& v, int k) { return zero_unless(row_ok && vecs.ok(k), v); };
+
+    Row key;
+    Rank group_last = rank_begin + fpt < frames - 1 ? rank_begin + fpt : frames - 1;
+    int32_t group = static_cast<int32_t>(group_begin);  // < 65535 (the launchers' limit)
+    // Pools the frame of `rank` and, at the end of a group, finishes it; false after the block's
+    // last frame.
+    auto step = [&](const Row& raw, Rank& rank) {
+      Row cur;
 #pragma unroll
       for (int k = 0; k < kK; ++k) {
-        float xv[V], kv[V];
-        unpack(cur[k], xv);
-        unpack(key[k], kv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) score += query_s[(k * lanes + lane_in_row) * V + e] * (xv[e] - kv[e]);
+        cur[k] = mine(raw[k], k);
+        keep_packed(key[k]);
       }
-      score = row_sum(score, lanes);  // all lanes of the warp take part, rows or not
-      if (row_ok) {
-        float weight;
-        const float rescale = softmax_push(state, score, weight);
+      if constexpr (kAttn) {
+        // d = x - key is recomputed from the packed rows for the accumulation rather than kept
+        // as floats across the row's shuffles.
+        float score = 0.0f;
 #pragma unroll
         for (int k = 0; k < kK; ++k) {
           float xv[V], kv[V];
           unpack(cur[k], xv);
           unpack(key[k], kv);
 #pragma unroll
-          for (int e = 0; e < V; ++e) acc[k][e] = acc[k][e] * rescale + weight * (xv[e] - kv[e]);
+          for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * (xv[e] - kv[e]);
+        }
+        score = row_sum(score, lanes);  // all lanes of the warp take part, rows or not
+        if (row_ok) {
+          float weight;
+          const float rescale = softmax_push(state, score, weight);
+#pragma unroll
+          for (int k = 0; k < kK; ++k) {
+            float xv[V], kv[V];
+            unpack(cur[k], xv);
+            unpack(key[k], kv);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[k][e] = acc[k][e] * rescale + weight * (xv[e] - kv[e]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kK; ++k) {
+          float xv[V];
+          unpack(cur[k], xv);
+          if constexpr (kKey) {
+            float kv[V];
+            unpack(key[k], kv);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[k][e] += xv[e] - kv[e];
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[k][e] += xv[e];
+          }
         }
       }
-    } else {
-#pragma unroll
-      for (int k = 0; k < kK; ++k) {
-        float xv[V];
-        unpack(cur[k], xv);
-        if constexpr (kKey) {
-          float kv[V];
-          unpack(key[k], kv);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[k][e] += xv[e] - kv[e];
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[k][e] += xv[e];
-        }
+      const bool group_done = rank + 1 == group_last;
+      if (group_done && last_tile) finish_group(group);
+      if (group_done) {
+        ++group;
+        group_last = group_last + fpt < frames - 1 ? group_last + fpt : frames - 1;
       }
-    }
-    const bool pass_done = rank + 1 == bounds.last;
-    rank = pass_done ? bounds.first : rank + 1;
-    base += pass_done ? rows_per_pass : 0;
-  }
+      return ++rank != rank_end;
+    };
 
-  // Merge the rows of a warp (lanes at distance >= `lanes` hold the same channels), then the
-  // warps, always in the same order.
-  for (int offset = lanes; offset < 32; offset *= 2) {
+    // The key row and the first frames' rows, every load issued before the first use; the key
+    // row then stays in registers, packed, for every frame of the block's groups. kPair: the
+    // frames two at a time, both loaded before either is used (a frame past the block's loads
+    // the last one again, an L1 hit, and is not pooled).
+    Row a, b;  // b: kPair only
+    Rank rank = rank_begin;
+    {
+      const T* key_row = patch + key_frame * p.x_stride_t;
+      const T* row_a = frame_row(rank);
+      const T* row_b = frame_row(rank + 1 < rank_end ? rank + 1 : rank);
+#pragma unroll
+      for (int k = 0; k < kK; ++k)
+        if constexpr (kKey) key[k] = load_packed<T, V>(key_row + vecs.at(k));
+#pragma unroll
+      for (int k = 0; k < kK; ++k) a[k] = load_packed_stream<T, V>(row_a + vecs.at(k));
+#pragma unroll
+      for (int k = 0; k < kK; ++k)
+        if constexpr (kPair) b[k] = load_packed_stream<T, V>(row_b + vecs.at(k));
+#pragma unroll
+      for (int k = 0; k < kK; ++k)
+        if constexpr (kKey) key[k] = mine(key[k], k);
+    }
+    for (;;) {
+      if (!step(a, rank)) break;
+      if constexpr (kPair) {
+        if (!step(b, rank)) break;
+      }
+      const T* row_a = frame_row(rank);
+      const T* row_b = frame_row(rank + 1 < rank_end ? rank + 1 : rank);
+#pragma unroll
+      for (int k = 0; k < kK; ++k) a[k] = load_packed_stream<T, V>(row_a + vecs.at(k));
+#pragma unroll
+      for (int k = 0; k < kK; ++k)
+        if constexpr (kPair) b[k] = load_packed_stream<T, V>(row_b + vecs.at(k));
+    }
+  };
+
+  if constexpr (kOneTile) {
+    walk_tile(split, true);
+  } else {
+    const int64_t tiles = (p.num_patches + rows_per_tile - 1) / rows_per_tile;
+    for (int64_t tile = 0; tile < tiles; ++tile) walk_tile(tile, tile + 1 == tiles);
+  }
+}
+
+// V consecutive floats of the workspace (16-byte loads where V is a multiple of 4: the launcher
+// takes the vector path only with a 16-byte aligned workspace).
+template <int V>
+__device__ __forceinline__ void load_floats(const float* ptr, float (&out)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      float part[4];
+      load_vec<float, 4>(ptr + 4 * q, part);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[4 * q + e] = part[e];
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) out[e] = ptr[e];
+  }
+}
+
+// The residual tokens from the partial rows of a frame's tiles, merged in tile order (and lse).
+// grid: (blocks of kThreads vectors of V channels, group, video).
+template <typename T, int V, bool kAttn>
+__device__ __forceinline__ void merge_splits(const EncodeParams& p, const RowPlan& plan) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
+  const int64_t group = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const VideoSpan video = video_span(p, b);
+  if (group >= video.groups || c >= p.channels) return;
+  const int64_t head_dim = p.channels / p.num_heads;
+  const int64_t head = kAttn ? c / head_dim : 0;
+  const int64_t row0 = split_row(p, plan, b, group, 0);
+  const float* part = p.workspace + row0 * p.channels + c;
+  const float* saved = split_states(p, plan) + (row0 * p.num_heads + head) * 2;
+
+  float acc[V] = {};
+  SoftmaxState state = softmax_init();
+  // Unrolled without a branch inside, so that the loads of several tiles are in flight at once.
+#pragma unroll 4
+  for (int64_t s = 0; s < plan.splits; ++s) {
+    float v[V];
+    load_floats<V>(part + s * p.channels, v);
     if constexpr (kAttn) {
-      const SoftmaxState other = {__shfl_xor_sync(kFullMask, state.max, offset),
-                                  __shfl_xor_sync(kFullMask, state.sum, offset)};
+      const SoftmaxState other = {saved[s * p.num_heads * 2], saved[s * p.num_heads * 2 + 1]};
       const MergeScale scale = softmax_merge(state, other);
 #pragma unroll
-      for (int k = 0; k < kK; ++k)
-#pragma unroll
-        for (int e = 0; e < V; ++e)
-          acc[k][e] = acc[k][e] * scale.a + __shfl_xor_sync(kFullMask, acc[k][e], offset) * scale.b;
+      for (int e = 0; e < V; ++e) acc[e] = acc[e] * scale.a + v[e] * scale.b;
     } else {
 #pragma unroll
-      for (int k = 0; k < kK; ++k)
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[k][e] += __shfl_xor_sync(kFullMask, acc[k][e], offset);
+      for (int e = 0; e < V; ++e) acc[e] += v[e];
     }
   }
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (lane < lanes) {
+  const float inv = residual_scale(p, group_bounds(group, video.frames, p.frames_per_token), kAttn, state);
 #pragma unroll
-    for (int k = 0; k < kK; ++k)
-      if (vecs.ok(k))
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc_s[warp][(k * lanes + lane) * V + e] = acc[k][e];
-    if (lane == 0) state_s[warp] = state;
-  }
-  __syncthreads();
-  if (warp != 0 || lane >= lanes) return;
-  for (int w = 1; w < kWarps; ++w) {
-    MergeScale scale = {1.0f, 1.0f};
-    if constexpr (kAttn) scale = softmax_merge(state, state_s[w]);
-#pragma unroll
-    for (int k = 0; k < kK; ++k)
-      if (vecs.ok(k))
-#pragma unroll
-        for (int e = 0; e < V; ++e)
-          acc[k][e] = acc[k][e] * scale.a + acc_s[w][(k * lanes + lane) * V + e] * scale.b;
-  }
-
-  float denom = 1.0f;
-  if constexpr (kMode == kMeanPool) denom = static_cast<float>((bounds.last - bounds.first) * p.num_patches);
-  if constexpr (kAttn) denom = state.sum;
-  float inv = 1.0f / denom;
-  if constexpr (kAttn) {
-    // An infinite maximum score (inf in x) makes softmax NaN in the reference (inf - inf); the
-    // streaming softmax would instead average the infinite rows. Propagate NaN as it does.
-    if (!(state.max > -INFINITY && state.max < INFINITY)) inv = __int_as_float(0x7fffffff);
-  }
+  for (int e = 0; e < V; ++e) acc[e] *= inv;
   T* out = static_cast<T*>(p.sequence) + (video.seq_row0 + p.num_key_tokens + group) * p.channels;
-#pragma unroll
-  for (int k = 0; k < kK; ++k) {
-    float r[V];
-#pragma unroll
-    for (int e = 0; e < V; ++e) r[e] = kMode == kGroupSum ? acc[k][e] : acc[k][e] * inv;
-    store_vec_if<T, V>(vecs.ok(k), out + vecs.at(k), r);
-  }
-  if constexpr (kAttn) {
-    if (lane == 0) p.lse[(video.lse_row0 + group) * p.num_heads + seg] = softmax_lse(state);
+  store_vec<T, V>(out + c, acc);
+  if (kAttn && c % head_dim == 0) p.lse[(video.lse_row0 + group) * p.num_heads + head] = softmax_lse(state);
+}
+
+template <typename T, int V, int kMode>
+__global__ void __launch_bounds__(kThreads, fwd_min_blocks(V, kMode))
+    residual_fwd_kernel(const EncodeParams p, const RowPlan plan) {
+  if constexpr (kMode == kMergeSplits) {
+    if (p.pool == Pool::kAttn)
+      merge_splits<T, V, true>(p, plan);
+    else
+      merge_splits<T, V, false>(p, plan);
+  } else {
+    pool_tiles<T, V, kMode>(p, plan);
   }
 }
 

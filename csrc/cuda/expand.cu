@@ -8,6 +8,22 @@
 namespace vtok {
 namespace cuda {
 
+// Blocks for one wave of resident blocks on an H100 (132 SMs x 8). Below it, the forward also
+// spreads the groups over grid axis z, so that few or narrow key tokens do not leave the device
+// idle while each item writes all T frames of its video. Only for G < 2^31: the kernel then
+// sizes the chunks with a 32-bit division.
+constexpr int64_t kExpandFillBlocks = 132 * 8;
+
+inline dim3 expand_fwd_grid(int64_t items, int64_t groups) {
+  const unsigned x = flat_blocks(items);
+  int64_t z = 1;
+  if (groups > 1 && groups < (int64_t{1} << 31)) {
+    z = (kExpandFillBlocks + x - 1) / x;
+    if (z > groups) z = groups;
+  }
+  return dim3(x, 1, static_cast<unsigned>(z));
+}
+
 void expand_fwd(const ExpandParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   dispatch_dtype(p.dtype, [&](auto tag) {
@@ -17,11 +33,11 @@ void expand_fwd(const ExpandParams& p, void* stream) {
                         p.key_stride_b % kVec == 0 && p.key_stride_n % kVec == 0 &&
                         (p.num_groups == 0 || (aligned16(p.residual_tokens) && p.res_stride_b % kVec == 0 &&
                                                p.res_stride_g % kVec == 0));
-    const int64_t rows = p.batch * p.num_frames * p.num_patches;
+    const int64_t elems = p.batch * p.num_patches * p.channels;  // of the key tokens
     if (vec_ok)
-      expand_fwd_kernel<T, kVec><<<flat_blocks(rows * p.channels / kVec), kThreads, 0, s>>>(p);
+      expand_fwd_kernel<T, kVec><<<expand_fwd_grid(elems / kVec, p.num_groups), kThreads, 0, s>>>(p);
     else
-      expand_fwd_kernel<T, 1><<<flat_blocks(rows * p.channels), kThreads, 0, s>>>(p);
+      expand_fwd_kernel<T, 1><<<expand_fwd_grid(elems, p.num_groups), kThreads, 0, s>>>(p);
     check_launch("expand_fwd_kernel");
   });
 }

@@ -8,9 +8,10 @@ make (more than 65535 videos, residual tokens per video or patch tiles per frame
 2^31 elements or more per video, a workspace too small) is the same ValueError from either
 loader, raised before anything reaches the device: ``cuda_nvrtc`` mirrors the extension's checks.
 
-Every op allocates its outputs (and the attn backward's workspace) with torch before the launch
-and enqueues the kernels on the caller's current stream: no host synchronisation, no allocation
-in the launch path, so the ops can be captured in CUDA graphs. Attention heads wider than
+Every op allocates its outputs and workspaces (the forward's partial rows of a frame's patch
+tiles, the attn backward's partial grad_query rows) with torch before the launch and enqueues
+the kernels on the caller's current stream: no host synchronisation, no allocation in the launch
+path, so the ops can be captured in CUDA graphs. Attention heads wider than
 ``MAX_HEAD_DIM`` channels (one block pools a whole head in registers) run on the "torch"
 backend instead.
 """
@@ -75,7 +76,10 @@ class ExtensionLoader:
         return obj
 
     def encode_fwd(self, p: dict, stream: int, device_index: int) -> None:
-        self._C.cuda_encode_fwd(self._struct("EncodeParams", p), stream)
+        # The binding takes the workspace apart: bindings.cpp's EncodeParams has no such fields.
+        fields = dict(p)
+        workspace, elems = fields.pop("workspace", 0), fields.pop("workspace_elems", 0)
+        self._C.cuda_encode_fwd(self._struct("EncodeParams", fields), stream, workspace, elems)
 
     def encode_bwd(self, bp: dict, stream: int, device_index: int) -> None:
         self._C.cuda_encode_bwd(self._struct("EncodeBwdParams", bp), stream)
@@ -240,6 +244,17 @@ def _grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ ops
 
+def _with_workspace(fields: dict, device) -> tuple[dict, Optional[torch.Tensor]]:
+    """fields with the forward's workspace (the partial rows of a frame's patch tiles), sized by
+    the launch plan after the checks it makes first: a launch the kernels refuse raises before
+    anything is allocated."""
+    elems = cuda_nvrtc.encode_fwd_workspace_elems(fields)
+    if not elems:
+        return dict(fields, workspace=0, workspace_elems=0), None
+    workspace = torch.empty(elems, dtype=torch.float32, device=device)
+    return dict(fields, workspace=workspace.data_ptr(), workspace_elems=elems), workspace
+
+
 def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid):
     if _too_wide(pool, x.shape[-1], num_heads):
         return _eager().encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid)
@@ -253,6 +268,7 @@ def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, 
                else torch.empty(0, dtype=torch.float32, device=x.device))
         fields = _encode_fields(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid,
                                 sequence, lse)
+        fields, workspace = _with_workspace(fields, x.device)
         _loader().encode_fwd(fields, _stream(x), x.device.index)
     return sequence, lse
 
@@ -304,6 +320,7 @@ def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads
                if pool == "attn" else torch.empty(0, dtype=torch.float32, device=x.device))
         fields = _encode_fields(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid,
                                 sequence, lse, (cu_frames, cu_tokens, max_frames))
+        fields, workspace = _with_workspace(fields, x.device)
         _loader().encode_fwd(fields, _stream(x), x.device.index)
     return sequence, lse
 
@@ -358,6 +375,8 @@ _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 _TYPE_NAMES = {"float": "fp32", "vtok::cuda::half_t": "fp16", "vtok::cuda::bf16_t": "bf16"}
 _MODES = {"0": "mean", "1": "attn", "2": "group_sum"}
+# residual_fwd_kernel modes that are not a pooling: the merge of the forward's partial rows.
+_STAGES = {"3": "merge"}
 
 
 def _demangle(names: list[str]) -> list[str]:
@@ -388,7 +407,8 @@ def _describe(signature: str) -> tuple[str, str, bool]:
         # The scalar path serves only unaligned rows or C not a multiple of 16 bytes.
         default = vec * (4 if dtype == "fp32" else 2) == 16
     if len(args) > 2:
-        parts.append("pool=" + (_MODES.get(args[2]) or ("attn" if args[2] == "true" else "mean")))
+        stage = _STAGES.get(args[2]) if kernel == "residual_fwd_kernel" else None
+        parts.append(stage or "pool=" + (_MODES.get(args[2]) or ("attn" if args[2] == "true" else "mean")))
     return kernel, ",".join(parts), default
 
 

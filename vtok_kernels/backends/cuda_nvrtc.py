@@ -40,11 +40,17 @@ PROGRAM_SOURCE = '#include "encode.cuh"\n#include "expand.cuh"\n'
 _TYPES = {"float32": "float", "float16": "vtok::cuda::half_t", "bfloat16": "vtok::cuda::bf16_t"}
 _ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _DTYPE_CODES = {0: "float32", 1: "float16", 2: "bfloat16"}
-MEAN, ATTN, GROUP_SUM = 0, 1, 2
+MEAN, ATTN, GROUP_SUM, MERGE_SPLITS = 0, 1, 2, 3
 THREADS = 256
 WARPS = THREADS // 32
 LANE_ELEMS = 24
 MAX_HEAD_DIM = 32 * LANE_ELEMS
+# common.cuh kFwdVecs: vectors per lane of the encode forward's mean pooling on 16-byte rows.
+FWD_VECS = 2
+# encode.cu kFillSms: the forward's grid aims at two waves of resident blocks on this many SMs
+# (an H100's), whatever the device. Tests lower it to reach several groups per block at small
+# shapes.
+FILL_SMS = 132
 
 
 def vec_width(dtype: str) -> int:
@@ -56,7 +62,7 @@ def kernel_names() -> list[str]:
     names = []
     for dtype, ctype in _TYPES.items():
         for v in (vec_width(dtype), 1):
-            for mode in (MEAN, ATTN, GROUP_SUM):
+            for mode in (MEAN, ATTN, GROUP_SUM) + ((MERGE_SPLITS,) if v > 1 else ()):
                 names.append(f"vtok::cuda::residual_fwd_kernel<{ctype}, {v}, {mode}>")
             names.append(f"vtok::cuda::key_tokens_kernel<{ctype}, {v}>")
             for attn in ("false", "true"):
@@ -87,6 +93,7 @@ ENCODE_PARAMS = np.dtype([
     ("pool", _I32), ("query", _PTR), ("num_heads", _I64), ("frames_per_token", _I64),
     ("spatial", np.bool_), ("grid_h", _I64), ("grid_w", _I64), ("out_h", _I64), ("out_w", _I64),
     ("num_key_tokens", _I64), ("num_groups", _I64), ("sequence", _PTR), ("lse", _PTR),
+    ("workspace", _PTR), ("workspace_elems", _I64),
 ], align=True)
 
 ENCODE_BWD_PARAMS = np.dtype([
@@ -109,7 +116,7 @@ EXPAND_BWD_PARAMS = np.dtype([
 ], align=True)
 
 ROW_PLAN = np.dtype([("lanes", _I32), ("vecs_per_lane", _I32), ("seg_vecs", _I32),
-                     ("num_segments", _I32)], align=True)
+                     ("num_segments", _I32), ("splits", _I32), ("groups_per_block", _I32)], align=True)
 
 STRUCTS = {
     "EncodeParams": ENCODE_PARAMS,
@@ -142,11 +149,12 @@ def max_vecs_per_lane(vec: int) -> int:
     return 4 if vec == 4 else LANE_ELEMS // vec
 
 
-def plan_rows(seg_vecs: int, num_segments: int, vec: int) -> tuple[int, int, int, int]:
+def plan_rows(seg_vecs: int, num_segments: int, vec: int, fewest_lanes: bool = False,
+              max_k: int = 0) -> tuple[int, int, int, int]:
     """(lanes, vecs_per_lane, seg_vecs, num_segments): common.cuh plan_rows."""
-    max_k = max_vecs_per_lane(vec)
+    max_k = max_k or max_vecs_per_lane(vec)
     best, lanes_k = -1, (0, 0)
-    for lanes in (32, 16, 8, 4, 2, 1):
+    for lanes in ((1, 2, 4, 8, 16, 32) if fewest_lanes else (32, 16, 8, 4, 2, 1)):
         k = -(-seg_vecs // lanes)
         if k > max_k:
             continue
@@ -164,6 +172,20 @@ def plan_segments(channels: int, vec: int, attn: bool, num_heads: int):
     return plan_rows(-(-total // segments), segments, vec)
 
 
+def fwd_vecs_per_lane(vec: int, attn: bool) -> int:
+    """common.cuh fwd_vecs_per_lane."""
+    return (3 if vec == 4 else max_vecs_per_lane(vec)) if attn else FWD_VECS
+
+
+def plan_segments_fwd(channels: int, vec: int, attn: bool, num_heads: int):
+    """common.cuh plan_segments_fwd: the encode forward on 16-byte rows."""
+    total = channels // vec
+    if attn:
+        return plan_rows(total // num_heads, num_heads, vec, True, fwd_vecs_per_lane(vec, True))
+    segments = -(-total // 8)
+    return plan_rows(-(-total // segments), segments, vec, True, fwd_vecs_per_lane(vec, False))
+
+
 def _aligned(ptr: int) -> bool:
     return ptr % 16 == 0
 
@@ -175,6 +197,8 @@ def encode_vector_width(p: dict, grad_sequence: int = 0, grad_x: int = 0) -> int
     ok = (p["channels"] % vec == 0 and (not attn or (p["channels"] // p["num_heads"]) % vec == 0)
           and _aligned(p["x"]) and _aligned(p["sequence"]) and p["x_stride_t"] % vec == 0
           and p["x_stride_n"] % vec == 0 and (p["cu_frames"] != 0 or p["x_stride_b"] % vec == 0))
+    if p.get("workspace", 0):
+        ok = ok and _aligned(p["workspace"])
     if grad_sequence:
         ok = ok and _aligned(grad_sequence)
     if grad_x:
@@ -185,7 +209,9 @@ def encode_vector_width(p: dict, grad_sequence: int = 0, grad_x: int = 0) -> int
 def encode_plan(p: dict, backward: bool = False, grad_sequence: int = 0, grad_x: int = 0):
     """(vec, lanes, vecs_per_lane, seg_vecs, num_segments), as the extension's cuda_encode_plan."""
     vec = encode_vector_width(p, grad_sequence, grad_x) if backward else encode_vector_width(p)
-    plan = plan_segments(p["channels"], vec, p["pool"] == ATTN, p["num_heads"])
+    attn = p["pool"] == ATTN
+    plan = (plan_segments(p["channels"], vec, attn, p["num_heads"]) if backward or vec == 1
+            else plan_segments_fwd(p["channels"], vec, attn, p["num_heads"]))
     if plan[0] == 0 and vec > 1:  # a head too wide for 16-byte rows: the scalar path
         vec = 1
         plan = plan_segments(p["channels"], vec, p["pool"] == ATTN, p["num_heads"])
@@ -204,12 +230,72 @@ def encode_bwd_workspace_elems(batch: int, num_patches: int, channels: int, lse_
     return dq_partial_rows(batch, num_patches) * channels + lse_elems
 
 
+def fwd_min_blocks(vec: int, mode: int) -> int:
+    """encode.cuh fwd_min_blocks: the resident blocks per SM the forward's kernels are built for."""
+    return 1 if vec == 1 else (3 if mode == ATTN else 4)
+
+
+def encode_split(tiles: int, segments: int, batch: int, groups: int, fill_blocks: int,
+                 tile_blocks: bool) -> tuple[int, int, int]:
+    """(splits, groups_per_block, chunks): vtok/encode_split.h encode_split."""
+    if not tile_blocks or groups < 1:
+        return 1, 1, groups
+    base = segments * tiles * batch
+    chunks = -(-fill_blocks // base) if fill_blocks > base else 1
+    # ceil(groups / g) >= chunks for every g < groups / (chunks - 1)
+    most = -(-groups // (chunks - 1)) - 1 if chunks > 1 else groups
+    per_block = max(most, 1)
+    return tiles, per_block, -(-groups // per_block)
+
+
+def encode_fwd_workspace_elems_for(batch: int, groups: int, splits: int, channels: int, heads: int,
+                                   attn: bool, tile_blocks: bool = True) -> int:
+    """vtok/encode_split.h encode_fwd_workspace_elems (none on the scalar path)."""
+    return batch * groups * splits * (channels + (2 * heads if attn else 0)) if tile_blocks else 0
+
+
+def encode_fwd_split(p: dict, plan=None) -> tuple[int, int, int]:
+    """encode.cu forward_split: (splits, groups_per_block, chunks) of the residual kernel's grid."""
+    vec, lanes, _, _, segments = encode_plan(p) if plan is None else plan
+    tiles = -(-_get(p, "num_patches") // (THREADS // lanes))
+    mode = ATTN if _get(p, "pool") == ATTN else MEAN
+    return encode_split(tiles, segments, _get(p, "batch"), max_groups(p),
+                        2 * FILL_SMS * fwd_min_blocks(vec, mode), vec > 1)
+
+
+def encode_fwd_workspace_elems(p: dict) -> int:
+    """Floats of workspace the forward of params ``p`` (a fields dict) needs, after the checks
+    its launch makes first (ValueError): the partial rows of a frame's patch tiles."""
+    check_encode_args(p)
+    plan = encode_plan(p)
+    check_encode_launch(p, plan[1])
+    if max_groups(p) < 1:
+        return 0
+    splits = encode_fwd_split(p, plan)[0]
+    return encode_fwd_workspace_elems_for(_get(p, "batch"), max_groups(p), splits, _get(p, "channels"),
+                                          _get(p, "num_heads"), _get(p, "pool") == ATTN, plan[0] > 1)
+
+
 def _flat_blocks(work: int) -> int:
     return max(1, min(-(-work // THREADS), 4096))
 
 
 def _flat_blocks_per_video(work: int, batch: int) -> int:
     return max(1, min(-(-work // THREADS), -(-4096 // batch)))
+
+
+# expand.cu kExpandFillBlocks: one wave of resident blocks on an H100 (132 SMs x 8).
+EXPAND_FILL_BLOCKS = 132 * 8
+
+
+def expand_fwd_grid(items: int, groups: int) -> tuple[int, int, int]:
+    """expand.cu expand_fwd_grid: the key tokens' vectors on x, and while x leaves the device short
+    of blocks, the groups in contiguous chunks on z (only for G < 2^31)."""
+    x = _flat_blocks(items)
+    z = 1
+    if 1 < groups < 2**31:
+        z = min(groups, -(-EXPAND_FILL_BLOCKS // x))
+    return x, 1, z
 
 
 # ------------------------------------------------------------------ launch checks (mirror the extension)
@@ -294,6 +380,9 @@ def null_pointer_error(struct: np.dtype, p) -> Optional[str]:
             # Varlen: whether any video has a residual token is known on the device only.
             if not (g("lse") or g("cu_frames") or g("num_groups") == 0):
                 return "attn pooling needs lse"
+        # The forward's launcher: a workspace the plan sized (workspace_elems) must be there.
+        if g("workspace_elems") and not g("workspace"):
+            return "the forward needs a workspace of encode_fwd_workspace_elems floats"
         return None
     if struct == ENCODE_BWD_PARAMS:
         error = null_pointer_error(ENCODE_PARAMS, p["fwd"])
@@ -348,6 +437,8 @@ def check_encode_launch(p: dict, lanes: int) -> None:
         _refuse("key tokens of more than 2^31 elements per video")
     if max_groups(p) > MAX_GRID_YZ:
         _refuse("at most 65535 residual tokens per video")
+    if _get(p, "num_frames") >= 2**31:
+        _refuse("fewer than 2^31 frames per video")
     if lanes == 0:
         _refuse(f"attention heads of {_get(p, 'channels') // _get(p, 'num_heads')} channels exceed the {MAX_HEAD_DIM} "
                 "a block pools (use more heads or another backend)")
@@ -418,19 +509,29 @@ def _ctype(dtype_code: int) -> str:
     return _TYPES[_DTYPE_CODES[dtype_code]]
 
 
-def _row_plan(lanes: int, k: int, seg_vecs: int, segments: int) -> np.ndarray:
-    return pack(ROW_PLAN, dict(lanes=lanes, vecs_per_lane=k, seg_vecs=seg_vecs, num_segments=segments))
+def _row_plan(lanes: int, k: int, seg_vecs: int, segments: int, splits: int = 1,
+              groups_per_block: int = 1) -> np.ndarray:
+    return pack(ROW_PLAN, dict(lanes=lanes, vecs_per_lane=k, seg_vecs=seg_vecs, num_segments=segments,
+                               splits=splits, groups_per_block=groups_per_block))
 
 
 def encode_fwd_launches(p: dict) -> list:
     """The launches of encode.cu encode_fwd, after its checks (ValueError); no CuPy needed."""
     check_encode_args(p)
-    vec, lanes, k, seg_vecs, segments = encode_plan(p)
+    vec, lanes, k, seg_vecs, segments = plan_info = encode_plan(p)
     check_encode_launch(p, lanes)
     ctype = _ctype(p["dtype"])
-    params = pack(ENCODE_PARAMS, p)
-    plan = _row_plan(lanes, k, seg_vecs, segments)
     groups = max_groups(p)
+    splits, per_block, chunks = encode_fwd_split(p, plan_info)
+    if groups > 0:
+        needed = encode_fwd_workspace_elems_for(p["batch"], groups, splits, p["channels"], p["num_heads"],
+                                                p["pool"] == ATTN, vec > 1)
+        if needed > 0 and _get(p, "workspace_elems") < needed:
+            _refuse("the forward needs a workspace of encode_fwd_workspace_elems floats")
+        if splits * segments > MAX_GRID_X:
+            _refuse("too many patches per frame")
+    params = pack(ENCODE_PARAMS, p)
+    plan = _row_plan(lanes, k, seg_vecs, segments, splits, per_block)
     launches = []
     if p["num_key_tokens"] > 0:
         grid = (_flat_blocks_per_video(p["num_key_tokens"] * p["channels"] // vec, p["batch"]), p["batch"])
@@ -438,7 +539,10 @@ def encode_fwd_launches(p: dict) -> list:
     if groups > 0:
         mode = ATTN if p["pool"] == ATTN else MEAN
         launches.append((f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {mode}>",
-                         (segments, groups, p["batch"]), (params, plan)))
+                         (splits * segments, chunks, p["batch"]), (params, plan)))
+        if vec > 1:  # the partial rows of the tiles, merged in tile order
+            launches.append((f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {MERGE_SPLITS}>",
+                             (-(-(p["channels"] // vec) // THREADS), groups, p["batch"]), (params, plan)))
     return _checked(launches)
 
 
@@ -476,8 +580,8 @@ def expand_fwd_launches(p: dict) -> list:
           and (p["num_groups"] == 0 or (_aligned(p["residual_tokens"]) and p["res_stride_b"] % vec == 0
                                         and p["res_stride_g"] % vec == 0)))
     v = vec if ok else 1
-    rows = p["batch"] * p["num_frames"] * p["num_patches"]
-    return _checked([(f"vtok::cuda::expand_fwd_kernel<{ctype}, {v}>", (_flat_blocks(rows * p["channels"] // v),),
+    elems = p["batch"] * p["num_patches"] * p["channels"]  # of the key tokens
+    return _checked([(f"vtok::cuda::expand_fwd_kernel<{ctype}, {v}>", expand_fwd_grid(elems // v, p["num_groups"]),
                       (pack(EXPAND_PARAMS, p),))])
 
 

@@ -39,6 +39,12 @@ struct EncodeParams {
   // (varlen [sum_b G_b, heads]), attn only.
   void* sequence = nullptr;
   float* lse = nullptr;
+
+  // Forward scratch (cuda): per-block partial results of the residual tokens, merged in a fixed
+  // order when a frame's patches are split over blocks. workspace_elems floats; see the
+  // backend's encode_fwd_workspace_elems. Unused by the backward (EncodeBwdParams.workspace).
+  float* workspace = nullptr;
+  int64_t workspace_elems = 0;
 };
 
 struct EncodeBwdParams {
