@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -378,7 +379,8 @@ def access_widths(ptx: str, op: str, lines: Optional[set] = None) -> dict:
     return dict(sorted(counts.items(), key=lambda item: -int(item[0])))
 
 
-def x_load_lines() -> set:
+@functools.lru_cache(maxsize=None)
+def x_load_lines() -> frozenset:
     """(file name, line) of every load of a tile of x in the Triton kernels: the lines that
     load through ``x_tile`` (tiles.load_x and the mean forward)."""
     from vtok_kernels.backends.triton import tiles
@@ -391,7 +393,7 @@ def x_load_lines() -> set:
                 for number, text in enumerate(handle, start=1):
                     if "tl.load(x_tile(" in text:
                         found.add((name, number))
-    return found
+    return frozenset(found)
 
 
 def _widths_label(widths: dict) -> str:

@@ -35,10 +35,6 @@ ASSUMPTIONS = (
 )
 
 
-def _element_bytes(tensor) -> int:
-    return tensor.element_size()
-
-
 def kernel_code(launch: dict, arch: str = ARCH) -> mc.KernelCode:
     """The machine code of one recorded launch (compile_check.record_triton_launches)."""
     import triton
@@ -98,7 +94,7 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
     T, N, C, S, G = (int(v[k]) for k in ("T", "N", "C", "S", "G"))
     B = grid[0]
     features = next(v[k] for k in ("x_ptr", "grad_seq_ptr", "out_ptr") if k in v)
-    e = _element_bytes(features)
+    e = features.element_size()
     x_key, x_rest = B * N * C * e, B * (T - 1) * N * C * e
     seq_keys, seq_res = B * S * C * e, B * G * C * e
     heads = int(v.get("NUM_HEADS", 1))
