@@ -44,9 +44,9 @@ def run(loader: str | None) -> int:
                     x = _features((2, T, 15, C), dtype, offset)
                     keys = torch.tensor([0, T - 1], device="cuda")
                     query = torch.randn(C, device="cuda") if pool == "attn" else None
-                    seq, lse = cuda.encode_fwd(x, keys, query, pool, heads, fpt, spatial, grid)
+                    seq, lse, *kept = cuda.encode_fwd(x, keys, query, pool, heads, fpt, spatial, grid)
                     grad = torch.randn_like(seq)
-                    cuda.encode_bwd(grad, x, keys, query, seq, lse, pool, heads, fpt, spatial, grid)
+                    cuda.encode_bwd(grad, x, keys, query, seq, lse, pool, heads, fpt, spatial, grid, *kept)
                     torch.cuda.synchronize()
                     cases += 1
                     print(f"case {cases} done", flush=True)
@@ -59,10 +59,10 @@ def run(loader: str | None) -> int:
                 cu_tokens = torch.tensor([0, 15 + groups[0], 30 + groups[0] + groups[1], 45 + sum(groups)],
                                          device="cuda")
                 query = torch.randn(C, device="cuda") if pool == "attn" else None
-                seq, lse = cuda.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool, heads, 1, [], [],
-                                                  max(lengths), 45 + sum(groups))
+                seq, lse, *kept = cuda.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool, heads, 1,
+                                                         [], [], max(lengths), 45 + sum(groups))
                 cuda.encode_varlen_bwd(torch.randn_like(seq), x, cu_frames, cu_tokens, keys, query, seq, lse,
-                                       pool, heads, 1, [], [], max(lengths))
+                                       pool, heads, 1, [], [], max(lengths), *kept)
                 torch.cuda.synchronize()
                 cases += 1
                 print(f"case {cases} done", flush=True)

@@ -79,7 +79,8 @@ PYBIND11_MODULE(_C, m) {
       .VTOK_FIELD(EncodeParams, num_key_tokens)
       .VTOK_FIELD(EncodeParams, num_groups)
       .VTOK_POINTER(EncodeParams, sequence)
-      .VTOK_POINTER(EncodeParams, lse);
+      .VTOK_POINTER(EncodeParams, lse)
+      .VTOK_POINTER(EncodeParams, residual32);
 
   py::class_<EncodeBwdParams>(m, "EncodeBwdParams", py::dynamic_attr())
       .def(py::init<>())

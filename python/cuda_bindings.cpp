@@ -83,6 +83,7 @@ py::dict params_layout() {
     VTOK_OFFSET(f, EncodeParams, num_groups);
     VTOK_OFFSET(f, EncodeParams, sequence);
     VTOK_OFFSET(f, EncodeParams, lse);
+    VTOK_OFFSET(f, EncodeParams, residual32);
     VTOK_OFFSET(f, EncodeParams, workspace);
     VTOK_OFFSET(f, EncodeParams, workspace_elems);
     layout["EncodeParams"] = py::make_tuple(sizeof(EncodeParams), f);

@@ -14,7 +14,7 @@ import torch
 import vtok_kernels as vk
 from vtok_kernels import backends, reference
 from vtok_kernels.backends import cuda_nvrtc
-from tests.utils import LOW_PRECISION, assert_close, features
+from tests.utils import LOW_PRECISION, assert_close, assert_one_patch_query_grad_vanishes, features
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE_ID = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
@@ -474,9 +474,10 @@ def test_cuda_graph_replay_is_bit_equal_to_eager():
     keys = torch.tensor([0, 4], device="cuda")
     query = torch.randn(768, device="cuda")
     args = (keys, query, "attn", 12, 2, [2, 2], [14, 14])
-    eager_seq, eager_lse = cuda.encode_fwd(x, *args)
+    eager_seq, eager_lse, *kept = cuda.encode_fwd(x, *args)
     grad = torch.randn_like(eager_seq)
-    eager_gx, eager_gq = cuda.encode_bwd(grad, x, keys, query, eager_seq, eager_lse, "attn", 12, 2, [2, 2], [14, 14])
+    eager_gx, eager_gq = cuda.encode_bwd(grad, x, keys, query, eager_seq, eager_lse, "attn", 12, 2, [2, 2], [14, 14],
+                                         *kept)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
@@ -484,11 +485,12 @@ def test_cuda_graph_replay_is_bit_equal_to_eager():
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        seq, lse = cuda.encode_fwd(x, *args)
-        gx, gq = cuda.encode_bwd(grad, x, keys, query, seq, lse, "attn", 12, 2, [2, 2], [14, 14])
+        seq, lse, *kept = cuda.encode_fwd(x, *args)
+        gx, gq = cuda.encode_bwd(grad, x, keys, query, seq, lse, "attn", 12, 2, [2, 2], [14, 14], *kept)
     x.copy_(features(x.shape, x.dtype, "cuda"))  # new inputs, same addresses
-    eager_seq, eager_lse = cuda.encode_fwd(x, *args)
-    eager_gx, eager_gq = cuda.encode_bwd(grad, x, keys, query, eager_seq, eager_lse, "attn", 12, 2, [2, 2], [14, 14])
+    eager_seq, eager_lse, *eager_kept = cuda.encode_fwd(x, *args)
+    eager_gx, eager_gq = cuda.encode_bwd(grad, x, keys, query, eager_seq, eager_lse, "attn", 12, 2, [2, 2], [14, 14],
+                                         *eager_kept)
     graph.replay()
     torch.cuda.synchronize()
     for a, b in ((seq, eager_seq), (lse, eager_lse), (gx, eager_gx), (gq, eager_gq)):
@@ -512,9 +514,9 @@ def test_loaders_give_the_same_bits():
         original = cuda._loader
         cuda._loader = lambda loader=loader: loader
         try:
-            seq, lse = cuda.encode_fwd(x, keys, query, "attn", 5, 2, [], [])
+            seq, lse, *kept = cuda.encode_fwd(x, keys, query, "attn", 5, 2, [], [])
             grad = torch.ones_like(seq)
-            gx, gq = cuda.encode_bwd(grad, x, keys, query, seq, lse, "attn", 5, 2, [], [])
+            gx, gq = cuda.encode_bwd(grad, x, keys, query, seq, lse, "attn", 5, 2, [], [], *kept)
             frames = cuda.expand_fwd(seq[:, :37], seq[:, 37:], keys, 7, 2)
             results[name] = (seq, lse, gx, gq, frames) + cuda.expand_bwd(frames, keys, 3, 2)
         finally:
@@ -572,6 +574,21 @@ def test_encode_marshals_strided_inputs_in_place(recorded):
     assert set(bp) == set(cuda_nvrtc.ENCODE_BWD_PARAMS.names)
 
 
+def test_attn_in_16_bits_keeps_float32_residual_tokens_for_the_backward(recorded):
+    cuda, recorder = recorded
+    x = torch.randn(2, 5, 7, 24).to(torch.bfloat16)
+    keys, query = torch.tensor([0, 3]), torch.randn(24)
+    seq, lse, residual32 = cuda.encode_fwd(x, keys, query, "attn", 3, 2, [], [])
+    assert residual32.shape == (2, 2, 24) and residual32.dtype == torch.float32
+    assert recorder.calls[-1][1]["residual32"] == residual32.data_ptr()
+    cuda.encode_bwd(torch.randn_like(seq), x, keys, query, seq, lse, "attn", 3, 2, [], [], residual32)
+    assert recorder.calls[-1][1]["fwd"]["residual32"] == residual32.data_ptr()
+    # mean pooling, and float32 (whose sequence holds r exactly), keep nothing
+    assert len(cuda.encode_fwd(x, keys, None, "mean", 1, 2, [], [])) == 2
+    seq, lse = cuda.encode_fwd(x.float(), keys, query, "attn", 3, 2, [], [])
+    assert recorder.calls[-1][1]["residual32"] == 0
+
+
 def test_varlen_and_spatial_marshal_offsets_and_bins(recorded):
     cuda, recorder = recorded
     x = torch.randn(8, 12, 16).to(torch.bfloat16)
@@ -603,7 +620,7 @@ def test_expand_marshals_strided_tokens(recorded):
 def test_wide_heads_run_on_the_reference(recorded):
     cuda, recorder = recorded
     x = torch.randn(1, 3, 4, 800)
-    seq, lse = cuda.encode_fwd(x, torch.tensor([0]), torch.randn(800), "attn", 1, 1, [], [])
+    seq, lse, *_ = cuda.encode_fwd(x, torch.tensor([0]), torch.randn(800), "attn", 1, 1, [], [])
     assert not recorder.calls and seq.shape == (1, 6, 800) and torch.isfinite(seq).all()
 
 
@@ -629,7 +646,7 @@ def emulated(monkeypatch):
 
 
 def _emulated_encode(cuda, x, keys, query, pool, heads, fpt, spatial, grid):
-    seq, lse = cuda.encode_fwd(x, keys, query, pool, heads, fpt, spatial, grid)
+    seq, lse, *kept = cuda.encode_fwd(x, keys, query, pool, heads, fpt, spatial, grid)
     x64 = x.detach().double().requires_grad_(True)
     q64 = query.double().requires_grad_(True) if query is not None else None
     options = dict(pool=pool, num_heads=heads, frames_per_token=fpt, spatial=tuple(spatial) or None,
@@ -639,7 +656,7 @@ def _emulated_encode(cuda, x, keys, query, pool, heads, fpt, spatial, grid):
     inputs = [x64] + ([q64] if q64 is not None else [])
     grads = torch.autograd.grad(ref, inputs, grad.double(), allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
-    grad_x, grad_q = cuda.encode_bwd(grad, x, keys, query, seq, lse, pool, heads, fpt, spatial, grid)
+    grad_x, grad_q = cuda.encode_bwd(grad, x, keys, query, seq, lse, pool, heads, fpt, spatial, grid, *kept)
     return (seq, ref.detach(), lse, ref_lse.detach(), grad_x, grads[0], grad_q,
             grads[1] if query is not None else None)
 
@@ -684,6 +701,17 @@ def test_emulated_encode_matches_reference(emulated, case, dtype):
         assert_close(gq, ref_gq, dtype, "grad query")
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)
+def test_emulated_one_patch_query_gradient_vanishes(emulated, dtype):
+    x = features((2, 4, 1, 96), dtype)
+    keys, query = torch.randint(0, 4, (2,)), torch.randn(96)
+    seq, lse, *kept = emulated.encode_fwd(x, keys, query, "attn", 1, 1, [], [])
+    assert len(kept) == (dtype != torch.float32)
+    grad = torch.randn(seq.shape).to(dtype)
+    _, grad_query = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 1, 1, [], [], *kept)
+    assert_one_patch_query_grad_vanishes(grad_query, x, grad[:, 1:], 1, f"emulated {dtype}")
+
+
 @pytest.mark.parametrize("pool", ["mean", "attn"])
 def test_emulated_varlen_matches_reference(emulated, pool):
     dtype = torch.bfloat16
@@ -694,8 +722,8 @@ def test_emulated_varlen_matches_reference(emulated, pool):
     query = torch.randn(C) if pool == "attn" else None
     S, groups = 4, [1, 0, 2]  # 2x2 key tokens; ceil((T - 1) / 2) residual tokens per video
     cu_tokens = torch.tensor([0] + torch.tensor([S + g for g in groups]).cumsum(0).tolist())
-    seq, lse = emulated.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool, 2 if query is not None else 1,
-                                          2, [2, 2], [3, 3], 5, 3 * S + 3)
+    seq, lse, *kept = emulated.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool,
+                                                 2 if query is not None else 1, 2, [2, 2], [3, 3], 5, 3 * S + 3)
     x64 = x.double().requires_grad_(True)
     q64 = query.double().requires_grad_(True) if query is not None else None
     ref, _ = reference.encode_varlen(x64, cu_frames, keys, pool=pool, query=q64, num_heads=2 if query is not None else 1,
@@ -703,7 +731,7 @@ def test_emulated_varlen_matches_reference(emulated, pool):
     grad = torch.randn(ref.shape).to(dtype)
     grads = torch.autograd.grad(ref, [x64] + ([q64] if q64 is not None else []), grad.double())
     gx, gq = emulated.encode_varlen_bwd(grad, x, cu_frames, cu_tokens, keys, query, seq, lse, pool,
-                                        2 if query is not None else 1, 2, [2, 2], [3, 3], 5)
+                                        2 if query is not None else 1, 2, [2, 2], [3, 3], 5, *kept)
     assert_close(seq, ref.detach().to(dtype), dtype, "varlen sequence")
     assert_close(gx, grads[0], dtype, "varlen grad x")
     if query is not None:
@@ -734,10 +762,10 @@ def test_emulated_backward_is_deterministic(emulated):
     x = features((2, 5, 37, 48), torch.bfloat16)
     keys = torch.tensor([1, 4])
     query = torch.randn(48)
-    seq, lse = emulated.encode_fwd(x, keys, query, "attn", 3, 2, [], [])
+    seq, lse, *kept = emulated.encode_fwd(x, keys, query, "attn", 3, 2, [], [])
     grad = torch.randn(seq.shape).to(torch.bfloat16)
-    first = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 3, 2, [], [])
-    again = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 3, 2, [], [])
+    first = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 3, 2, [], [], *kept)
+    again = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", 3, 2, [], [], *kept)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
@@ -752,7 +780,7 @@ def test_emulated_non_finite_values_propagate_as_in_the_reference(emulated, pool
     keys = torch.tensor([0, 0])
     # The sign of the query at the bad channels decides whether the scores go to +inf or -inf.
     query = torch.randn(16).abs() * query_sign if pool == "attn" else None
-    seq, _ = emulated.encode_fwd(x, keys, query, pool, heads, 2, [], [])
+    seq = emulated.encode_fwd(x, keys, query, pool, heads, 2, [], [])[0]
     ref = reference.encode(x.double(), keys, pool=pool, query=query.double() if query is not None else None,
                            num_heads=heads, frames_per_token=2)
     assert torch.equal(torch.isnan(seq), torch.isnan(ref)), "NaN positions differ from the reference"
@@ -829,7 +857,7 @@ def test_emulated_clamped_loads_keep_a_bad_value_in_its_head(emulated, where):
     if where == "x":
         x[0, 1, :, 0] = float("inf")  # a non-key frame of video 0
         x[1, 2, 3, 0] = float("-inf")  # the key frame of video 1
-    seq, lse = emulated.encode_fwd(x, keys, query, "attn", H, 1, [], [])
+    seq, lse, *kept = emulated.encode_fwd(x, keys, query, "attn", H, 1, [], [])
     x64 = x.double().requires_grad_(True)
     q64 = query.double().requires_grad_(True)
     ref = reference.encode(x64, keys, query=q64, pool="attn", num_heads=H)
@@ -837,7 +865,7 @@ def test_emulated_clamped_loads_keep_a_bad_value_in_its_head(emulated, where):
     if where == "grad":
         grad[:, N:, 0] = float("inf")  # every residual token's grad at channel 0
     ref_gx, ref_gq = torch.autograd.grad(ref, [x64, q64], grad.double())
-    gx, gq = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", H, 1, [], [])
+    gx, gq = emulated.encode_bwd(grad, x, keys, query, seq, lse, "attn", H, 1, [], [], *kept)
     for out, expected, what in [(seq, ref.detach(), "sequence"), (gx, ref_gx, "grad x"), (gq, ref_gq, "grad query")]:
         assert torch.isfinite(expected[..., head:]).all()
         assert torch.isfinite(out[..., head:]).all(), f"{what}: a non-finite value left head 0"
@@ -1016,14 +1044,14 @@ def _forward_split_case(emulated, monkeypatch, case, fill_sms=None, dtype=None):
         cu_frames = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
         groups = [reference.num_groups(t, fpt) for t in lengths]
         cu_tokens = torch.tensor([0] + torch.tensor([N + g for g in groups]).cumsum(0).tolist())
-        seq, lse = emulated.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool, heads, fpt, [], [],
-                                              max(lengths), int(cu_tokens[-1]))
+        seq, lse, *_ = emulated.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, pool, heads, fpt,
+                                                  [], [], max(lengths), int(cu_tokens[-1]))
         ref, _, ref_lse = reference.encode_varlen(x.double(), cu_frames, keys, pool=pool, num_heads=heads,
                                                   query=None if query is None else query.double(),
                                                   frames_per_token=fpt, return_lse=True)
     else:
         x = features((len(lengths), lengths[0], N, C), dtype, generator=gen)
-        seq, lse = emulated.encode_fwd(x, keys, query, pool, heads, fpt, [], [])
+        seq, lse, *_ = emulated.encode_fwd(x, keys, query, pool, heads, fpt, [], [])
         ref, ref_lse = reference.encode(x.double(), keys, pool=pool, num_heads=heads,
                                         query=None if query is None else query.double(), frames_per_token=fpt,
                                         return_lse=True)

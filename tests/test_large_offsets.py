@@ -160,15 +160,15 @@ def _check_encode(impl, device, case) -> dict:
 
     common = (pool, heads, fpt, spatial, grid)
     if cu_frames is None:
-        seq, lse = impl.encode_fwd(x, keys, query, *common)
-        grad_x, grad_q = impl.encode_bwd(grad, x, keys, query, seq, lse, *common)
+        seq, lse, *kept = impl.encode_fwd(x, keys, query, *common)
+        grad_x, grad_q = impl.encode_bwd(grad, x, keys, query, seq, lse, *common, *kept)
     else:
         cu_tokens = cu_tokens.to(device)
         lengths = (cu_frames[1:] - cu_frames[:-1]).tolist()
-        seq, lse = impl.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, *common,
-                                          max(lengths), int(cu_tokens[-1]))
+        seq, lse, *kept = impl.encode_varlen_fwd(x, cu_frames, cu_tokens, keys, query, *common,
+                                                 max(lengths), int(cu_tokens[-1]))
         grad_x, grad_q = impl.encode_varlen_bwd(grad, x, cu_frames, cu_tokens, keys, query, seq,
-                                                lse, *common, max(lengths))
+                                                lse, *common, max(lengths), *kept)
     pairs = {"sequence": (seq, ref.detach()), "grad x": (grad_x, ref_grads[0])}
     if pool == "attn":
         pairs["lse"] = (lse, ref_lse.detach())

@@ -41,26 +41,28 @@ def test_opcheck(backend, sample):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_backward_ops_opcheck(backend):
+# cuda in bfloat16 (GPU only): its forward keeps float32 residual tokens, which the fake must match
+@pytest.mark.parametrize("backend, dtype", [(b, torch.float32) for b in CPU_BACKENDS]
+                         + [("cuda", torch.float32), ("cuda", torch.bfloat16)])
+def test_backward_ops_opcheck(backend, dtype):
     device = backend_device(backend)
-    x = torch.randn(2, 4, 5, 8, device=device)
+    x = torch.randn(2, 4, 5, 8, device=device).to(dtype)
     q = torch.randn(8, device=device)
     keys = torch.tensor([0, 3], device=device)
-    seq, lse = torch.ops.vtok.encode(x, keys, q, "attn", 2, 1, [], [], backend)
+    seq, lse, residual32 = torch.ops.vtok.encode(x, keys, q, "attn", 2, 1, [], [], backend)
     grad = torch.randn_like(seq)
     torch.library.opcheck(torch.ops.vtok.encode_backward.default,
-                          (grad, x, keys, q, seq, lse, "attn", 2, 1, [], [], backend))
-    frames = torch.randn(6, 5, 8, device=device)
+                          (grad, x, keys, q, seq, lse, residual32, "attn", 2, 1, [], [], backend))
+    frames = torch.randn(6, 5, 8, device=device).to(dtype)
     cu_frames = torch.tensor([0, 2, 6], device=device)
     cu_tokens = torch.tensor([0, 5 + 1, 6 + 5 + 3], device=device)
     varlen_keys = torch.tensor([1, 0], device=device)
-    seq, lse = torch.ops.vtok.encode_varlen(frames, cu_frames, cu_tokens, varlen_keys, q, "attn", 2, 1,
-                                            [], [], 4, 14, backend)
+    seq, lse, residual32 = torch.ops.vtok.encode_varlen(frames, cu_frames, cu_tokens, varlen_keys, q, "attn",
+                                                        2, 1, [], [], 4, 14, backend)
     torch.library.opcheck(torch.ops.vtok.encode_varlen_backward.default,
                           (torch.randn_like(seq), frames, cu_frames, cu_tokens, varlen_keys, q, seq, lse,
-                           "attn", 2, 1, [], [], 4, backend))
-    grad_frames = torch.randn(2, 4, 5, 8, device=device)
+                           residual32, "attn", 2, 1, [], [], 4, backend))
+    grad_frames = torch.randn(2, 4, 5, 8, device=device).to(dtype)
     torch.library.opcheck(torch.ops.vtok.expand_backward.default, (grad_frames, keys, 3, 1, backend))
 
 

@@ -8,7 +8,7 @@ import torch
 
 import vtok_kernels as vk
 from vtok_kernels import backends, reference
-from tests.utils import LOW_PRECISION, assert_close, backend_device, features
+from tests.utils import LOW_PRECISION, assert_close, assert_one_patch_query_grad_vanishes, backend_device, features
 
 BACKENDS = backends.KNOWN_BACKENDS
 DTYPE_ID = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
@@ -111,6 +111,19 @@ def test_encode(backend, case, dtype):
     assert torch.equal(leaf.detach(), x_before), "encode modified its input"
     num_patches = x.shape[2:-1].numel()
     assert S == (case["spatial"][0] * case["spatial"][1] if case["spatial"] else num_patches)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encode_one_patch_query_gradient_vanishes(backend, dtype):
+    device = backend_device(backend)
+    x = features((2, 4, 1, 96), dtype, device).requires_grad_(True)
+    query = torch.randn(96, device=device, requires_grad=True)
+    keys = torch.randint(0, 4, (2,), device=device)
+    out = vk.encode(x, keys, pool="attn", query=query, backend=backend)
+    grad_seq = torch.randn(out.sequence.shape, device=device).to(dtype)
+    (grad_query,) = torch.autograd.grad(out.sequence, [query], grad_seq)
+    assert_one_patch_query_grad_vanishes(grad_query, x, grad_seq[:, 1:], 1, f"{backend} {dtype}")
 
 
 VARLEN_CASES = [

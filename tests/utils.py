@@ -18,6 +18,21 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]:.0e} ({dtype})"
 
 
+def assert_one_patch_query_grad_vanishes(grad_query: torch.Tensor, x: torch.Tensor, grad_residual: torch.Tensor,
+                                          num_heads: int, what: str) -> None:
+    """With one patch (x [B, T, 1, C]) the softmax is constant and grad_query exactly zero: a sum
+    of terms p <grad r, d> d minus <grad r, r> r that cancel. Its error is measured against the
+    size of those terms, |grad r| |d|^2 / sqrt(c) per token (a relative error against a zero
+    reference would be an absolute one). Rounding r to 16 bits before <grad r, r> leaves ~1e-4
+    of that size; float32 arithmetic leaves ~1e-8."""
+    x = x.detach().double().flatten(2)
+    d_max = (x[:, :, None] - x[:, None, :]).norm(dim=-1).max().item()
+    head_dim = x.shape[-1] // num_heads
+    scale = grad_residual.double().norm(dim=-1).sum().item() * d_max ** 2 / head_dim ** 0.5
+    err = grad_query.double().norm().item()
+    assert err <= 1e-6 * scale, f"{what}: |grad_query| {err:.3g} > 1e-6 x {scale:.3g}, the size of its terms"
+
+
 def features(shape, dtype, device="cpu", generator=None) -> torch.Tensor:
     """Random frame features: a shared per-patch signal plus per-frame motion, like an encoder's."""
     base = torch.randn(shape, generator=generator, dtype=torch.float32)

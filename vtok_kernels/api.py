@@ -254,7 +254,7 @@ def encode(
     B, T, N, C = x.shape
     spatial_list, grid_list = _check_grid_and_spatial(N, grid, spatial, grid_from_shape)
     keys = _key_tensor(key_index, T, B, x.device)
-    sequence, _ = ops.encode(x, keys, q, pool, num_heads, frames_per_token, spatial_list, grid_list, name)
+    sequence = ops.encode(x, keys, q, pool, num_heads, frames_per_token, spatial_list, grid_list, name)[0]
     S = spatial_list[0] * spatial_list[1] if spatial_list else N
     return EncodeOutput(sequence, sequence[:, :S], sequence[:, S:])
 
@@ -367,10 +367,10 @@ def encode_varlen(
     else:
         max_frames = max(lengths)
         total_tokens = sum(S + num_groups(t, frames_per_token) for t in lengths)
-    sequence, _ = ops.encode_varlen(
+    sequence = ops.encode_varlen(
         x, offsets, cu_tokens, keys, q, pool, num_heads, frames_per_token, spatial_list, grid_list,
         max_frames, total_tokens, name,
-    )
+    )[0]
     return EncodeVarlenOutput(sequence, cu_tokens, S, S + num_groups(max_frames, frames_per_token))
 
 

@@ -663,11 +663,11 @@ def record_launches(batch: int, frames: int, num_patches: int, channels: int, dt
         stack.enter_context(mock.patch.object(cuda, "_loader", lambda: recorder))
         stack.enter_context(mock.patch.object(cuda, "_stream", lambda t: 0))
         stack.enter_context(mock.patch.object(torch.cuda, "device", lambda d: contextlib.nullcontext()))
-        sequence, lse = cuda.encode_fwd(x, key_index, query, pool, heads, 1, (), ())
+        sequence, lse, *kept = cuda.encode_fwd(x, key_index, query, pool, heads, 1, (), ())
         out["fwd"], recorder.launches = recorder.launches, []
         if backward:
             grad = torch.empty(sequence.shape, dtype=dtype, device=meta)
-            cuda.encode_bwd(grad, x, key_index, query, sequence, lse, pool, heads, 1, (), ())
+            cuda.encode_bwd(grad, x, key_index, query, sequence, lse, pool, heads, 1, (), (), *kept)
             out["bwd"] = recorder.launches
     return out
 

@@ -237,6 +237,7 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
         T* out = static_cast<T*>(p.sequence) + (video.seq_row0 + p.num_key_tokens + group) * p.channels;
         out[c0 + i] = from_float<T>(r);
         if (kAttn && i == 0) p.lse[(video.lse_row0 + group) * p.num_heads + seg] = softmax_lse(merged);
+        if (kAttn && p.residual32 != nullptr) p.residual32[(video.lse_row0 + group) * p.channels + c0 + i] = r;
       }
     }
     __syncthreads();  // acc_s and state_s are the next group's
@@ -422,6 +423,11 @@ __device__ __forceinline__ void merge_splits(const EncodeParams& p, const RowPla
   T* out = static_cast<T*>(p.sequence) + (video.seq_row0 + p.num_key_tokens + group) * p.channels;
   store_vec<T, V>(out + c, acc);
   if (kAttn && c % head_dim == 0) p.lse[(video.lse_row0 + group) * p.num_heads + head] = softmax_lse(state);
+  if (kAttn && p.residual32 != nullptr) {
+    float* r32 = p.residual32 + (video.lse_row0 + group) * p.channels + c;
+#pragma unroll
+    for (int e = 0; e < V; ++e) r32[e] = acc[e];
+  }
 }
 
 template <typename T, int V, int kMode>
@@ -477,8 +483,8 @@ __global__ void __launch_bounds__(kThreads) key_tokens_kernel(const EncodeParams
 }
 
 // <grad r_g,j, r_g,j> per group and head (the softmax backward's row term), written after the
-// grad_query partial rows of the workspace in the layout of lse. grid: (group, video); one warp
-// per head.
+// grad_query partial rows of the workspace in the layout of lse; r from the forward's float32
+// copy where it kept one. grid: (group, video); one warp per head.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_delta_kernel(const EncodeBwdParams bp) {
   const EncodeParams& p = bp.fwd;
@@ -490,13 +496,14 @@ __global__ void __launch_bounds__(kThreads) attn_delta_kernel(const EncodeBwdPar
   const int64_t row = (video.seq_row0 + p.num_key_tokens + group) * p.channels;
   const T* r = static_cast<const T*>(p.sequence) + row;
   const T* grad_r = static_cast<const T*>(bp.grad_sequence) + row;
+  const float* r32 = p.residual32 != nullptr ? p.residual32 + (video.lse_row0 + group) * p.channels : nullptr;
   float* delta = bp.workspace + dq_partial_rows(p.batch, p.num_patches) * p.channels;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   for (int64_t head = warp; head < p.num_heads; head += kWarps) {
     float dot = 0.0f;
     for (int64_t c = head * head_dim + lane; c < (head + 1) * head_dim; c += 32)
-      dot += to_float(r[c]) * to_float(grad_r[c]);
+      dot += (r32 != nullptr ? r32[c] : to_float(r[c])) * to_float(grad_r[c]);
     dot = row_sum(dot, 32);
     if (lane == 0) delta[(video.lse_row0 + group) * p.num_heads + head] = dot;
   }

@@ -25,6 +25,11 @@ log-sum-exp of the attention scores per group and head, or an empty float32 tens
 Gradients come back contiguous in the dtype of the tensor they belong to; ``grad_query`` is
 float32 ``[C]`` or ``None`` for mean.
 
+A backend whose backward needs the residual tokens as they were before rounding to x's dtype
+says so with ``Backend.keeps_residual32(dtype, pool, channels, num_heads)``: where that is true
+its forward returns a third tensor, ``residual32`` float32 ``[B, G, C]`` (varlen
+``[sum_b G_b, C]``), and its backward takes it back as the keyword ``residual32``.
+
 Signatures (keyword names are part of the contract)::
 
     encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid)
@@ -76,6 +81,7 @@ class Backend:
     impls: dict = field(default_factory=dict)
     dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32)
     loader: str = ""  # how the kernels were obtained (e.g. "extension", "cupy-nvrtc")
+    keeps_residual32: Optional[Callable[[torch.dtype, str, int, int], bool]] = None
 
     def unavailable_reason(self, device_type: str) -> Optional[str]:
         return self.availability(device_type)

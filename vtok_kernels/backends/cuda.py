@@ -203,6 +203,20 @@ def _too_wide(pool: str, channels: int, num_heads: int) -> bool:
     return pool == "attn" and channels // num_heads > MAX_HEAD_DIM
 
 
+def keeps_residual32(dtype: torch.dtype, pool: str, channels: int, num_heads: int) -> bool:
+    """Whether the forward also returns the residual tokens in float32 for the backward: attn
+    pooling in a 16-bit type on the kernels' path (its grad_query would otherwise rest on the
+    tokens rounded to 8 or 11 bits of mantissa)."""
+    return (pool == "attn" and dtype in (torch.float16, torch.bfloat16)
+            and not _too_wide(pool, channels, num_heads))
+
+
+def _residual32(x: torch.Tensor, rows: int, pool: str, num_heads: int) -> Optional[torch.Tensor]:
+    if not keeps_residual32(x.dtype, pool, x.shape[-1], num_heads):
+        return None
+    return empty_output((rows, x.shape[-1]), torch.float32, x.device)
+
+
 def _eager():
     from vtok_kernels.backends import get
 
@@ -210,7 +224,7 @@ def _eager():
 
 
 def _encode_fields(x: torch.Tensor, key_index, query, pool, num_heads, frames_per_token, spatial,
-                   grid, sequence, lse, varlen=None) -> dict:
+                   grid, sequence, lse, varlen=None, residual32=None) -> dict:
     n, c = x.shape[-2], x.shape[-1]
     fields = dict(
         x=x.data_ptr(), x_stride_t=x.stride(-3), x_stride_n=x.stride(-2),
@@ -218,6 +232,7 @@ def _encode_fields(x: torch.Tensor, key_index, query, pool, num_heads, frames_pe
         pool=_POOL_CODES[pool], query=query.data_ptr() if query is not None else 0,
         num_heads=num_heads, frames_per_token=frames_per_token,
         spatial=bool(spatial), sequence=sequence.data_ptr(), lse=lse.data_ptr() if lse.numel() else 0,
+        residual32=residual32.data_ptr() if residual32 is not None and residual32.numel() else 0,
     )
     if spatial:
         fields.update(grid_h=grid[0], grid_w=grid[1], out_h=spatial[0], out_w=spatial[1],
@@ -266,15 +281,18 @@ def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, 
         sequence = empty_output((b, s + g, c), x.dtype, x.device)
         lse = (empty_output((b, g, num_heads), torch.float32, x.device) if pool == "attn"
                else torch.empty(0, dtype=torch.float32, device=x.device))
+        residual32 = _residual32(x, b * g, pool, num_heads)
         fields = _encode_fields(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid,
-                                sequence, lse)
+                                sequence, lse, residual32=residual32)
         fields, workspace = _with_workspace(fields, x.device)
         _loader().encode_fwd(fields, _stream(x), x.device.index)
-    return sequence, lse
+    if residual32 is None:
+        return sequence, lse
+    return sequence, lse, residual32.view(b, g, c)
 
 
 def _encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads, frames_per_token,
-                spatial, grid, varlen=None):
+                spatial, grid, varlen=None, residual32=None):
     c, n = x.shape[-1], x.shape[-2]
     batch = x.shape[0] if varlen is None else varlen[0].numel() - 1
     query = _query(query)
@@ -287,7 +305,7 @@ def _encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_hea
             elems = cuda_nvrtc.encode_bwd_workspace_elems(batch, n, c, lse.numel())
             workspace = empty_output((elems,), torch.float32, x.device)
         fwd = _encode_fields(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid,
-                             sequence, lse, varlen)
+                             sequence, lse, varlen, residual32)
         fields = dict(fwd=fwd, grad_sequence=grad_sequence.data_ptr(), grad_x=grad_x.data_ptr(),
                       grad_query=grad_query.data_ptr() if grad_query is not None else 0,
                       workspace=workspace.data_ptr() if workspace is not None else 0,
@@ -297,12 +315,12 @@ def _encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_hea
 
 
 def encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads,
-               frames_per_token, spatial, grid):
+               frames_per_token, spatial, grid, residual32=None):
     if _too_wide(pool, x.shape[-1], num_heads):
         return _eager().encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads,
                                    frames_per_token, spatial, grid)
     return _encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads,
-                       frames_per_token, spatial, grid)
+                       frames_per_token, spatial, grid, residual32=residual32)
 
 
 def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads,
@@ -318,21 +336,24 @@ def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads
         sequence = empty_output((total_tokens, c), x.dtype, x.device)
         lse = (empty_output((total_tokens - batch * s, num_heads), torch.float32, x.device)
                if pool == "attn" else torch.empty(0, dtype=torch.float32, device=x.device))
+        residual32 = _residual32(x, total_tokens - batch * s, pool, num_heads)
         fields = _encode_fields(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid,
-                                sequence, lse, (cu_frames, cu_tokens, max_frames))
+                                sequence, lse, (cu_frames, cu_tokens, max_frames), residual32)
         fields, workspace = _with_workspace(fields, x.device)
         _loader().encode_fwd(fields, _stream(x), x.device.index)
-    return sequence, lse
+    if residual32 is None:
+        return sequence, lse
+    return sequence, lse, residual32
 
 
 def encode_varlen_bwd(grad_sequence, x, cu_frames, cu_tokens, key_index, query, sequence, lse,
-                      pool, num_heads, frames_per_token, spatial, grid, max_frames):
+                      pool, num_heads, frames_per_token, spatial, grid, max_frames, residual32=None):
     if _too_wide(pool, x.shape[-1], num_heads):
         return _eager().encode_varlen_bwd(grad_sequence, x, cu_frames, cu_tokens, key_index, query,
                                           sequence, lse, pool, num_heads, frames_per_token, spatial,
                                           grid, max_frames)
     return _encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads,
-                       frames_per_token, spatial, grid, (cu_frames, cu_tokens, max_frames))
+                       frames_per_token, spatial, grid, (cu_frames, cu_tokens, max_frames), residual32)
 
 
 def expand_fwd(key_tokens, residual_tokens, key_index, num_frames, frames_per_token):
@@ -504,4 +525,5 @@ BACKEND = register(Backend(
     impls=impls_of(globals()),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     loader=_default_loader_name(),
+    keeps_residual32=keeps_residual32,
 ))

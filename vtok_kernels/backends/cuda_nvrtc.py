@@ -93,6 +93,7 @@ ENCODE_PARAMS = np.dtype([
     ("pool", _I32), ("query", _PTR), ("num_heads", _I64), ("frames_per_token", _I64),
     ("spatial", np.bool_), ("grid_h", _I64), ("grid_w", _I64), ("out_h", _I64), ("out_w", _I64),
     ("num_key_tokens", _I64), ("num_groups", _I64), ("sequence", _PTR), ("lse", _PTR),
+    ("residual32", _PTR),
     ("workspace", _PTR), ("workspace_elems", _I64),
 ], align=True)
 

@@ -39,6 +39,11 @@ struct EncodeParams {
   // (varlen [sum_b G_b, heads]), attn only.
   void* sequence = nullptr;
   float* lse = nullptr;
+  // attn (cuda, 16-bit types): the residual tokens again in float32, [rows of lse, C], as they
+  // were before rounding to the sequence's type. The backward's softmax row term <grad r, r>
+  // reads them: grad_query is a difference of near-equal terms (exactly zero for one patch), and
+  // r rounded to 8 bits of mantissa would decide it. Null: the backward reads the sequence.
+  float* residual32 = nullptr;
 
   // Forward scratch (cuda): per-block partial results of the residual tokens, merged in a fixed
   // order when a frame's patches are split over blocks. workspace_elems floats; see the
