@@ -12,6 +12,8 @@ For each row (cases.py) it measures, in one process:
     python -m benchmarks.kernel_profile --preset clip --frames 16 --json out.json
     python -m benchmarks.kernel_profile --host-profile 50     # where the host time goes (cProfile)
     ncu ... python -m benchmarks.kernel_profile --once       # each row's call once, for a profiler
+    python -m benchmarks.kernel_profile --impl triton --pin stream=8,BLOCK_N=64,BLOCK_D=128
+                                                  # a Triton config tried without a code change
 
 A row whose ``events`` is far above its ``kernels`` sum is host-bound or gap-bound; one whose
 kernels are slow next to the bytes they move is a kernel to fix.
@@ -19,6 +21,7 @@ kernels are slow next to the bytes they move is a kernel to fix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -134,6 +137,23 @@ def host_profile(case: cases.Case, calls: int, top: int = 25) -> str:
     return out.getvalue()
 
 
+def pinned_configs(specs: list[str]) -> contextlib.ExitStack:
+    """``KIND=WARPS,NAME=VALUE,...`` (e.g. ``stream=8,BLOCK_N=64,BLOCK_D=128``): every launch of
+    that Triton kernel family runs this config, autotuner and pruning bypassed."""
+    from vtok_kernels.backends.triton import configs
+
+    import triton
+
+    stack = contextlib.ExitStack()
+    for spec in specs:
+        kind, _, rest = spec.partition("=")
+        warps, *blocks = rest.split(",")
+        kwargs = {name: int(value) for name, value in (b.split("=") for b in blocks)}
+        stages = kwargs.pop("num_stages", 2)
+        stack.enter_context(configs.pin(kind, triton.Config(kwargs, num_warps=int(warps), num_stages=stages)))
+    return stack
+
+
 def _gbs(moved, seconds):
     return f"{moved / seconds / 1e9:6.0f}" if seconds else "     -"
 
@@ -151,12 +171,21 @@ def main(argv=None) -> int:
     parser.add_argument("--host-profile", type=int, default=0, metavar="CALLS",
                         help="print a cProfile of CALLS calls per row instead of timing it")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
+    parser.add_argument("--pin", action="append", default=[], metavar="KIND=WARPS,NAME=VALUE,...",
+                        help="run Triton kernels of KIND (stream, attn_fwd, attn_bwd) with this config")
     parser.add_argument("--once", action="store_true",
                         help="run each row's call once and nothing else (under ncu or nsys)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("kernel_profile: no CUDA device", file=sys.stderr)
         return 2
+    with pinned_configs(args.pin):
+        if args.pin:
+            print("pinned: " + "; ".join(args.pin))
+        return _run(args)
+
+
+def _run(args) -> int:
     presets = args.preset or ["clip"]
     rows = [cases.Case(op, mode, impl, cases.PRESETS[preset], frames, args.batch, torch.bfloat16, args.device)
             for preset in presets for frames in args.frames or [16]

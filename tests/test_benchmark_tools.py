@@ -319,3 +319,29 @@ def test_suite_runs_end_to_end(tmp_path):
         assert row["telemetry_before"]["nvml"] in (True, False)
     assert record["copy_bandwidth"]["bytes_per_s"] > 0
     assert record["load"]["at_end"] is not None
+
+
+# ------------------------------------------------------------------------------ kernel_profile
+def test_kernel_profile_runs_rows_once_and_profiles_the_host(capsys):
+    from benchmarks import kernel_profile
+
+    common = ["--device", "cpu", "--impl", "cpu", "--preset", "tiny", "--batch", "1", "--frames", "4"]
+    assert kernel_profile.main(common + ["--once"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ran once") == 4 and "cpu-encode-attn-fwd+bwd-cpu-tiny-B1xT4" in out
+    assert kernel_profile.main(common + ["--host-profile", "3", "--op", "encode-attn", "--mode", "fwd+bwd"]) == 0
+    out = capsys.readouterr().out
+    # cProfile of this thread, then torch.profiler's ops (the backward's among them)
+    assert "function calls" in out and "vtok::encode_backward" in out
+
+
+def test_kernel_profile_pins_a_triton_config():
+    pytest.importorskip("triton")
+    from benchmarks import kernel_profile
+    from vtok_kernels.backends.triton import configs
+
+    with kernel_profile.pinned_configs(["stream=8,BLOCK_N=64,BLOCK_D=128", "attn_fwd=4,BLOCK_N=16,num_stages=3"]):
+        stream, attn = configs.pinned("stream"), configs.pinned("attn_fwd")
+        assert (stream.num_warps, stream.num_stages, stream.kwargs) == (8, 2, {"BLOCK_N": 64, "BLOCK_D": 128})
+        assert (attn.num_warps, attn.num_stages, attn.kwargs) == (4, 3, {"BLOCK_N": 16})
+    assert configs.pinned("stream") is None and configs.pinned("attn_fwd") is None
