@@ -31,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.feature_extraction_utils import BatchFeature  # noqa: E402
 from transformers.processing_utils import ProcessorMixin  # noqa: E402
 from transformers.video_utils import VideoMetadata  # noqa: E402
+from tests.utils import fresh_copies  # noqa: E402
 
 from vtok_kernels import backends, reference  # noqa: E402
 from vtok_kernels.integrations.transformers import (  # noqa: E402
@@ -83,14 +84,8 @@ def _build(family: str):
     return model
 
 
-_MODELS: dict = {}
-
-
-def fresh_model(family: str):
-    """A new instance of the family's tiny model (a deep copy of one built per session)."""
-    if family not in _MODELS:
-        _MODELS[family] = _build(family)
-    return copy.deepcopy(_MODELS[family])
+# A new instance of a family's tiny model.
+fresh_model = fresh_copies(_build)
 
 
 def patchify(frames) -> tuple[torch.Tensor, list[int]]:

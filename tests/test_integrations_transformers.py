@@ -39,6 +39,7 @@ from vtok_kernels.integrations.transformers import (  # noqa: E402
 from transformers.feature_extraction_utils import BatchFeature  # noqa: E402
 from transformers.image_processing_utils import ImageProcessingMixin  # noqa: E402
 from transformers.processing_utils import ProcessorMixin  # noqa: E402
+from tests.utils import fresh_copies  # noqa: E402
 
 BACKEND = "cpu" if backends.unavailable_reason("cpu", "cpu") is None else "torch"
 IMAGE, VIDEO = 2, 3  # token ids of <image> and <video> in the tokenizer below
@@ -76,14 +77,8 @@ def _build(family: str, seed: int = 0):
     return model
 
 
-_MODELS: dict = {}
-
-
-def fresh_model(family: str):
-    """A new instance of the family's tiny model (a deep copy of one built per session)."""
-    if family not in _MODELS:
-        _MODELS[family] = _build(family)
-    return copy.deepcopy(_MODELS[family])
+# A new instance of a family's tiny model.
+fresh_model = fresh_copies(_build)
 
 
 class StubVideoProcessor:

@@ -1,6 +1,9 @@
 """Helpers shared by the test files: tolerances, random inputs, backend/device selection."""
 from __future__ import annotations
 
+import copy
+from typing import Callable
+
 import pytest
 import torch
 
@@ -31,6 +34,19 @@ def assert_one_patch_query_grad_vanishes(grad_query: torch.Tensor, x: torch.Tens
     scale = grad_residual.double().norm(dim=-1).sum().item() * d_max ** 2 / head_dim ** 0.5
     err = grad_query.double().norm().item()
     assert err <= 1e-6 * scale, f"{what}: |grad_query| {err:.3g} > 1e-6 x {scale:.3g}, the size of its terms"
+
+
+def fresh_copies(build: Callable):
+    """``fresh(key)``: a deep copy of ``build(key)``, which runs once per key and session (the
+    integration tests' tiny models take seconds to build, and each test may change its copy)."""
+    built: dict = {}
+
+    def fresh(key):
+        if key not in built:
+            built[key] = build(key)
+        return copy.deepcopy(built[key])
+
+    return fresh
 
 
 def features(shape, dtype, device="cpu", generator=None) -> torch.Tensor:
