@@ -12,7 +12,8 @@ For each row (cases.py) it measures, in one process:
     python -m benchmarks.kernel_profile --preset clip --frames 16 --json out.json
     python -m benchmarks.kernel_profile --host-profile 50     # where the host time goes (cProfile)
     ncu ... python -m benchmarks.kernel_profile --once       # each row's call once, for a profiler
-    python -m benchmarks.kernel_profile --impl triton --pin stream=8,BLOCK_N=64,BLOCK_D=128
+    python -m benchmarks.kernel_profile --impl triton --op encode-mean \
+        --pin mean_fwd=1,BLOCK_N=16,BLOCK_D=128,CHUNK_G=4,maxnreg=240
                                                   # a Triton config tried without a code change
 
 A row whose ``events`` is far above its ``kernels`` sum is host-bound or gap-bound; one whose
@@ -150,7 +151,9 @@ def pinned_configs(specs: list[str]) -> contextlib.ExitStack:
         warps, *blocks = rest.split(",")
         kwargs = {name: int(value) for name, value in (b.split("=") for b in blocks)}
         stages = kwargs.pop("num_stages", 2)
-        stack.enter_context(configs.pin(kind, triton.Config(kwargs, num_warps=int(warps), num_stages=stages)))
+        maxnreg = kwargs.pop("maxnreg", None)
+        stack.enter_context(configs.pin(kind, triton.Config(kwargs, num_warps=int(warps), num_stages=stages,
+                                                            maxnreg=maxnreg)))
     return stack
 
 
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
                         help="print a cProfile of CALLS calls per row instead of timing it")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
     parser.add_argument("--pin", action="append", default=[], metavar="KIND=WARPS,NAME=VALUE,...",
-                        help="run Triton kernels of KIND (stream, attn_fwd, attn_bwd) with this config")
+                        help="run Triton kernels of KIND (mean_fwd, stream, attn_fwd, attn_bwd) with this config "
+                        "(num_stages and maxnreg are options, the rest meta-parameters)")
     parser.add_argument("--once", action="store_true",
                         help="run each row's call once and nothing else (under ncu or nsys)")
     args = parser.parse_args(argv)

@@ -340,8 +340,11 @@ def test_kernel_profile_pins_a_triton_config():
     from benchmarks import kernel_profile
     from vtok_kernels.backends.triton import configs
 
-    with kernel_profile.pinned_configs(["stream=8,BLOCK_N=64,BLOCK_D=128", "attn_fwd=4,BLOCK_N=16,num_stages=3"]):
-        stream, attn = configs.pinned("stream"), configs.pinned("attn_fwd")
+    with kernel_profile.pinned_configs(["stream=8,BLOCK_N=64,BLOCK_D=128", "attn_fwd=4,BLOCK_N=16,num_stages=3",
+                                        "mean_fwd=1,BLOCK_N=16,BLOCK_D=128,CHUNK_G=4,maxnreg=240"]):
+        stream, attn, mean = (configs.pinned(kind) for kind in ("stream", "attn_fwd", "mean_fwd"))
         assert (stream.num_warps, stream.num_stages, stream.kwargs) == (8, 2, {"BLOCK_N": 64, "BLOCK_D": 128})
         assert (attn.num_warps, attn.num_stages, attn.kwargs) == (4, 3, {"BLOCK_N": 16})
-    assert configs.pinned("stream") is None and configs.pinned("attn_fwd") is None
+        assert attn.maxnreg is None and stream.maxnreg is None
+        assert (mean.num_warps, mean.maxnreg, mean.kwargs) == (1, 240, {"BLOCK_N": 16, "BLOCK_D": 128, "CHUNK_G": 4})
+    assert all(configs.pinned(kind) is None for kind in ("stream", "attn_fwd", "mean_fwd"))

@@ -81,8 +81,9 @@ def test_every_autotune_config(kind, index):
     configs, encode, expand = _triton_modules()
     config = configs.CONFIG_LISTS[kind][index]
     with configs.pin(kind, config):
-        if kind == "stream":
-            # Mean pooling (with spatial key tokens) and expand run on the stream configs.
+        if kind in ("stream", "mean_fwd"):
+            # Mean pooling (with spatial key tokens) runs its forward on the mean_fwd configs,
+            # its backward and expand on the stream configs.
             got, want = _encode_case(device, torch.float32, shape=(2, 4, 12, 40), pool="mean",
                                      num_heads=1, spatial=(2, 3), grid=(3, 4))
             _assert_all_close(got, want, torch.float32, f"mean {config}")
@@ -501,6 +502,8 @@ def test_split_extremes(monkeypatch, target):
     device = _device()
     _, encode, _ = _triton_modules()
     monkeypatch.setattr(encode, "INTERPRET_TARGET_PROGRAMS", target)
+    # The mean forward: one split of every video's rows, or as many as it has patch blocks.
+    monkeypatch.setattr(encode, "INTERPRET_CAPACITY", target)
     got, want = _encode_case(device, torch.float32, shape=(2, 5, 29, 24), pool="attn",
                              num_heads=3, frames_per_token=2)
     _assert_all_close(got, want, torch.float32, f"attn, target {target}")
@@ -529,7 +532,7 @@ def test_gpu_every_config_at_siglip_width(kind, index, heads):
     head_width = sum(head_blocks(1152 // heads))
     if not configs.fits(kind, config, head_width):
         pytest.skip(f"pruned for heads of {head_width} channels")
-    pool = "mean" if kind == "stream" else "attn"
+    pool = "mean" if kind in ("stream", "mean_fwd") else "attn"
     with configs.pin(kind, config):
         got, want = _encode_case("cuda", torch.bfloat16, shape=(2, 9, 729, 1152), pool=pool,
                                  num_heads=heads if pool == "attn" else 1, frames_per_token=2,

@@ -60,6 +60,8 @@ def recorded(monkeypatch):
     monkeypatch.setattr(configs, "active", lambda kind: configs.CONFIG_LISTS[kind])
     monkeypatch.setenv("VTOK_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(encode, "_target_programs", lambda device: 8 * 132)
+    monkeypatch.setattr(encode, "_resident_capacity",
+                        lambda device, config: 132 * configs.resident_programs(config))
     monkeypatch.setattr(encode, "_combine_block", encode.combine_block)
     monkeypatch.setattr(expand, "_combine_block", encode.combine_block)
     launches: list = []
@@ -67,7 +69,7 @@ def recorded(monkeypatch):
     for module, name, label, kind in (
             (encode, "mean_fwd_kernel", "encode_fwd", None),
             (encode, "attn_fwd_kernel", "encode_fwd", None),
-            (encode, "_fwd_stream", "encode_fwd", "stream"),
+            (encode, "_fwd_mean", "encode_fwd", "mean_fwd"),
             (encode, "_fwd_attn", "encode_fwd", "attn_fwd"),
             (encode, "mean_bwd_kernel", "encode_bwd", None),
             (encode, "attn_bwd_kernel", "encode_bwd", None),
@@ -181,13 +183,20 @@ def test_bounded_grids_raise_before_any_launch(recorded):
     ValueError naming the argument and the limit, raised before the first launch."""
     with pytest.raises(ValueError, match=r"num_heads: .*65536 programs.*65535"):
         _encode(_meta(1, 2, 1, 65536), "attn", 65536)
-    wide = 65535 * 64 + 1  # one channel block more than axis 2 holds at the narrowest config
-    with pytest.raises(ValueError, match=rf"x: C = {wide} channels in blocks of 64"):
+    # One channel block more than axis 2 holds at the narrowest config: 128 channels in the
+    # mean forward, 64 in its backward and in expand.
+    wide = 65535 * 128 + 1
+    with pytest.raises(ValueError, match=rf"x: C = {wide} channels in blocks of 128"):
         _encode(_meta(1, 2, 1, wide), "mean", 1)
+    wide = 65535 * 64 + 1
+    _, encode, _, _ = _triton_modules()
+    with pytest.raises(ValueError, match=rf"x: C = {wide} channels in blocks of 64"):
+        encode.encode_bwd(_meta(1, 2, wide), _meta(1, 2, 1, wide),
+                          _meta(1, dtype=torch.int64), None, _meta(1, 2, wide),
+                          _meta(0), "mean", 1, 1, (), ())
     with pytest.raises(ValueError, match=rf"key_tokens: C = {wide} channels in blocks of 64"):
         _expand(1, 1, wide, 2)
     videos = 2**31
-    _, encode, _, _ = _triton_modules()
     with pytest.raises(ValueError, match=r"cu_frames: videos: .*2147483648 programs"):
         encode.encode_varlen_fwd(_meta(videos, 1, 1), _meta(videos + 1, dtype=torch.int64),
                                  _meta(videos + 1, dtype=torch.int64),
@@ -391,3 +400,76 @@ def test_capture_of_an_unseen_key_raises_before_the_tuner(monkeypatch):
     monkeypatch.setenv("VTOK_TRITON_AUTOTUNE", "1")
     call(21)
     assert len(benchmarks) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# The mean forward's splits: whole waves of the programs the GPU holds, partials small.
+
+
+def test_wave_splits_take_the_fewest_waves_times_rows():
+    """Against every split count allowed: no other takes fewer waves x rows per program, and
+    among equals the fewest splits (the fewest partial rows) win."""
+    _, encode, _, _ = _triton_modules()
+
+    def cost(rows, items, capacity, splits):
+        return -(-items * splits // capacity) * -(-rows // splits)
+
+    for rows, items, capacity, most in ((576, 256, 2244, 9), (729, 288, 2244, 12),
+                                        (13, 18, 64, 4), (600_000, 1, 2112, 2000),
+                                        (7, 5000, 2112, 2), (1, 3, 100, 1)):
+        splits = encode.wave_splits(rows, items, capacity, most)
+        assert 1 <= splits <= most
+        best = min(cost(rows, items, capacity, s) for s in range(1, most + 1))
+        assert cost(rows, items, capacity, splits) == best
+        assert all(cost(rows, items, capacity, s) > best for s in range(1, splits))
+
+
+def test_resident_programs_from_pinned_registers():
+    configs, _, _, _ = _triton_modules()
+    one_warp = configs._config(1, maxnreg=120, BLOCK_N=8)
+    assert configs.resident_programs(one_warp) == 65536 // (120 * 32)  # 17, registers
+    assert configs.resident_programs(configs._config(1, maxnreg=64)) == 32  # blocks per SM
+    assert configs.resident_programs(configs._config(1, maxnreg=64), (8, 6)) == 16
+    # Registers are allocated in units of 8 per thread: 121 costs as much as 128.
+    assert configs.resident_programs(configs._config(1, maxnreg=121)) == 65536 // (128 * 32)
+    assert configs.resident_programs(configs._config(8, maxnreg=64)) == 4  # threads per SM
+    # No cap: counted at the most a thread can hold.
+    assert configs.resident_programs(configs._config(4)) == 65536 // (255 * 32 * 4 + 128)
+
+
+def test_mean_forward_configs_are_told_apart_by_their_parameters():
+    """The mean forward's grid depends on a config's registers, but a grid function gets only
+    its parameters (configs.holding): no two configs of the list share them."""
+    configs, _, _, _ = _triton_modules()
+    config_list = configs.MEAN_FWD_CONFIGS
+    params = [tuple(sorted(c.kwargs.items())) for c in config_list]
+    assert len(set(params)) == len(params)
+    for config in config_list:
+        assert configs.holding(config_list, {**config.kwargs, "N": 5}) is config
+
+
+@pytest.mark.parametrize("preset", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mean_forward_fills_its_waves_with_small_partials(recorded, preset, dtype):
+    """At the benchmark presets on an H100 (132 SMs), every mean-forward config's partial rows
+    stay within PARTIAL_SHARE of x's bytes, and its programs fill at least 3/4 of the waves
+    they take (the GPU's resident programs per wave) unless one split more would pass that
+    share."""
+    configs, encode, _, _ = _triton_modules()
+    from benchmarks import cases
+
+    grid_hw, channels = cases.PRESETS[preset].grid, cases.PRESETS[preset].channels
+    batch, frames, patches = 8, 16, grid_hw[0] * grid_hw[1]
+    x = _meta(batch, frames, patches, channels, dtype=dtype)
+    _encode(x, "mean", 1)
+    launched = [grid for name, grid, _ in recorded if name == "encode_fwd"]
+    assert len(launched) == len(configs.MEAN_FWD_CONFIGS)
+    x_bytes = x.numel() * x.element_size()
+    for config, grid in zip(configs.MEAN_FWD_CONFIGS, launched):
+        programs = grid[0] * grid[1] * grid[2]
+        capacity = 132 * configs.resident_programs(config)
+        waves = -(-programs // capacity)
+        split_bytes = batch * (frames - 1) * channels * 4
+        assert grid[1] * split_bytes <= encode.PARTIAL_SHARE * x_bytes, (config, grid)
+        assert (programs >= 0.75 * waves * capacity
+                or (grid[1] + 1) * split_bytes > encode.PARTIAL_SHARE * x_bytes), (config, grid)

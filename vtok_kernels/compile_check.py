@@ -96,11 +96,14 @@ class Case:
     default: bool
     pointer_types: dict
     values: Optional[dict] = None
+    maxnreg: Optional[int] = None  # the config's register cap, where it pins one
 
 
-def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
+def _config_label(constexprs: dict, num_warps: int, num_stages: int,
+                  maxnreg: Optional[int] = None) -> str:
     parts = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()]
-    return ",".join(parts + [f"w{num_warps}", f"s{num_stages}"])
+    cap = [f"r{maxnreg}"] if maxnreg is not None else []
+    return ",".join(parts + [f"w{num_warps}", f"s{num_stages}"] + cap)
 
 
 def _signature(fn, constexprs: dict, pointer_types: dict) -> tuple[dict, dict]:
@@ -165,9 +168,11 @@ def triton_cases(quick: bool = False) -> list[Case]:
         chosen = config_list[:1] if (quick or only_default) else config_list
         for position, config in enumerate(chosen):
             constexprs = {**fixed, **config.kwargs}
-            label = _config_label(constexprs, config.num_warps, config.num_stages)
+            label = _config_label(constexprs, config.num_warps, config.num_stages,
+                                  config.maxnreg)
             cases.append(Case(kernel, label, module, function, constexprs, config.num_warps,
-                              config.num_stages, position == 0, pointer_types))
+                              config.num_stages, position == 0, pointer_types,
+                              maxnreg=config.maxnreg))
 
     stream = configs.STREAM_CONFIGS
 
@@ -181,8 +186,9 @@ def triton_cases(quick: bool = False) -> list[Case]:
 
     base = {"IS_VARLEN": False}
     no_spatial = {"SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1}
-    add("encode_fwd[mean]", enc, "mean_fwd_kernel", stream, {**base, "WRITE_KEY": True})
-    add("encode_fwd[mean,varlen]", enc, "mean_fwd_kernel", stream,
+    mean_fwd = configs.MEAN_FWD_CONFIGS
+    add("encode_fwd[mean]", enc, "mean_fwd_kernel", mean_fwd, {**base, "WRITE_KEY": True})
+    add("encode_fwd[mean,varlen]", enc, "mean_fwd_kernel", mean_fwd,
         {"IS_VARLEN": True, "WRITE_KEY": True}, only_default=True)
     add("encode_bwd[mean]", enc, "mean_bwd_kernel", stream, {**base, **no_spatial})
     for head_dim in ATTN_HEAD_DIMS[: 1 if quick else None]:  # quick: 144 only
@@ -203,8 +209,9 @@ def triton_cases(quick: bool = False) -> list[Case]:
     for dtype in ("fp16", "fp32"):
         feature_types = {**types, **{name: f"*{dtype}" for name in (
             "x_ptr", "seq_ptr", "grad_seq_ptr", "grad_x_ptr")}}
-        add(f"encode_fwd[mean,{dtype}]", enc, "mean_fwd_kernel", stream,
-            {**base, "WRITE_KEY": True}, feature_types, only_default=True)
+        # Every config: each pins its registers, and float32 tiles need the most.
+        add(f"encode_fwd[mean,{dtype}]", enc, "mean_fwd_kernel", mean_fwd,
+            {**base, "WRITE_KEY": True}, feature_types)
         add(f"encode_fwd[attn,{dtype}]", att, "attn_fwd_kernel", attn("attn_fwd", widest),
             {**base, "WRITE_KEY": True, **head(widest)}, feature_types, only_default=True)
         add(f"encode_bwd[attn,{dtype}]", att, "attn_bwd_kernel", attn("attn_bwd", widest),
@@ -278,6 +285,8 @@ def record_triton_launches(num_patches: int, channels: int, pool: str, num_heads
             mock.patch.object(encode, "spatial_key_fwd_kernel",
                               Direct(encode.spatial_key_fwd_kernel)), \
             mock.patch.object(encode, "_target_programs", lambda device: 8 * sms), \
+            mock.patch.object(encode, "_resident_capacity",
+                              lambda device, config: sms * configs.resident_programs(config)), \
             mock.patch.object(encode, "_combine_block", encode.combine_block), \
             mock.patch.object(configs, "active", lambda kind: configs.CONFIG_LISTS[kind]):
         sequence, lse = encode.encode_fwd(x, keys, query, pool, heads, 1, (), ())
@@ -302,19 +311,20 @@ def preset_cases(quick: bool = False) -> list[Case]:
                 kernel, kind = launch["kernel"], launch["kind"]
                 values, constexprs = launch["values"], launch["constexprs"]
                 if kind is None:
-                    chosen = [(DIRECT_LAUNCH["num_warps"], DIRECT_LAUNCH["num_stages"], {})]
+                    chosen = [(DIRECT_LAUNCH["num_warps"], DIRECT_LAUNCH["num_stages"], {},
+                               None)]
                 else:
                     survivors = configs.survivors(kind, configs.CONFIG_LISTS[kind],
                                                   configs.head_width(constexprs))
-                    chosen = [(c.num_warps, c.num_stages, c.kwargs)
+                    chosen = [(c.num_warps, c.num_stages, c.kwargs, c.maxnreg)
                               for c in survivors[: 1 if quick else None]]
                 function = kernel.fn.__name__
-                for position, (warps, stages, blocks) in enumerate(chosen):
+                for position, (warps, stages, blocks, maxnreg) in enumerate(chosen):
                     fixed = {**constexprs, **blocks}
                     cases.append(Case(f"{function.removesuffix('_kernel')}@{tag}",
-                                      _config_label(blocks, warps, stages), kernel.__module__,
-                                      function, fixed, warps, stages, position == 0, {},
-                                      values=values))
+                                      _config_label(blocks, warps, stages, maxnreg),
+                                      kernel.__module__, function, fixed, warps, stages,
+                                      position == 0, {}, values=values, maxnreg=maxnreg))
     return cases
 
 
@@ -421,7 +431,8 @@ def compile_case(case: Case, arch: str) -> Row:
         compiled = triton.compile(
             ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", capability, 32),
-            options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+            options={"num_warps": case.num_warps, "num_stages": case.num_stages,
+                     **({"maxnreg": case.maxnreg} if case.maxnreg is not None else {})},
         )
         arch_name = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
         regs, stores, loads, smem = _ptxas_resources(compiled.asm["ptx"], arch_name)

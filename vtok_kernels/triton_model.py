@@ -50,9 +50,11 @@ def kernel_code(launch: dict, arch: str = ARCH) -> mc.KernelCode:
     signature, constexprs, attrs = compile_check._specialised_signature(
         kernel, launch["values"], {**launch["constexprs"], **blocks})
     capability = int(arch.split("_")[1].rstrip("a"))
+    maxnreg = config.maxnreg if config is not None else None
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+                              options={"num_warps": warps, "num_stages": stages,
+                                       **({"maxnreg": maxnreg} if maxnreg else {})})
     cuobjdump = mc.find_tool("cuobjdump")
     if cuobjdump is None:
         raise RuntimeError(f"triton model: {mc.unavailable_reason()}")
@@ -74,7 +76,7 @@ def kernel_code(launch: dict, arch: str = ARCH) -> mc.KernelCode:
     occupancy = mc.blocks_per_sm(registers, shared, arch, threads=32 * warps)
     counts = mc.memory_counts(items)
     hot = mc.hot_loop(items)
-    label = compile_check._config_label(blocks, warps, stages)
+    label = compile_check._config_label(blocks, warps, stages, maxnreg)
     return mc.KernelCode(
         name=f"{kernel.fn.__name__}[{label}]", kernel=kernel.fn.__name__, config=label,
         default=True, arch=arch, registers=registers, shared_bytes=shared,
@@ -92,7 +94,11 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
     v, grid = launch["values"], launch["grid"]
     name = launch["kernel"].fn.__name__
     T, N, C, S, G = (int(v[k]) for k in ("T", "N", "C", "S", "G"))
-    B = grid[0]
+    # Videos on grid axis 0; the mean forward has each video's chunks of groups there too.
+    chunks = 1
+    if name == "mean_fwd_kernel":
+        chunks = max(1, math.ceil(int(v["MAX_GROUPS"]) / launch["config"].kwargs["CHUNK_G"]))
+    B = grid[0] // chunks
     features = next(v[k] for k in ("x_ptr", "grad_seq_ptr", "out_ptr") if k in v)
     e = features.element_size()
     x_key, x_rest = B * N * C * e, B * (T - 1) * N * C * e
@@ -104,8 +110,16 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
     blocks_per_frame = math.ceil(N / config["BLOCK_N"]) if "BLOCK_N" in config else 0
     # A program's further patch blocks merge into its own partial: loads of what it stored.
     merges = max(0, blocks_per_frame - splits) * B * G * C * 4
-    if name in ("mean_fwd_kernel", "attn_fwd_kernel"):
-        attn = name == "attn_fwd_kernel"
+    if name == "mean_fwd_kernel":
+        # Each chunk of a video reads the key frame's tiles (from L2 after the first); the
+        # group sums stay in registers, the partials are stored once.
+        partials = splits * B * G * C * 4
+        reads = {"x.rest": x_rest, "x.key": x_key}
+        writes = {"partials": partials, **({"sequence.keys": seq_keys} if v["WRITE_KEY"] else {})}
+        rereads = (chunks - 1) * x_key
+        return mc.Traffic(reads, writes, rereads, x_rest + x_key + rereads)
+    if name == "attn_fwd_kernel":
+        attn = True
         partials = splits * B * G * C * 4 + (2 * splits * stats if attn else 0)
         query = C * 4
         reads = {"x.rest": x_rest, "x.key": x_key, **({"query": query} if attn else {})}

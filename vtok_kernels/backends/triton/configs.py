@@ -23,13 +23,28 @@ import triton
 from vtok_kernels.backends import triton_interpreted
 
 
-def _config(num_warps: int, num_stages: int = 2, **blocks: int) -> triton.Config:
-    return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
+def _config(num_warps: int, num_stages: int = 2, maxnreg: Optional[int] = None,
+            **blocks: int) -> triton.Config:
+    return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages,
+                         maxnreg=maxnreg)
 
 
-# Mean pooling and expand: a program owns a (patch block, channel block) tile and streams the
-# video's frames through it; 8-16 KiB of fp32 per tile keeps the key tile and the accumulator
-# in registers while the frame loop keeps enough loads in flight.
+# Mean pooling's forward: one warp per program, lanes along the channels (16 bytes each), the
+# rows of a tile in registers, so a frame's sum over patches needs no shared memory nor barrier
+# (encode.mean_fwd_kernel). maxnreg pins the registers, hence the programs resident per SM, on
+# which the launcher sizes the patch splits to whole waves (resident_programs): float32 tiles
+# need the most (compile-check fails on a spill); 16-bit ones take 80-100% of it.
+MEAN_FWD_CONFIGS = [
+    _config(1, maxnreg=120, BLOCK_N=8, BLOCK_D=128, CHUNK_G=4),
+    _config(1, maxnreg=64, BLOCK_N=4, BLOCK_D=128, CHUNK_G=4),
+    _config(1, maxnreg=168, BLOCK_N=8, BLOCK_D=128, CHUNK_G=8),
+    _config(1, maxnreg=240, BLOCK_N=16, BLOCK_D=128, CHUNK_G=4),
+    _config(1, maxnreg=240, BLOCK_N=8, BLOCK_D=256, CHUNK_G=4),
+]
+
+# Expand and mean pooling's backward: a program owns a (patch block, channel block) tile and
+# streams the video's frames through it; 8-16 KiB of fp32 per tile keeps the key tile and the
+# accumulator in registers while the frame loop keeps enough loads in flight.
 STREAM_CONFIGS = [
     _config(8, BLOCK_N=32, BLOCK_D=128),
     _config(4, BLOCK_N=16, BLOCK_D=128),
@@ -61,9 +76,12 @@ ATTN_BWD_CONFIGS = [
 # Interpreter: blocks smaller than the test shapes (N = 7..13, C = 12..48) so that several
 # patch and channel blocks, and their masked tails, are exercised.
 INTERPRET_STREAM = _config(1, num_stages=1, BLOCK_N=8, BLOCK_D=16)
+# Several patch blocks per split and several chunks of 2 groups per video at the test shapes.
+INTERPRET_MEAN_FWD = _config(1, num_stages=1, BLOCK_N=4, BLOCK_D=16, CHUNK_G=2)
 INTERPRET_ATTN = _config(1, num_stages=1, BLOCK_N=8)
 
 CONFIG_LISTS = {
+    "mean_fwd": MEAN_FWD_CONFIGS,
     "stream": STREAM_CONFIGS,
     "attn_fwd": ATTN_FWD_CONFIGS,
     "attn_bwd": ATTN_BWD_CONFIGS,
@@ -112,6 +130,14 @@ def survivors(kind: str, config_list: list[triton.Config],
     return chosen or [min(config_list, key=lambda c: c.kwargs["BLOCK_N"] / c.num_warps)]
 
 
+def holding(config_list: list[triton.Config], meta: dict) -> triton.Config:
+    """The config of ``config_list`` whose meta-parameters ``meta`` holds (what a grid function
+    gets from the autotuner: a launch's arguments and its config's parameters, not its warps
+    or registers). The configs of a list differ in their parameters (a test checks it)."""
+    return next(c for c in config_list
+                if all(meta.get(name) == value for name, value in c.kwargs.items()))
+
+
 def head_width(meta: dict) -> Optional[int]:
     """Channels per program fixed by the launch (the attention kernels' head blocks), or None
     where the config's BLOCK_D sets them."""
@@ -153,8 +179,29 @@ def default(kind: str, block_d: Optional[int]) -> triton.Config:
 def active(kind: str) -> list[triton.Config]:
     """The configs a kernel of family ``kind`` is autotuned over in this process."""
     if triton_interpreted():
-        return [INTERPRET_ATTN if kind.startswith("attn") else INTERPRET_STREAM]
+        interpreted = {"mean_fwd": INTERPRET_MEAN_FWD, "attn_fwd": INTERPRET_ATTN,
+                       "attn_bwd": INTERPRET_ATTN}
+        return [interpreted.get(kind, INTERPRET_STREAM)]
     return CONFIG_LISTS[kind]
+
+
+# Per SM on the GPUs Triton runs on (sm_80 and later): 64K registers; blocks and threads
+# resident at most, by compute capability (CUDA programming guide, "Technical
+# Specifications per Compute Capability"); others as sm_80.
+SM_REGISTERS = 65536
+SM_RESIDENT_LIMITS = {(8, 6): (16, 1536), (8, 7): (16, 1536), (8, 9): (24, 1536),
+                      (8, 0): (32, 2048), (9, 0): (32, 2048)}
+
+
+def resident_programs(config: triton.Config, capability: tuple = (9, 0)) -> int:
+    """Programs of ``config`` resident per SM at once, from its pinned registers (maxnreg,
+    allocated per warp in units of 256), warps and the SM's limits on blocks and threads. A
+    config without maxnreg counts as 255 registers: a lower bound."""
+    blocks, threads = SM_RESIDENT_LIMITS.get(tuple(capability), SM_RESIDENT_LIMITS[(8, 0)])
+    registers = -(-(config.maxnreg or 255) // 8) * 8
+    warp_threads = 32 * config.num_warps
+    return max(1, min(blocks, threads // warp_threads,
+                      SM_REGISTERS // (registers * warp_threads)))
 
 
 _PINNED: dict[str, triton.Config] = {}

@@ -3,19 +3,27 @@
 The mean kernels are here; attention pooling's, which share the decomposition, in
 attention.py; the device functions both use in tiles.py.
 
-Forward. A program owns one video, one channel block (for attention pooling: exactly one head)
-and a set of patch blocks (every num_splits-th block of BLOCK_N patches). For each patch block
-it loads the key frame's tile once, keeps it in registers and streams the video's non-key
-frames through it, so x is read once and the residual tensor never exists. Per group, the
-program keeps one partial result (a sum, or an online-softmax state: running max, sum of
-weights, weighted sum) and merges each further patch block into it in place; a small combine
-kernel merges the programs' partials in a fixed order and writes the residual tokens and the
-log-sum-exp. num_splits is just large enough to fill the device, so the partials are a few
-percent of x. No atomics: for a given config the result is bitwise reproducible; the config
-itself is fixed by a rule instead of timings under ``torch.use_deterministic_algorithms(True)``
+Forward, attention pooling. A program owns one video, one head and a set of patch blocks
+(every num_splits-th block of BLOCK_N patches). For each patch block it loads the key frame's
+tile once, keeps it in registers and streams the video's non-key frames through it, so x is
+read once and the residual tensor never exists. Per group, the program keeps one partial result
+(an online-softmax state: running max, sum of weights, weighted sum) and merges each further
+patch block into it in place; a small combine kernel merges the programs' partials in a fixed
+order and writes the residual tokens and the log-sum-exp.
+
+Forward, mean pooling. A program owns one video, a chunk of CHUNK_G consecutive groups, one
+channel block and a contiguous range of patch rows (a split). It is one warp with its lanes
+along the channels, so summing a tile over its rows takes no shared memory and no barrier; the
+chunk's group sums stay in registers across the split's patch blocks (the key tile reused by
+the chunk's frames) and are stored once. The splits fill whole waves of the programs the GPU
+holds (the configs pin their registers), within PARTIAL_SHARE of x for the partial rows, which
+the combine kernel sums in split order.
+
+No atomics: for a given config the result is bitwise reproducible; the config itself is fixed
+by a rule instead of timings under ``torch.use_deterministic_algorithms(True)``
 (configs.autotuning).
 
-Backward. The same decomposition: a program recomputes its residual tile per frame, writes the
+Backward. The attention forward's decomposition: a program recomputes its residual tile per frame, writes the
 frame's gradient and accumulates the key frame's gradient (minus the sum over its residuals)
 in registers, so every element of grad_x has exactly one writer. grad_query is reduced from
 per-program partials in a fixed order.
@@ -63,23 +71,46 @@ def on_input_device(op):
 def mean_fwd_kernel(
     x_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr, seq_ptr, part_acc_ptr,
     stride_xb, stride_xt, stride_xn,
-    T, N, C, S, G, NUM_ROWS, FRAMES_PER_TOKEN,
+    T, N, C, S, G, NUM_ROWS, FRAMES_PER_TOKEN, MAX_GROUPS,
     IS_VARLEN: tl.constexpr, WRITE_KEY: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_G: tl.constexpr,
 ):
-    (video, split, num_splits, block_c, frame0, num_frames, token0, group0, key,
-     num_groups) = program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G,
-                                  FRAMES_PER_TOKEN, IS_VARLEN)
+    """Mean pooling, forward: program (video x chunk, split, channel block) sums x - key over
+    the split's patch rows for each of the chunk's CHUNK_G groups.
+
+    A warp's lanes lie along the channels (the configs are one warp, BLOCK_D a multiple of its
+    32 x 16-byte vectors' width or half of it), so the sum over a tile's rows is taken in
+    registers and at most one shuffle: no shared memory, no barrier per frame. The chunk's
+    group sums stay in registers ([CHUNK_G, BLOCK_D]) across the split's patch blocks and are
+    stored once, as the split's partial rows: nothing is read back."""
+    # Grid axis 0: the chunks of the longest video's groups (one chunk when it has none: the
+    # key tokens), per video.
+    num_chunks = tl.maximum(tl.cdiv(MAX_GROUPS, CHUNK_G), 1)
+    video = tl.program_id(0) // num_chunks
+    chunk = tl.program_id(0) % num_chunks
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    block_c = tl.program_id(2)
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
     c0 = block_c * BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < C - c0
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-
-    # A program walks patch blocks split, split + num_splits, ...: few enough programs that
-    # the per-group partials (one row per program, merged in place) stay small next to x.
-    for block in range(split, tl.cdiv(N, BLOCK_N), num_splits):
-        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+    group_begin = chunk * CHUNK_G
+    rank_begin = group_begin * FRAMES_PER_TOKEN
+    rank_end = tl.minimum((group_begin + CHUNK_G) * FRAMES_PER_TOKEN, num_frames - 1)
+    # The split's patch rows: a contiguous range, sizes within one row of each other, so the
+    # programs of a launch move the same bytes.
+    row_begin = (split * N) // num_splits
+    row_end = ((split + 1) * N) // num_splits
+    # A chunk past a short video's last group has nothing to pool (the first writes the keys).
+    row_stop = tl.where((chunk > 0) & (group_begin >= num_groups), row_begin, row_end)
+    offs_g = tl.arange(0, CHUNK_G)
+    acc = tl.zeros([CHUNK_G, BLOCK_D], dtype=tl.float32)
+    for n0 in range(row_begin, row_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < row_end
         mask = mask_n[:, None] & mask_d[None, :]
         # 64-bit: a view's patch stride is unbounded (in a patch-major buffer, N * stride_xn
         # passes 2**31).
@@ -87,29 +118,29 @@ def mean_fwd_kernel(
         key_tile = tl.load(x_tile(x_video + key * stride_xt, rows, c0 + offs_d, False),
                            mask=mask, other=0.0).to(tl.float32)
         if WRITE_KEY:
+            # The key tokens once per video: by the programs of its first chunk.
             tl.store(seq_ptr + token0 * C + offs_n[:, None] * C + (c0 + offs_d)[None, :],
-                     key_tile.to(seq_ptr.dtype.element_ty), mask=mask)
-        # Earlier blocks of this program left partials to merge into (a vector-shaped flag:
-        # the interpreter takes no scalar-and-vector masks).
-        merge = (offs_d * 0 + block) > split
-        for g in range(0, num_groups):
-            first = g * FRAMES_PER_TOKEN
-            last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for rank in range(first, last):
-                # 64-bit: frame * stride_xt passes 2**31 in a time-major buffer of a few frames.
-                frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
-                x_tile_ = tl.load(x_tile(x_video + frame * stride_xt, rows, c0 + offs_d, False),
-                                  mask=mask, other=0.0)
-                acc += tl.sum(x_tile_.to(tl.float32) - key_tile, axis=0)
-            part = split.to(tl.int64) * NUM_ROWS + group0 + g
-            acc_ptrs = part_acc_ptr + part * C + c0 + offs_d
-            # Another thread of this program may have stored the partial: the barrier makes
-            # its store visible before the merge reads it.
-            tl.debug_barrier()
-            acc += tl.load(acc_ptrs, mask=mask_d & merge, other=0.0)
-            tl.debug_barrier()
-            tl.store(acc_ptrs, acc, mask=mask_d)
+                     key_tile.to(seq_ptr.dtype.element_ty),
+                     mask=mask & ((offs_n * 0 + chunk) == 0)[:, None])
+        # The frame's group within the chunk, counted rather than divided (an integer
+        # division per frame costs as many instructions as its sum).
+        slot = rank_begin * 0
+        frames_left = FRAMES_PER_TOKEN
+        for rank in range(rank_begin, rank_end):
+            # 64-bit: frame * stride_xt passes 2**31 in a time-major buffer of a few frames.
+            frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
+            x_tile_ = tl.load(x_tile(x_video + frame * stride_xt, rows, c0 + offs_d, False),
+                              mask=mask, other=0.0)
+            frame_sum = tl.sum(x_tile_.to(tl.float32) - key_tile, axis=0)
+            acc += tl.where(offs_g[:, None] == slot, frame_sum[None, :], 0.0)
+            frames_left -= 1
+            slot = tl.where(frames_left == 0, slot + 1, slot)
+            frames_left = tl.where(frames_left == 0, FRAMES_PER_TOKEN, frames_left)
+    # Rows past the video's last group (a short chunk, a short varlen video) are not stored:
+    # the combine kernel reads only its video's groups.
+    part = split.to(tl.int64) * NUM_ROWS + group0 + group_begin + offs_g
+    tl.store(part_acc_ptr + part[:, None] * C + (c0 + offs_d)[None, :], acc,
+             mask=((group_begin + offs_g) < num_groups)[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -260,7 +291,7 @@ def mean_bwd_kernel(
                  mask=mask)
 
 
-_fwd_stream = autotuned(mean_fwd_kernel, "stream")
+_fwd_mean = autotuned(mean_fwd_kernel, "mean_fwd")
 _fwd_attn = autotuned(attn_fwd_kernel, "attn_fwd")
 _bwd_stream = autotuned(mean_bwd_kernel, "stream")
 _bwd_attn = autotuned(attn_bwd_kernel, "attn_bwd")
@@ -337,6 +368,7 @@ class _Layout:
             self.batch, self.T, self.N, self.C = x.shape
             self.strides = (x.stride(0), x.stride(1), x.stride(2))
         check_frame_elements(self.N, self.C)
+        self.element_size = x.element_size()
         self.attn = pool == "attn"
         self.num_heads = num_heads if self.attn else 1
         self.head_dim = self.C // self.num_heads
@@ -417,6 +449,65 @@ def check_grid(batch: int, channels: int, num_heads: int, attn: bool, kind: str,
                         f"{tensor}: C = {channels} channels in blocks of {narrowest}")
 
 
+# The mean forward's partial rows (splits x groups x C floats) at most this share of x's bytes:
+# with the combine's read of them, 2/32 of x's traffic on top of it.
+PARTIAL_SHARE = 1 / 32
+# Programs the mean forward's splits fill under the interpreter: more than a test's videos,
+# chunks and channel blocks, so that the tests see several splits.
+INTERPRET_CAPACITY = 64
+
+
+def _mean_chunks(layout: "_Layout", meta: dict) -> int:
+    """Chunks of CHUNK_G groups per video in the mean forward's grid (one for a video of no
+    group: its key tokens)."""
+    return max(1, triton.cdiv(layout.max_groups, meta["CHUNK_G"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capacity(index: int) -> tuple:
+    properties = torch.cuda.get_device_properties(index)
+    return properties.multi_processor_count, (properties.major, properties.minor)
+
+
+def _mean_fwd_splits(layout: "_Layout", config: triton.Config, device: torch.device) -> int:
+    """Splits of each (video, chunk, channel block)'s patch rows in the mean forward, sized to
+    whole waves of the programs the GPU holds at once (configs.resident_programs), at most what
+    keeps the partial rows within PARTIAL_SHARE of x."""
+    meta = config.kwargs
+    items = layout.batch * _mean_chunks(layout, meta) * layout.channel_blocks(meta)
+    most = min(triton.cdiv(layout.N, meta["BLOCK_N"]), MAX_GRID_YZ)
+    capacity = _resident_capacity(device, config)
+    if capacity is None:
+        return wave_splits(layout.N, items, INTERPRET_CAPACITY, most)
+    x_bytes = layout.T * layout.N * layout.element_size
+    partial_bytes = max(1, layout.max_groups) * 4
+    most = min(most, max(1, int(PARTIAL_SHARE * x_bytes) // partial_bytes))
+    return wave_splits(layout.N, items, capacity, most)
+
+
+def _resident_capacity(device: torch.device, config: triton.Config) -> Optional[int]:
+    """Programs of ``config`` the GPU holds at once (None off a GPU: the interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms, capability = _device_capacity(index)
+    return sms * configs.resident_programs(config, capability)
+
+
+@functools.lru_cache(maxsize=4096)
+def wave_splits(rows: int, items: int, capacity: int, most: int) -> int:
+    """How many programs share each of ``items`` work items of ``rows`` rows (1 to ``most``):
+    the count that takes the fewest waves x rows per program on a GPU that holds ``capacity``
+    programs at once, ties to fewer (fewer partial rows). Programs move the same bytes (their
+    rows differ by at most one), so a wave lasts as long as one program."""
+    best, best_cost = 1, None
+    for splits in range(1, most + 1):
+        cost = -(-items * splits // capacity) * -(-rows // splits)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+    return best
+
+
 def _max_splits(layout: "_Layout", kind: str, target: int) -> int:
     """The most splits any config of ``kind`` can use: the partial buffers' leading size."""
     pool = config_pool(kind)
@@ -426,13 +517,21 @@ def _max_splits(layout: "_Layout", kind: str, target: int) -> int:
 
 
 def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequence, lse):
-    kind = "attn_fwd" if layout.attn else "stream"
+    kind = "attn_fwd" if layout.attn else "mean_fwd"
     layout.check_grid(kind)
     block_c = _combine_block(layout.C)
     # Checked before the first launch, so that a grid too large fails with nothing written.
     channel_blocks = _combine_channel_blocks(layout.C, block_c, "x")
     target = _target_programs(x.device)
-    num_parts_max = _max_splits(layout, kind, target)
+    if layout.attn:
+        num_parts_max = _max_splits(layout, kind, target)
+    else:
+        pool = config_pool(kind)
+        for config in pool:
+            check_grid_axis(layout.batch * _mean_chunks(layout, config.kwargs), MAX_GRID_X,
+                            "cu_frames: videos x chunks of groups" if layout.varlen
+                            else "x: batch x chunks of groups")
+        num_parts_max = max(_mean_fwd_splits(layout, c, x.device) for c in pool)
     part_acc = empty_output((num_parts_max, layout.num_rows, layout.C), torch.float32, x.device)
     if layout.attn:
         part_max = empty_output((num_parts_max, layout.num_rows, layout.num_heads),
@@ -445,6 +544,9 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
 
     def grid(meta):
         channel_blocks = layout.channel_blocks(meta)
+        if not layout.attn:
+            splits = _mean_fwd_splits(layout, configs.holding(pool, meta), x.device)
+            return (layout.batch * _mean_chunks(layout, meta), splits, channel_blocks)
         splits = _num_splits(layout.N, meta["BLOCK_N"], layout.batch, channel_blocks, target)
         return (layout.batch, splits, channel_blocks)
 
@@ -460,10 +562,10 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
         )
     else:
         meta = launch(
-            mean_fwd_kernel, _fwd_stream, kind, grid,
+            mean_fwd_kernel, _fwd_mean, kind, grid,
             x, key_index, cu_frames_arg, cu_tokens_arg, sequence, part_acc, *layout.strides,
             layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
-            layout.frames_per_token, **shared,
+            layout.frames_per_token, layout.max_groups, **shared,
         )
     for first, count in axis_chunks(layout.S if layout.spatial else 0):
         spatial_key_fwd_kernel[(layout.batch, count, channel_blocks)](

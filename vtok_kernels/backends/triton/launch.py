@@ -97,6 +97,7 @@ def launch(kernel, tuner, kind: str, grid: Callable[[dict], tuple], *args, **kwa
         tuner[grid](*args, **kwargs)
         config = tuner.best_config
     else:
-        kernel[grid(config.kwargs)](*args, **kwargs, **config.kwargs,
+        options = {"maxnreg": config.maxnreg} if config.maxnreg is not None else {}
+        kernel[grid(config.kwargs)](*args, **kwargs, **config.kwargs, **options,
                                     num_warps=config.num_warps, num_stages=config.num_stages)
     return dict(config.kwargs)
