@@ -185,14 +185,14 @@ def test_nvrtc_loader_launches_instantiated_kernels_with_the_cpp_grids():
     grids = dict((c[0], c[1]) for c in loader.calls)
     # The forward: 8 heads x ceil(729 / 32) tiles of 32 rows on x, every group in each block;
     # the merge of the tiles' partial rows: 144 vectors of 8 channels on x, the groups on y.
-    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 1>"] == (8 * 23, 1, 8)
-    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 3>"] == (1, 15, 8)
-    plan = [c[2][1] for c in loader.calls if c[0].endswith("8, 1>")][0]
+    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 1, 3>"] == (8 * 23, 1, 8)
+    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 3, 0>"] == (1, 15, 8)
+    plan = [c[2][1] for c in loader.calls if c[0].endswith("8, 1, 3>")][0]
     assert (int(plan["splits"][0]), int(plan["groups_per_block"][0])) == (23, 15)
     assert grids["vtok::cuda::attn_delta_kernel<vtok::cuda::bf16_t>"] == (15, 8)
     # 256 threads / 8 lanes = 32 patch rows per block: ceil(729 / 32) = 23 tiles.
     assert grids["vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, true>"] == (8, 23, 8)
-    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 2>"] == (3, 15, 8)
+    assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 2, 3>"] == (3, 15, 8)
     reduce_args = [c[2] for c in loader.calls if "grad_query_reduce" in c[0]][0]
     assert int(reduce_args[1]) == 8 * 23
     assert 8 * 23 <= cuda_nvrtc.dq_partial_rows(8, 729)
@@ -1014,6 +1014,19 @@ FORWARD_SPLITS = [
     # videos of 2, 0, 5 and 4 groups: only the third has a group in chunk 1
     ("varlen-mean-chunks", [3, 1, 6, 5], 70, 64, "mean", 1, 1, 2, torch.bfloat16, (2, 4, 2)),
     ("varlen-attn-every-group", [3, 1, 6, 5], 300, 64, "attn", 4, 2, 0, torch.bfloat16, (2, 3, 1)),
+    # attention compiled for each count of vectors per lane (K), the rows' reduce-scatter at each
+    # number of rounds: heads of 72 (9 vectors over 4 lanes of 3: three slots hold no vector) with
+    # a short last tile, one and two frames per token
+    ("attn-K3-head72-uneven-tail", [5, 5], 150, 144, "attn", 2, 1, 0, torch.bfloat16, (3, 4, 1)),
+    ("attn-K3-head72-fpt2", [8, 8], 150, 144, "attn", 2, 2, 1, torch.float16, (3, 4, 1)),
+    ("attn-K3-fp32-head48", [6, 6], 70, 96, "attn", 2, 1, 2, torch.float32, (2, 4, 2)),
+    # one vector per head: a lane per row, 5 rounds, the second tile short of rows
+    ("attn-K1-head8-tail", [4, 4], 300, 16, "attn", 2, 2, 0, torch.bfloat16, (2, 2, 1)),
+    ("attn-K2-fp32-lanes8-tail", [4, 4], 100, 128, "attn", 2, 1, 0, torch.float32, (4, 3, 1)),
+    # a head of 96 vectors: 32 lanes per row, no round
+    ("attn-K3-lanes32", [3, 3], 20, 768, "attn", 1, 1, 0, torch.bfloat16, (3, 2, 1)),
+    # segments of one vector: mean pooling holds 2 per lane, of which one is not the lane's
+    ("mean-one-vector-segments", [4, 4], 300, 8, "mean", 1, 1, 0, torch.bfloat16, (2, 3, 1)),
 ]
 
 
@@ -1032,7 +1045,7 @@ def _forward_split_case(emulated, monkeypatch, case, fill_sms=None, dtype=None):
     launch = loader._launch
 
     def recording(device_index, stream, kernel, grid, args):
-        if "residual_fwd_kernel" in kernel and not kernel.endswith(", 3>"):
+        if "residual_fwd_kernel" in kernel and not kernel.endswith(", 3, 0>"):
             plan = args[1].reshape(-1)[0]
             plans.append((kernel, tuple(int(g) for g in grid), int(plan["splits"]), int(plan["groups_per_block"])))
         launch(device_index, stream, kernel, grid, args)
@@ -1071,16 +1084,16 @@ def test_emulated_forward_tiles_and_chunks_match_reference(emulated, monkeypatch
     seq, lse, ref, ref_lse, (launches, plans) = _forward_split_case(emulated, monkeypatch, case)
     _, lengths, N, C, pool, heads, fpt, fill, dtype, (splits, per_block, chunks) = case
     vec = 16 // torch.empty(0, dtype=dtype).element_size()
-    lanes, _, _, segments = cuda_nvrtc.plan_segments_fwd(C, vec, pool == "attn", heads)
+    lanes, k, _, segments = cuda_nvrtc.plan_segments_fwd(C, vec, pool == "attn", heads)
     # The case reaches what it is named for: the 16-byte path, its tiles (the last one short of
     # rows where N is not a multiple), its groups per block and chunks (the last one short of
     # groups where they do not divide), and the merge launch after the pooling.
     [(kernel, grid, planned_splits, planned_per_block)] = plans
-    assert kernel.endswith(f", {vec}, {1 if pool == 'attn' else 0}>")
+    assert kernel.endswith(f", {vec}, 1, {k}>" if pool == "attn" else f", {vec}, 0, {cuda_nvrtc.FWD_VECS}>")
     assert (planned_splits, planned_per_block, grid) == (splits, per_block, (splits * segments, chunks, len(lengths)))
     assert -(-N // (256 // lanes)) == splits
     assert -(-max(reference.num_groups(t, fpt) for t in lengths) // per_block) == chunks
-    assert any(k.endswith(f"{vec}, 3>") for k, _ in launches)
+    assert any(k.endswith(f"{vec}, 3, 0>") for k, _ in launches)
     assert_close(seq, ref.to(dtype), dtype, "sequence")
     if pool == "attn":
         assert_close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")

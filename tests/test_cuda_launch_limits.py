@@ -233,7 +233,7 @@ def _grids(launches) -> dict:
     as residual_merge."""
     def name(kernel):
         family = kernel.split("<")[0].split("::")[-1]
-        return "residual_merge" if family == "residual_fwd_kernel" and kernel.endswith(", 3>") else family
+        return "residual_merge" if family == "residual_fwd_kernel" and kernel.endswith(", 3, 0>") else family
 
     return {name(kernel): tuple(grid) for kernel, grid, _ in launches}
 

@@ -465,6 +465,9 @@ class HotLoop:
     loads: int  # global loads of any width in it
     runs: int  # runs of loads issued back to back (load_runs): each waits one latency
     bytes: int  # loaded per pass through it
+    instructions: int = 0  # in it, every path: what the nest costs in code, not per pass
+    shuffles: int = 0  # SHFL
+    barriers: int = 0  # BAR
 
     @property
     def bytes_per_run(self) -> float:
@@ -490,8 +493,10 @@ def hot_loop(items: Sequence[Item]) -> Optional[HotLoop]:
         addresses = [i.address for i in items if isinstance(i, Instruction)]
         first, last = min(addresses), max(addresses)
     runs = [r for r in load_runs(items) if first <= r[0].address <= last]
-    loads = [i for i in inside(first, last) if is_global_load(i)]
-    return HotLoop(first, last, len(loads), len(runs), sum(access_width(i) // 8 for i in loads))
+    body = inside(first, last)
+    loads = [i for i in body if is_global_load(i)]
+    return HotLoop(first, last, len(loads), len(runs), sum(access_width(i) // 8 for i in loads), len(body),
+                   sum(i.base == "SHFL" for i in body), sum(i.base == "BAR" for i in body))
 
 
 def max_bytes_in_flight(items: Sequence[Item]) -> int:
@@ -545,6 +550,9 @@ class KernelCode:
     blocks_per_sm: int
     occupancy_limit: str
     instructions: int
+    hot_instructions: int = 0  # in the hot loop nest (HotLoop.instructions)
+    hot_shuffles: int = 0
+    hot_barriers: int = 0
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -584,7 +592,9 @@ def kernel_codes(sass: str, res_usage: str, arch: str) -> list[KernelCode]:
             loads_back_to_back=max_loads_back_to_back(items), hot_loads=hot.loads if hot else 0,
             hot_runs=hot.runs if hot else 0, bytes_in_flight=hot.bytes_per_run if hot else 0.0,
             blocks_per_sm=occupancy["blocks"], occupancy_limit=occupancy["by"],
-            instructions=sum(isinstance(i, Instruction) for i in items)))
+            instructions=sum(isinstance(i, Instruction) for i in items),
+            hot_instructions=hot.instructions if hot else 0, hot_shuffles=hot.shuffles if hot else 0,
+            hot_barriers=hot.barriers if hot else 0))
     return codes
 
 
@@ -698,17 +708,17 @@ _ELEMENT_BYTES = {0: 4, 1: 2, 2: 2}
 
 
 def used_vector_share(launch: Launch) -> float:
-    """The encode kernels load every vector a lane may hold (max_vecs_per_lane(V) of them, or
-    in the forward's tiles fwd_vecs_per_lane(V, attn), all in one run), those past the row
-    plan's vecs_per_lane on a clamped address, the segment's first vector, which the block reads
-    anyway (csrc/cuda/encode.cuh LaneVectors): of a run's bytes, this share brings data."""
+    """The encode kernels load every vector a lane may hold (the backward max_vecs_per_lane(V)
+    of them; residual_fwd_kernel its last template argument, kK, all in one run), those past the
+    row plan's vecs_per_lane on a clamped address, the segment's first vector, which the block
+    reads anyway (csrc/cuda/encode.cuh LaneVectors): of a run's bytes, this share brings data."""
     from vtok_kernels.backends import cuda_nvrtc
 
     args = _template_args(launch.kernel)
     vec = int(args[1])
     lane_vectors = cuda_nvrtc.max_vecs_per_lane(vec)
-    if launch.kernel.split("<")[0].endswith("residual_fwd_kernel") and vec > 1 and args[2] in ("0", "1"):
-        lane_vectors = cuda_nvrtc.fwd_vecs_per_lane(vec, args[2] == "1")
+    if launch.kernel.split("<")[0].endswith("residual_fwd_kernel"):
+        lane_vectors = int(args[3])
     return launch.extra[0]["vecs_per_lane"] / lane_vectors
 
 
@@ -937,14 +947,15 @@ def _widths(counts: dict) -> str:
 def format_code_table(codes: Sequence[KernelCode]) -> str:
     header = (f"{'kernel':<25}{'config':<29}{'arch':<7}{'regs':>5}{'smem':>7}{'blk/SM':>8}  "
               f"{'loads 8/16/32/64/128':<22}{'stores 8/16/32/64/128':<23}{'b2b16':>6}{'hot':>8}{'B/run':>6}"
-              f"{'LDL/STL':>8}")
+              f"{'ins':>6}{'SHFL':>5}{'BAR':>4}{'LDL/STL':>8}")
     lines = [header, "-" * len(header)]
     for c in codes:
         config = c.config + ("" if c.default else " *")
         hot = f"{c.hot_loads}/{c.hot_runs}"
         lines.append(f"{c.kernel:<25}{config:<29}{c.arch:<7}{c.registers:>5}{c.shared_bytes:>7}"
                      f"{c.blocks_per_sm:>4} {c.occupancy_limit[:3]:<3}  {_widths(c.loads):<22}{_widths(c.stores):<23}"
-                     f"{c.loads_back_to_back:>6}{hot:>8}{c.bytes_in_flight:>6.1f}{f'{c.ldl}/{c.stl}':>8}")
+                     f"{c.loads_back_to_back:>6}{hot:>8}{c.bytes_in_flight:>6.1f}{c.hot_instructions:>6}"
+                     f"{c.hot_shuffles:>5}{c.hot_barriers:>4}{f'{c.ldl}/{c.stl}':>8}")
     lines += [
         "* the scalar fallback (V=1): only misaligned views and C not a multiple of 16 bytes take it.",
         "blk/SM: resident blocks of 256 threads and what limits them (reg, thr, sha: registers, threads, shared).",
@@ -952,6 +963,8 @@ def format_code_table(codes: Sequence[KernelCode]) -> str:
         "thread issues back to back (one basic block, before any use of what they load). hot: loads / runs",
         "of loads issued back to back in the loop nest with the most 16-byte loads (else of the most",
         "frequent width); B/run: its bytes per run, what a thread keeps in flight in the model.",
+        "ins / SHFL / BAR: instructions, shuffles and barriers in that nest, on every path through it (code",
+        "size, not what one pass issues: a plan takes one of several paths).",
     ]
     return "\n".join(lines)
 

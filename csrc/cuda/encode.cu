@@ -52,6 +52,19 @@ void check_encode(const EncodeParams& p, const PlanInfo& info) {
                                 " a block pools (use more heads or another backend)");
 }
 
+// Attention pooling on 16-byte rows, compiled for the plan's vectors per lane
+// (residual_vecs_per_lane).
+template <typename T, int V>
+void launch_attn_pool(const dim3 grid, cudaStream_t s, const EncodeParams& p, const RowPlan& plan) {
+  static_assert(fwd_vecs_per_lane(V, true) == 3, "one instantiation per count of vectors a plan may choose");
+  switch (plan.vecs_per_lane) {
+    case 1: residual_fwd_kernel<T, V, kAttnPool, 1><<<grid, kThreads, 0, s>>>(p, plan); break;
+    case 2: residual_fwd_kernel<T, V, kAttnPool, 2><<<grid, kThreads, 0, s>>>(p, plan); break;
+    case 3: residual_fwd_kernel<T, V, kAttnPool, 3><<<grid, kThreads, 0, s>>>(p, plan); break;
+    default: throw std::logic_error("vtok cuda: the attention forward's plan holds 1 to 3 vectors per lane");
+  }
+}
+
 RowPlan to_row_plan(const PlanInfo& info) {
   RowPlan plan;
   plan.lanes = info.lanes;
@@ -110,10 +123,12 @@ void encode_fwd(const EncodeParams& p, void* stream) {
       if (groups > 0) {
         const dim3 grid(static_cast<unsigned>(split.splits * plan.num_segments), static_cast<unsigned>(split.chunks),
                         static_cast<unsigned>(p.batch));
-        if (attn)
-          residual_fwd_kernel<T, V, kAttnPool><<<grid, kThreads, 0, s>>>(p, plan);
-        else
+        if (!attn)
           residual_fwd_kernel<T, V, kMeanPool><<<grid, kThreads, 0, s>>>(p, plan);
+        else if constexpr (V > 1)
+          launch_attn_pool<T, V>(grid, s, p, plan);
+        else
+          residual_fwd_kernel<T, V, kAttnPool><<<grid, kThreads, 0, s>>>(p, plan);
         check_launch("residual_fwd_kernel");
         if constexpr (V > 1) {  // the partial rows of the tiles, merged in tile order
           const int64_t vectors = p.channels / V;

@@ -22,6 +22,18 @@ namespace cuda {
 
 enum ResidualMode : int { kMeanPool = 0, kAttnPool = 1, kGroupSum = 2, kMergeSplits = 3 };
 
+// Vectors per lane a residual_fwd_kernel is compiled for (its kK). Attention on 16-byte rows has
+// one instantiation per count its plan may choose, 1 to fwd_vecs_per_lane(V, true), and is
+// launched with the plan's own (a head of 64 bf16 channels on 4 lanes: 2, not 3 of which one
+// would load, unpack, score and merge zeros); this is the widest. Mean pooling there holds
+// kFwdVecs (its plan takes fewer only for segments of one vector); the scalar path and the group
+// sum max_vecs_per_lane(V); the merge of partial rows holds none.
+VTOK_HOST_DEVICE constexpr int residual_vecs_per_lane(int vec, int mode) {
+  return mode == kMergeSplits ? 0
+         : vec > 1 && mode != kGroupSum ? fwd_vecs_per_lane(vec, mode == kAttnPool)
+                                        : max_vecs_per_lane(vec);
+}
+
 // Resident blocks of 256 threads the forward's vector path is compiled for (the launch bounds'
 // minimum, which caps registers at 64K / (256 x blocks)): 4 for mean pooling, group sums and
 // the merge of partial rows (64 registers), 3 for attention (80), so that the loads in flight, a
@@ -118,10 +130,68 @@ __device__ __forceinline__ float residual_scale(const EncodeParams& p, const Gro
   return 1.0f / state.sum;
 }
 
+// The sums over the rows of a warp of the N values each lane holds, left scattered over the lanes
+// (a reduce-scatter): lanes at distances lanes, 2 lanes, ..., 16 hold the same channels of
+// different rows. In the round at distance 16 >> kRound a lane keeps half of its values (the upper
+// half where its bit of that distance is set), adds its partner's copy of that half and passes the
+// other half on, so that 16 values over 8 rows take 8 + 4 + 2 shuffles rather than 3 x 16. A count
+// that no longer halves is summed whole (both partners then hold the same sums, bit for bit:
+// a + b == b + a). kScaled: the values are first multiplied by `scale` (the row's softmax
+// rescale), folded into the first round. The lane's sums, its flat values first .. first + N - 1,
+// go to `lane_s` + first (the lane's values in the warp's row in shared memory, by lane: see
+// lane_major), where every channel of the segment then has exactly one writer, or several
+// writing the same bits. One base address and constant offsets: per-value addresses, hoisted out
+// of the frame loop for every round count a plan may have, spilled.
+template <int kRound, bool kScaled, int N>
+__device__ __forceinline__ void sum_rows_scattered(const float (&values)[N], float scale, int lanes, int first,
+                                                   float* lane_s) {
+  constexpr int kDistance = 16 >> kRound;
+  if (kDistance < lanes) {  // every row summed (kRound 5: always)
+    float* out = lane_s + first;
+#pragma unroll
+    for (int t = 0; t < N; ++t) out[t] = kScaled ? values[t] * scale : values[t];
+    return;
+  }
+  if constexpr (kRound < 5) {
+    const bool upper = (threadIdx.x & kDistance) != 0;
+    if constexpr (N % 2 == 0) {
+      constexpr int kHalf = N / 2;
+      float kept[kHalf];
+#pragma unroll
+      for (int t = 0; t < kHalf; ++t) {
+        const float keep = upper ? values[t + kHalf] : values[t];
+        const float pass = upper ? values[t] : values[t + kHalf];
+        const float other = __shfl_xor_sync(kFullMask, kScaled ? pass * scale : pass, kDistance);
+        kept[t] = kScaled ? fmaf(keep, scale, other) : keep + other;
+      }
+      sum_rows_scattered<kRound + 1, false>(kept, 1.0f, lanes, first + (upper ? kHalf : 0), lane_s);
+    } else {
+      float sums[N];
+#pragma unroll
+      for (int t = 0; t < N; ++t) {
+        // Not contracted into an FMA with the sum below: both partners must add the same products.
+        const float mine = kScaled ? __fmul_rn(values[t], scale) : values[t];
+        sums[t] = mine + __shfl_xor_sync(kFullMask, mine, kDistance);
+      }
+      sum_rows_scattered<kRound + 1, false>(sums, 1.0f, lanes, first, lane_s);
+    }
+  }
+}
+
+// Where channel i of a segment lies in a warp's row in shared memory: the kElems values of lane
+// l (its vectors k = 0 .. kK - 1, element e at k x V + e) at l x kElems, so that a lane stores
+// its sums at one base address (sum_rows_scattered).
+template <int kK, int V>
+__device__ __forceinline__ int lane_major(int i, int lanes) {
+  const int vi = i / V;
+  return (vi % lanes * kK + vi / lanes) * V + i % V;
+}
+
 // r_g for every group: mean or attention pooling of x[t] - x[key], or (kGroupSum, expand's
 // backward) the plain sum of x[t] over the group's frames and patches. grid: (segment + split x
-// segments, chunk of groups_per_block groups, video).
-template <typename T, int V, int kMode>
+// segments, chunk of groups_per_block groups, video). kK: the vectors a lane holds
+// (residual_vecs_per_lane).
+template <typename T, int V, int kMode, int kK>
 __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan& plan) {
   constexpr bool kAttn = kMode == kAttnPool;
   constexpr bool kKey = kMode != kGroupSum;
@@ -131,9 +201,10 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
   constexpr bool kOneTile = V > 1 && kMode != kGroupSum;
   // Mean pooling in one tile takes the frames' rows two at a time, with kFwdVecs vectors per
   // lane; attention (whose row needs more registers: the query, the softmax state) one at a
-  // time, with a head of up to 32 x fwd_vecs_per_lane(V, true) vectors.
+  // time, with exactly the plan's vectors per lane.
   constexpr bool kPair = kOneTile && kMode == kMeanPool;
-  constexpr int kK = kOneTile ? fwd_vecs_per_lane(V, kAttn) : max_vecs_per_lane(V);
+  constexpr int kElems = kK * V;
+  static_assert(kK >= 1 && kElems <= kLaneElems, "a lane holds at most kLaneElems channels of a row");
   // A row's vectors, packed; declared here rather than in the lambdas below (g++ 12, which
   // builds the tests' host emulator, fails on the template inside them).
   using Row = Packed<T, V>[kK];
@@ -161,47 +232,50 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
   const int seg_elems = plan.seg_vecs * V;
 
   __shared__ float query_s[kAttn ? kSegMax : 1];
-  __shared__ float acc_s[kWarps][kSegMax];
-  __shared__ SoftmaxState state_s[kWarps];
+  // Each warp's row of the segment at the end of a group (row_stride: the span of a row's
+  // vectors over its lanes, past seg_elems where lanes x kK vectors overshoot the segment). Two
+  // buffers, alternating by group, where they fit, so that the next group's rows need not wait
+  // for the merge of this one's: one barrier per group instead of two.
+  __shared__ float rows_s[kWarps * kSegMax];
+  __shared__ SoftmaxState states_s[2][kWarps];
   if constexpr (kAttn) load_query_by_lane<kK, V>(query_s, p, c0, seg_elems, lanes);
   const LaneVectors<kK, V> vecs(plan, c0, lane_in_row, p.channels);
-  const float* query_lane = query_s + lane_in_row * kK * V;
+  const float* query_lane = query_s + lane_in_row * kElems;
+  const int row_stride = lanes * kElems;
+  const bool two_buffers = 2 * row_stride <= kSegMax;
 
-  float acc[kK][V] = {};
+  // The channels of the lane's vectors, flat: value k x V + e is element e of vector k.
+  float acc[kElems] = {};
   SoftmaxState state = softmax_init();
+  // kFresh: the next frame is the first of a group, whose weight is 1 at its own maximum: it
+  // sets acc and state rather than rescaling zeros (with one frame per token, every frame).
+  // Not for attention rows of 24 channels per lane (3 vectors of a 16-bit type), whose second
+  // code path for that frame no longer fits the 80 registers beside acc and the key row (sm_80
+  // spilled).
+  constexpr bool kFresh = kOneTile && !(kAttn && kElems > 16);
+  bool fresh = true;
 
-  // The group's rows merged: those of a warp (lanes at distance >= `lanes` hold the same
-  // channels), then the warps, always in the same order; then this tile's partial row (kOneTile:
-  // merged by a second launch, even for a frame of one tile), or the token. Every thread of the
-  // block calls it.
+  // The group's rows merged: those of a warp (sum_rows_scattered), then the warps, always in the
+  // same order; then this tile's partial row (kOneTile: merged by a second launch, even for a
+  // frame of one tile), or the token. Every thread of the block calls it.
   auto finish_group = [&](int64_t group) {
-    for (int offset = lanes; offset < 32; offset *= 2) {
-      if constexpr (kAttn) {
-        const SoftmaxState other = {__shfl_xor_sync(kFullMask, state.max, offset),
-                                    __shfl_xor_sync(kFullMask, state.sum, offset)};
-        const MergeScale scale = softmax_merge(state, other);
-#pragma unroll
-        for (int k = 0; k < kK; ++k)
-#pragma unroll
-          for (int e = 0; e < V; ++e)
-            acc[k][e] = acc[k][e] * scale.a + __shfl_xor_sync(kFullMask, acc[k][e], offset) * scale.b;
-      } else {
-#pragma unroll
-        for (int k = 0; k < kK; ++k)
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[k][e] += __shfl_xor_sync(kFullMask, acc[k][e], offset);
-      }
-    }
     const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (lane < lanes) {
-#pragma unroll
-      for (int k = 0; k < kK; ++k)
-        if (vecs.ok(k))
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc_s[warp][(k * lanes + lane) * V + e] = acc[k][e];
-      if (lane == 0) state_s[warp] = state;
+    const int buffer = two_buffers ? static_cast<int>(group & 1) : 0;
+    float* rows = rows_s + buffer * kWarps * row_stride;
+    float scale = 1.0f;
+    if constexpr (kAttn) {
+      // The rows' softmax states first, to the warp's maximum: each row's values are then
+      // rescaled once (in the first round of the scatter) and added plainly. fmaxf, unlike a
+      // comparison, gives both partners the same maximum when one is NaN (the row's own rescale
+      // then carries the NaN).
+      float max = state.max;
+      for (int offset = lanes; offset < 32; offset *= 2) max = fmaxf(max, __shfl_xor_sync(kFullMask, max, offset));
+      scale = state.max == max ? 1.0f : exp_f32(state.max - max);
+      float sum = state.sum * scale;
+      for (int offset = lanes; offset < 32; offset *= 2) sum += __shfl_xor_sync(kFullMask, sum, offset);
+      if (threadIdx.x % 32 == 0) states_s[buffer][warp] = {max, sum};
     }
+    sum_rows_scattered<0, kAttn>(acc, scale, lanes, 0, rows + warp * row_stride + lane_in_row * kElems);
     __syncthreads();
     // What the merge needs is recomputed here, once per group, rather than held in registers
     // across the frame loop.
@@ -209,18 +283,29 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
     const int64_t split = blockIdx.x / plan.num_segments;
     const int64_t c0 = seg * plan.seg_vecs * V;
     const int seg_elems = plan.seg_vecs * V;
+    // The warps' softmax states, to the block's maximum: a factor per warp, computed once by
+    // each thread that merges channels.
+    SoftmaxState merged = {0.0f, 0.0f};
+    float factor[kWarps];
+    if (kAttn && threadIdx.x < seg_elems) {
+      merged.max = states_s[buffer][0].max;
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) merged.max = fmaxf(merged.max, states_s[buffer][w].max);
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float warp_max = states_s[buffer][w].max;
+        factor[w] = warp_max == merged.max ? 1.0f : exp_f32(warp_max - merged.max);
+        merged.sum = w == 0 ? states_s[buffer][w].sum * factor[w] : fmaf(states_s[buffer][w].sum, factor[w], merged.sum);
+      }
+    }
     // One element of the segment per thread: the whole block shares the merge of the warps.
     for (int i = threadIdx.x; i < seg_elems && c0 + i < p.channels; i += kThreads) {
-      SoftmaxState merged = state_s[0];
-      float sum = acc_s[0][i];
-#pragma unroll 1
+      const float* channel = rows + lane_major<kK, V>(i, lanes);
+      float sum = kAttn ? channel[0] * factor[0] : channel[0];
+#pragma unroll
       for (int w = 1; w < kWarps; ++w) {
-        if constexpr (kAttn) {
-          const MergeScale scale = softmax_merge(merged, state_s[w]);
-          sum = sum * scale.a + acc_s[w][i] * scale.b;
-        } else {
-          sum += acc_s[w][i];
-        }
+        const float part = channel[w * row_stride];
+        sum = kAttn ? fmaf(part, factor[w], sum) : sum + part;
       }
       if constexpr (kOneTile) {
         const int64_t row = split_row(p, plan, blockIdx.z, group, split);
@@ -240,12 +325,13 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
         if (kAttn && p.residual32 != nullptr) p.residual32[(video.lse_row0 + group) * p.channels + c0 + i] = r;
       }
     }
-    __syncthreads();  // acc_s and state_s are the next group's
+    if (!two_buffers) __syncthreads();  // rows_s is the next group's
+    // kFresh: the next frame sets acc and state; zeroed all the same, so that the compiler
+    // sees them dead from the scatter on instead of holding them across the merge.
 #pragma unroll
-    for (int k = 0; k < kK; ++k)
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[k][e] = 0.0f;
+    for (int j = 0; j < kElems; ++j) acc[j] = 0.0f;
     state = softmax_init();
+    fresh = true;
   };
 
   // The block's frames at one tile of rows. Block-uniform: every thread walks the same tiles
@@ -259,6 +345,7 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
     // Zeros where the lane has no data; applied where a row is used, not where it is loaded,
     // which would wait for the load there.
     auto mine = [&](const Packed<T, V>& v, int k) { return zero_unless(row_ok && vecs.ok(k), v); };
+    const float row_floor = row_ok ? 0.0f : -INFINITY;
 
     Row key;
     Rank group_last = rank_begin + fpt < frames - 1 ? rank_begin + fpt : frames - 1;
@@ -272,29 +359,67 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
         cur[k] = mine(raw[k], k);
         keep_packed(key[k]);
       }
+      // d = x - key, zero where the lane has no data (both rows are zeroed there).
+      auto residual = [&](int k, float (&d)[V]) {
+        float kv[V];
+        unpack(cur[k], d);
+        unpack(key[k], kv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) d[e] -= kv[e];
+      };
       if constexpr (kAttn) {
-        // d = x - key is recomputed from the packed rows for the accumulation rather than kept
-        // as floats across the row's shuffles.
         float score = 0.0f;
 #pragma unroll
         for (int k = 0; k < kK; ++k) {
-          float xv[V], kv[V];
-          unpack(cur[k], xv);
-          unpack(key[k], kv);
+          float d[V];
+          residual(k, d);
 #pragma unroll
-          for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * (xv[e] - kv[e]);
+          for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * d[e];
         }
         score = row_sum(score, lanes);  // all lanes of the warp take part, rows or not
-        if (row_ok) {
+        // A row past N scores -inf (its score is 0: + -inf): weight 0 beside any finite score,
+        // including in the merges, and its d is 0 in any case, so that it needs no branch.
+        score += row_floor;
+        // d is recomputed from the packed rows for the accumulation rather than kept as floats
+        // across the row's shuffles (beside acc, which the frames after a group's first need).
+#pragma unroll
+        for (int k = 0; k < kK; ++k) keep_packed(cur[k]);
+        if (kFresh && fresh) {
+          state = {score, 1.0f};
+#pragma unroll
+          for (int k = 0; k < kK; ++k) {
+            float d[V];
+            residual(k, d);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[k * V + e] = d[e];
+          }
+        } else {
           float weight;
           const float rescale = softmax_push(state, score, weight);
 #pragma unroll
           for (int k = 0; k < kK; ++k) {
-            float xv[V], kv[V];
-            unpack(cur[k], xv);
-            unpack(key[k], kv);
+            float d[V];
+            residual(k, d);
 #pragma unroll
-            for (int e = 0; e < V; ++e) acc[k][e] = acc[k][e] * rescale + weight * (xv[e] - kv[e]);
+            for (int e = 0; e < V; ++e) acc[k * V + e] = acc[k * V + e] * rescale + weight * d[e];
+          }
+        }
+      } else if constexpr (kKey) {
+        if (kFresh && fresh) {
+#pragma unroll
+          for (int k = 0; k < kK; ++k) {
+            float d[V];
+            residual(k, d);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[k * V + e] = d[e];
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kK; ++k) {
+            float d[V];
+            residual(k, d);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[k * V + e] += d[e];
           }
         }
       } else {
@@ -302,17 +427,11 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
         for (int k = 0; k < kK; ++k) {
           float xv[V];
           unpack(cur[k], xv);
-          if constexpr (kKey) {
-            float kv[V];
-            unpack(key[k], kv);
 #pragma unroll
-            for (int e = 0; e < V; ++e) acc[k][e] += xv[e] - kv[e];
-          } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) acc[k][e] += xv[e];
-          }
+          for (int e = 0; e < V; ++e) acc[k * V + e] += xv[e];
         }
       }
+      fresh = false;
       const bool group_done = rank + 1 == group_last;
       if (group_done && last_tile) finish_group(group);
       if (group_done) {
@@ -430,7 +549,7 @@ __device__ __forceinline__ void merge_splits(const EncodeParams& p, const RowPla
   }
 }
 
-template <typename T, int V, int kMode>
+template <typename T, int V, int kMode, int kK = residual_vecs_per_lane(V, kMode)>
 __global__ void __launch_bounds__(kThreads, fwd_min_blocks(V, kMode))
     residual_fwd_kernel(const EncodeParams p, const RowPlan plan) {
   if constexpr (kMode == kMergeSplits) {
@@ -439,7 +558,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks(V, kMode))
     else
       merge_splits<T, V, false>(p, plan);
   } else {
-    pool_tiles<T, V, kMode>(p, plan);
+    pool_tiles<T, V, kMode, kK>(p, plan);
   }
 }
 

@@ -100,4 +100,5 @@ inline float __int_as_float(int v) {
   return f;
 }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline uint4 __ldcs(const uint4* p) { return *p; }

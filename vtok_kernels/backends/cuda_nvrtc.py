@@ -57,13 +57,22 @@ def vec_width(dtype: str) -> int:
     return 16 // _ELEMENT_SIZE[dtype]
 
 
+def residual_fwd_kernel(ctype: str, vec: int, mode: int, vecs_per_lane: int = 0) -> str:
+    """The name expression of residual_fwd_kernel in ``mode``: attention on 16-byte rows is
+    compiled for the plan's ``vecs_per_lane``, every other mode for encode.cuh
+    residual_vecs_per_lane (spelled out, as the compiler names it)."""
+    k = vecs_per_lane if mode == ATTN and vec > 1 else residual_vecs_per_lane(vec, mode)
+    return f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {mode}, {k}>"
+
+
 def kernel_names() -> list[str]:
     """Every template instantiation the launchers use, as NVRTC name expressions."""
     names = []
     for dtype, ctype in _TYPES.items():
         for v in (vec_width(dtype), 1):
             for mode in (MEAN, ATTN, GROUP_SUM) + ((MERGE_SPLITS,) if v > 1 else ()):
-                names.append(f"vtok::cuda::residual_fwd_kernel<{ctype}, {v}, {mode}>")
+                counts = range(1, fwd_vecs_per_lane(v, True) + 1) if mode == ATTN and v > 1 else (0,)
+                names.extend(residual_fwd_kernel(ctype, v, mode, k) for k in counts)
             names.append(f"vtok::cuda::key_tokens_kernel<{ctype}, {v}>")
             for attn in ("false", "true"):
                 names.append(f"vtok::cuda::encode_bwd_kernel<{ctype}, {v}, {attn}>")
@@ -176,6 +185,14 @@ def plan_segments(channels: int, vec: int, attn: bool, num_heads: int):
 def fwd_vecs_per_lane(vec: int, attn: bool) -> int:
     """common.cuh fwd_vecs_per_lane."""
     return (3 if vec == 4 else max_vecs_per_lane(vec)) if attn else FWD_VECS
+
+
+def residual_vecs_per_lane(vec: int, mode: int) -> int:
+    """encode.cuh residual_vecs_per_lane: the vectors per lane residual_fwd_kernel holds in
+    ``mode`` (attention on 16-byte rows: the most its plan may choose)."""
+    if mode == MERGE_SPLITS:
+        return 0
+    return fwd_vecs_per_lane(vec, mode == ATTN) if vec > 1 and mode != GROUP_SUM else max_vecs_per_lane(vec)
 
 
 def plan_segments_fwd(channels: int, vec: int, attn: bool, num_heads: int):
@@ -539,10 +556,11 @@ def encode_fwd_launches(p: dict) -> list:
         launches.append((f"vtok::cuda::key_tokens_kernel<{ctype}, {vec}>", grid, (params,)))
     if groups > 0:
         mode = ATTN if p["pool"] == ATTN else MEAN
-        launches.append((f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {mode}>",
-                         (splits * segments, chunks, p["batch"]), (params, plan)))
+        # encode.cu launch_attn_pool: attention on 16-byte rows at the plan's vectors per lane
+        launches.append((residual_fwd_kernel(ctype, vec, mode, k), (splits * segments, chunks, p["batch"]),
+                         (params, plan)))
         if vec > 1:  # the partial rows of the tiles, merged in tile order
-            launches.append((f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {MERGE_SPLITS}>",
+            launches.append((residual_fwd_kernel(ctype, vec, MERGE_SPLITS),
                              (-(-(p["channels"] // vec) // THREADS), groups, p["batch"]), (params, plan)))
     return _checked(launches)
 
@@ -606,7 +624,7 @@ def expand_bwd_launches(p: dict) -> list:
                       num_heads=1, num_key_tokens=0, num_groups=p["num_groups"],
                       sequence=p["grad_residual_tokens"])
         lanes, k, seg_vecs, segments = plan_segments(c, v, False, 1)
-        launches.append((f"vtok::cuda::residual_fwd_kernel<{ctype}, {v}, {GROUP_SUM}>",
+        launches.append((residual_fwd_kernel(ctype, v, GROUP_SUM),
                          (segments, p["num_groups"], p["batch"]),
                          (pack(ENCODE_PARAMS, fields), _row_plan(lanes, k, seg_vecs, segments))))
     return _checked(launches)
