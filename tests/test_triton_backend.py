@@ -267,19 +267,24 @@ def test_varlen_one_frame_videos(pool, spatial):
 # The saved log-sum-exp and the backend functions themselves.
 
 
-def test_lse_matches_reference():
+def test_lse_and_float32_residual_tokens_match_reference():
     device = _device()
     _, encode, _ = _triton_modules()
     B, T, N, C, heads = 2, 6, 10, 24, 4
     x = features((B, T, N, C), torch.float32, device)
     query = torch.randn(C, device=device)
     keys = torch.tensor([5, 2], device=device)
-    sequence, lse = encode.encode_fwd(x, keys, query, "attn", heads, 2, (), ())
-    ref_seq, ref_lse = reference.encode(x.double(), keys, "attn", query.double(), heads, 2,
-                                        return_lse=True)
-    assert lse.shape == (B, 3, heads) and lse.dtype == torch.float32
-    assert_close(lse, ref_lse, torch.float32, "lse")
-    assert_close(sequence, ref_seq, torch.float32, "sequence")
+    for dtype in (torch.float32, torch.bfloat16):
+        sequence, lse, residual32 = encode.encode_fwd(x.to(dtype), keys, query, "attn", heads,
+                                                      2, (), ())
+        ref_seq, ref_lse = reference.encode(x.to(dtype).double(), keys, "attn",
+                                            query.double(), heads, 2, return_lse=True)
+        assert lse.shape == (B, 3, heads) and lse.dtype == torch.float32
+        assert_close(lse, ref_lse, torch.float32, "lse")
+        assert_close(sequence, ref_seq, dtype, "sequence")
+        # The residual tokens the backward reads: float32 whatever x's dtype, unrounded.
+        assert residual32.shape == (B, 3, C) and residual32.dtype == torch.float32
+        assert_close(residual32, ref_seq[:, N:], torch.float32, "residual32")
 
 
 def test_bins_per_cell_matches_torch_bins():

@@ -32,9 +32,10 @@ class _Recorder:
     """Stands for a jitted kernel or its autotuner: records the grid of each launch (for an
     autotuner, the grid of every config it would benchmark) and runs nothing."""
 
-    def __init__(self, name: str, launches: list, arg_names: list, config_list=()):
+    def __init__(self, name: str, launches: list, arg_names: list, config_list=(), kind=None):
         self.name, self.launches, self.arg_names = name, launches, arg_names
         self.configs = list(config_list)
+        self.kind = kind
         self.cache: dict = {}
         self.best_config = None
 
@@ -42,10 +43,13 @@ class _Recorder:
         def run(*args, **kwargs):
             named = dict(zip(self.arg_names, args))
             if callable(grid):
-                for config in self.configs:
+                # What the autotuner runs: its configs as its pruning leaves them.
+                configs, _, _, _ = _triton_modules()
+                pruned = configs.pruner(self.kind)(self.configs, {**named, **kwargs})
+                for config in pruned:
                     meta = {**named, **kwargs, **config.all_kwargs()}
                     self.launches.append((self.name, tuple(grid(meta)), named))
-                self.best_config = self.configs[0]
+                self.best_config = pruned[0]
             else:
                 self.launches.append((self.name, tuple(grid), named))
 
@@ -76,6 +80,7 @@ def recorded(monkeypatch):
             (encode, "_bwd_stream", "encode_bwd", "stream"),
             (encode, "_bwd_attn", "encode_bwd", "attn_bwd"),
             (encode, "combine_kernel", "combine", None),
+            (encode, "attn_delta_kernel", "attn_delta", None),
             (encode, "spatial_key_fwd_kernel", "spatial_key_fwd", None),
             (expand, "expand_fwd_kernel", "expand_fwd", None),
             (expand, "_expand_fwd", "expand_fwd", "stream"),
@@ -85,7 +90,7 @@ def recorded(monkeypatch):
         kernel = getattr(module, name)
         arg_names = kernel.arg_names if kind is None else kernel.fn.arg_names
         recorder = _Recorder(label, launches, arg_names,
-                             configs.CONFIG_LISTS[kind] if kind else ())
+                             configs.CONFIG_LISTS[kind] if kind else (), kind)
         monkeypatch.setattr(module, name, recorder)
     yield launches
 
@@ -99,10 +104,10 @@ def _encode(x, pool, heads, frames_per_token=1, spatial=(), grid=()):
     B, C = x.shape[0], x.shape[-1]
     keys = _meta(B, dtype=torch.int64)
     query = _meta(C) if pool == "attn" else None
-    sequence, lse = encode.encode_fwd(x, keys, query, pool, heads, frames_per_token, spatial,
-                                      grid)
+    sequence, lse, *kept = encode.encode_fwd(x, keys, query, pool, heads, frames_per_token,
+                                             spatial, grid)
     encode.encode_bwd(torch.empty_like(sequence), x, keys, query, sequence, lse, pool, heads,
-                      frames_per_token, spatial, grid)
+                      frames_per_token, spatial, grid, *kept)
 
 
 def _encode_varlen(lengths, N, C, pool, heads, spatial=(), grid=()):
@@ -113,10 +118,10 @@ def _encode_varlen(lengths, N, C, pool, heads, spatial=(), grid=()):
     cu = _meta(len(lengths) + 1, dtype=torch.int32)
     keys = _meta(len(lengths), dtype=torch.int64)
     query = _meta(C) if pool == "attn" else None
-    sequence, lse = encode.encode_varlen_fwd(x, cu, cu, keys, query, pool, heads, 1, spatial,
-                                             grid, max(lengths), total)
+    sequence, lse, *kept = encode.encode_varlen_fwd(x, cu, cu, keys, query, pool, heads, 1,
+                                                    spatial, grid, max(lengths), total)
     encode.encode_varlen_bwd(torch.empty_like(sequence), x, cu, cu, keys, query, sequence, lse,
-                             pool, heads, 1, spatial, grid, max(lengths))
+                             pool, heads, 1, spatial, grid, max(lengths), *kept)
 
 
 def _expand(B, N, C, T):
@@ -170,6 +175,10 @@ def test_every_grid_axis_within_cuda_limits(recorded, case):
         chunks = sorted((named[first], grid[1]) for name, grid, named in recorded
                         if name == kernel)
         assert chunks == [(0, 65535), (65535, items - 65535)], f"{case}: {kernel} {chunks}"
+        if "attn" in case:  # the backward's <grad r, r> kernel has the combine's grid
+            chunks = sorted((named[first], grid[1]) for name, grid, named in recorded
+                            if name == "attn_delta")
+            assert chunks == [(0, 65535), (65535, items - 65535)], f"{case}: delta {chunks}"
     if case == "mean-backward-600000-patches":
         splits = [grid[1] for name, grid, _ in recorded if name == "encode_bwd"]
         assert max(splits) == launch.MAX_GRID_YZ  # 75000 patch blocks of 8, capped
@@ -341,8 +350,8 @@ def test_one_surviving_config_launches_without_the_tuner(monkeypatch):
     single = [(kind, head_dim) for kind in ("attn_fwd", "attn_bwd")
               for head_dim in (16, 64, 72, 128, 144, 256, 512, 1024)
               if len(configs.pruner(kind)(configs.CONFIG_LISTS[kind], {}, **head(head_dim))) == 1]
-    # CLIP-L's 64-channel heads in the backward, at least.
-    assert ("attn_bwd", 64) in single
+    # Attention has one config per band of heads: every head, forward and backward.
+    assert len(single) == 16
     for kind, head_dim in single:
         survivor = configs.pruner(kind)(configs.CONFIG_LISTS[kind], {}, **head(head_dim))[0]
         meta = launch.launch(_Kernel(launched), Tuner(), kind, grid, **head(head_dim))
@@ -350,9 +359,10 @@ def test_one_surviving_config_launches_without_the_tuner(monkeypatch):
         assert launched[-1][0] == (survivor.kwargs["BLOCK_N"],)
         assert launched[-1][1]["num_warps"] == survivor.num_warps
         assert launched[-1][1]["num_stages"] == survivor.num_stages
+        assert launched[-1][1]["maxnreg"] == survivor.maxnreg  # the registers it is sized for
     assert tuned == [], "the autotuner ran with one config left"
     # Several survivors: the tuner picks.
-    launch.launch(_Kernel(launched), Tuner(), "attn_fwd", grid, **head(128))
+    launch.launch(_Kernel(launched), Tuner(), "mean_fwd", grid)
     launch.launch(_Kernel(launched), Tuner(), "stream", grid)
     assert len(tuned) == 2
 
@@ -407,21 +417,24 @@ def test_capture_of_an_unseen_key_raises_before_the_tuner(monkeypatch):
 
 
 def test_wave_splits_take_the_fewest_waves_times_rows():
-    """Against every split count allowed: no other takes fewer waves x rows per program, and
-    among equals the fewest splits (the fewest partial rows) win."""
+    """Against every split count allowed: no other takes fewer waves x patch blocks per
+    program, and among equals the fewest splits (the fewest partial rows) win."""
     _, encode, _, _ = _triton_modules()
 
-    def cost(rows, items, capacity, splits):
-        return -(-items * splits // capacity) * -(-rows // splits)
+    def cost(rows, items, capacity, splits, block):
+        waves = -(-items * splits // capacity)
+        blocks = -(-(-(-rows // splits)) // block)  # of the program with the most rows
+        return waves * blocks
 
-    for rows, items, capacity, most in ((576, 256, 2244, 9), (729, 288, 2244, 12),
-                                        (13, 18, 64, 4), (600_000, 1, 2112, 2000),
-                                        (7, 5000, 2112, 2), (1, 3, 100, 1)):
-        splits = encode.wave_splits(rows, items, capacity, most)
+    for rows, items, capacity, most, block in (
+            (576, 256, 2244, 9, 8), (729, 288, 2244, 12, 8), (729, 144, 2112, 92, 8),
+            (13, 18, 64, 4, 1), (600_000, 1, 2112, 2000, 4), (7, 5000, 2112, 2, 8),
+            (1, 3, 100, 1, 16)):
+        splits = encode.wave_splits(rows, items, capacity, most, block)
         assert 1 <= splits <= most
-        best = min(cost(rows, items, capacity, s) for s in range(1, most + 1))
-        assert cost(rows, items, capacity, splits) == best
-        assert all(cost(rows, items, capacity, s) > best for s in range(1, splits))
+        best = min(cost(rows, items, capacity, s, block) for s in range(1, most + 1))
+        assert cost(rows, items, capacity, splits, block) == best
+        assert all(cost(rows, items, capacity, s, block) > best for s in range(1, splits))
 
 
 def test_resident_programs_from_pinned_registers():
@@ -450,22 +463,28 @@ def test_mean_forward_configs_are_told_apart_by_their_parameters():
 
 @pytest.mark.parametrize("preset", ["clip", "siglip"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_mean_forward_fills_its_waves_with_small_partials(recorded, preset, dtype):
-    """At the benchmark presets on an H100 (132 SMs), every mean-forward config's partial rows
-    stay within PARTIAL_SHARE of x's bytes, and its programs fill at least 3/4 of the waves
-    they take (the GPU's resident programs per wave) unless one split more would pass that
-    share."""
+@pytest.mark.parametrize("pool,heads", [("mean", 1), ("attn", 16), ("attn", 8)])
+def test_forward_fills_its_waves_with_small_partials(recorded, preset, dtype, pool, heads):
+    """At the benchmark presets on an H100 (132 SMs), every forward config's partial rows stay
+    within PARTIAL_SHARE of x's bytes, and its programs fill at least 3/4 of the waves they take
+    (the GPU's resident programs per wave) unless one split more would pass that share."""
     configs, encode, _, _ = _triton_modules()
     from benchmarks import cases
+    from vtok_kernels.backends.triton.attention import head_blocks
 
     grid_hw, channels = cases.PRESETS[preset].grid, cases.PRESETS[preset].channels
     batch, frames, patches = 8, 16, grid_hw[0] * grid_hw[1]
     x = _meta(batch, frames, patches, channels, dtype=dtype)
-    _encode(x, "mean", 1)
+    _encode(x, pool, heads)
     launched = [grid for name, grid, _ in recorded if name == "encode_fwd"]
-    assert len(launched) == len(configs.MEAN_FWD_CONFIGS)
+    if pool == "mean":
+        tried = configs.MEAN_FWD_CONFIGS
+    else:  # one config per band of heads
+        tried = configs.survivors("attn_fwd", configs.ATTN_FWD_CONFIGS,
+                                  sum(head_blocks(channels // heads)))
+    assert len(launched) == len(tried)
     x_bytes = x.numel() * x.element_size()
-    for config, grid in zip(configs.MEAN_FWD_CONFIGS, launched):
+    for config, grid in zip(tried, launched):
         programs = grid[0] * grid[1] * grid[2]
         capacity = 132 * configs.resident_programs(config)
         waves = -(-programs // capacity)

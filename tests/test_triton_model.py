@@ -53,7 +53,7 @@ def test_kernels_read_from_their_machine_code(siglip):
     launches = siglip["launches"]
     assert {l["kernel"] for l in launches} == {"mean_fwd_kernel", "mean_bwd_kernel",
                                               "attn_fwd_kernel", "attn_bwd_kernel",
-                                              "combine_kernel"}
+                                              "attn_delta_kernel", "combine_kernel"}
     for launch in launches:
         code = launch["code"]
         assert code["blocks_per_sm"] >= 1 and code["ldl"] == code["stl"] == 0, launch["kernel"]
@@ -61,9 +61,12 @@ def test_kernels_read_from_their_machine_code(siglip):
             assert code["loads"]["128"] >= 2
             # a thread keeps more than one 16-byte load of the frame tile in flight per run
             assert code["bytes_in_flight"] > 16, launch["kernel"]
-    # 18 heads of 64 channels (the benchmark's) x 8 videos
+    # 18 heads of 64 channels (the benchmark's) x 8 videos in chunks of their 15 groups
+    from vtok_kernels.backends.triton import configs
+
     (attn,) = [l for l in launches if l["kernel"] == "attn_fwd_kernel"]
-    assert attn["grid"][0] == 8 and attn["grid"][2] == 18
+    (config,) = configs.survivors("attn_fwd", configs.ATTN_FWD_CONFIGS, 64)
+    assert attn["grid"][0] == 8 * -(-15 // config.kwargs["CHUNK_G"]) and attn["grid"][2] == 18
     estimates = {k["kernel"]: k for row in siglip["rows"] for k in row["kernels"]}
     assert estimates["attn_fwd_kernel"]["grid"] == attn["grid"]
 
@@ -80,3 +83,9 @@ def test_traffic_follows_the_kernels(siglip):
     assert combine["reads"] == {"partials": splits * B * (T - 1) * C * 4}
     assert combine["writes"] == {"sequence.residual": B * (T - 1) * C * e}
     assert by_name["mean_bwd_kernel"]["traffic"]["writes"] == {"grad_x": B * T * N * C * e}
+    # attention: the forward's combine keeps the residual tokens in float32 for the backward,
+    # which reads them once, through <grad r, r> per group and head
+    attn = {l["kernel"]: l for l in siglip["launches"] if l["pool"] == "attn"}
+    assert attn["combine_kernel"]["traffic"]["writes"]["residual32"] == B * (T - 1) * C * 4
+    assert attn["attn_delta_kernel"]["traffic"]["reads"]["residual32"] == B * (T - 1) * C * 4
+    assert attn["attn_bwd_kernel"]["traffic"]["writes"]["grad_x"] == B * T * N * C * e

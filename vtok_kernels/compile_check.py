@@ -158,8 +158,8 @@ def triton_cases(quick: bool = False) -> list[Case]:
     att = "vtok_kernels.backends.triton.attention"
     exp = "vtok_kernels.backends.triton.expand"
     fp32 = {name: "*fp32" for name in ("query_ptr", "part_acc_ptr", "part_max_ptr",
-                                       "part_sum_ptr", "part_dq_ptr", "part_r_ptr",
-                                       "part_delta_ptr", "lse_ptr")}
+                                       "part_sum_ptr", "part_dq_ptr", "delta_ptr",
+                                       "residual_ptr", "residual32_ptr", "lse_ptr")}
     ints = {name: "*i64" for name in ("key_ptr", "cu_frames_ptr", "cu_tokens_ptr")}
     types = {**fp32, **ints}
     cases: list[Case] = []
@@ -212,10 +212,14 @@ def triton_cases(quick: bool = False) -> list[Case]:
         # Every config: each pins its registers, and float32 tiles need the most.
         add(f"encode_fwd[mean,{dtype}]", enc, "mean_fwd_kernel", mean_fwd,
             {**base, "WRITE_KEY": True}, feature_types)
-        add(f"encode_fwd[attn,{dtype}]", att, "attn_fwd_kernel", attn("attn_fwd", widest),
-            {**base, "WRITE_KEY": True, **head(widest)}, feature_types, only_default=True)
-        add(f"encode_bwd[attn,{dtype}]", att, "attn_bwd_kernel", attn("attn_bwd", widest),
-            {**base, **no_spatial, **head(widest)}, feature_types, only_default=True)
+        # The attention configs pin their registers per band of heads: every band's.
+        for head_dim in ATTN_HEAD_DIMS[: 1 if quick else None]:
+            add(f"encode_fwd[attn,head={head_dim},{dtype}]", att, "attn_fwd_kernel",
+                attn("attn_fwd", head_dim), {**base, "WRITE_KEY": True, **head(head_dim)},
+                feature_types)
+            add(f"encode_bwd[attn,head={head_dim},{dtype}]", att, "attn_bwd_kernel",
+                attn("attn_bwd", head_dim), {**base, **no_spatial, **head(head_dim)},
+                feature_types)
     single = [configs._config(4, num_stages=1)]
     for pool in (False, True):
         for block_c in (1024, 128):  # CLIP-L's 1024 channels in one block, SigLIP's 1152 in 9
@@ -284,15 +288,16 @@ def record_triton_launches(num_patches: int, channels: int, pool: str, num_heads
             mock.patch.object(encode, "combine_kernel", Direct(encode.combine_kernel)), \
             mock.patch.object(encode, "spatial_key_fwd_kernel",
                               Direct(encode.spatial_key_fwd_kernel)), \
+            mock.patch.object(encode, "attn_delta_kernel", Direct(encode.attn_delta_kernel)), \
             mock.patch.object(encode, "_target_programs", lambda device: 8 * sms), \
             mock.patch.object(encode, "_resident_capacity",
                               lambda device, config: sms * configs.resident_programs(config)), \
             mock.patch.object(encode, "_combine_block", encode.combine_block), \
             mock.patch.object(configs, "active", lambda kind: configs.CONFIG_LISTS[kind]):
-        sequence, lse = encode.encode_fwd(x, keys, query, pool, heads, 1, (), ())
+        sequence, lse, *kept = encode.encode_fwd(x, keys, query, pool, heads, 1, (), ())
         current["pass"] = "bwd"
         grad = torch.empty(sequence.shape, dtype=dtype, device=meta)
-        encode.encode_bwd(grad, x, keys, query, sequence, lse, pool, heads, 1, (), ())
+        encode.encode_bwd(grad, x, keys, query, sequence, lse, pool, heads, 1, (), (), *kept)
     return recorded
 
 

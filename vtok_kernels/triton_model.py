@@ -93,10 +93,17 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
     from its arguments and grid, following the kernels' code."""
     v, grid = launch["values"], launch["grid"]
     name = launch["kernel"].fn.__name__
+    if name == "attn_delta_kernel":
+        # one (group, head) per program: its head's channels of grad r and of the float32 r
+        rows, channels = v["residual_ptr"].shape
+        grad_bytes = rows * channels * v["grad_seq_ptr"].element_size()
+        return mc.Traffic({"grad_sequence.residual": grad_bytes, "residual32": rows * channels * 4},
+                          {"delta": rows * int(v["NUM_HEADS"]) * 4}, 0,
+                          grad_bytes + rows * channels * 4)
     T, N, C, S, G = (int(v[k]) for k in ("T", "N", "C", "S", "G"))
     # Videos on grid axis 0; the mean forward has each video's chunks of groups there too.
     chunks = 1
-    if name == "mean_fwd_kernel":
+    if name in ("mean_fwd_kernel", "attn_fwd_kernel"):
         chunks = max(1, math.ceil(int(v["MAX_GROUPS"]) / launch["config"].kwargs["CHUNK_G"]))
     B = grid[0] // chunks
     features = next(v[k] for k in ("x_ptr", "grad_seq_ptr", "out_ptr") if k in v)
@@ -108,23 +115,16 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
     config = launch["config"].kwargs if launch["config"] is not None else {}
     splits = grid[1]
     blocks_per_frame = math.ceil(N / config["BLOCK_N"]) if "BLOCK_N" in config else 0
-    # A program's further patch blocks merge into its own partial: loads of what it stored.
-    merges = max(0, blocks_per_frame - splits) * B * G * C * 4
-    if name == "mean_fwd_kernel":
-        # Each chunk of a video reads the key frame's tiles (from L2 after the first); the
-        # group sums stay in registers, the partials are stored once.
-        partials = splits * B * G * C * 4
-        reads = {"x.rest": x_rest, "x.key": x_key}
-        writes = {"partials": partials, **({"sequence.keys": seq_keys} if v["WRITE_KEY"] else {})}
-        rereads = (chunks - 1) * x_key
-        return mc.Traffic(reads, writes, rereads, x_rest + x_key + rereads)
-    if name == "attn_fwd_kernel":
-        attn = True
+    if name in ("mean_fwd_kernel", "attn_fwd_kernel"):
+        # Each chunk of a video reads the key frame's tiles (from L2 after the first); a
+        # chunk's group states stay in registers and are stored once (attention: with a max
+        # and a sum per head).
+        attn = name == "attn_fwd_kernel"
         partials = splits * B * G * C * 4 + (2 * splits * stats if attn else 0)
-        query = C * 4
-        reads = {"x.rest": x_rest, "x.key": x_key, **({"query": query} if attn else {})}
+        reads = {"x.rest": x_rest, "x.key": x_key, **({"query": C * 4} if attn else {})}
         writes = {"partials": partials, **({"sequence.keys": seq_keys} if v["WRITE_KEY"] else {})}
-        rereads = merges * (1 + attn) + (math.prod(grid) * query // heads - query if attn else 0)
+        # every program reads its head's query (from L2 after the first)
+        rereads = (chunks - 1) * x_key + (math.prod(grid) * C * 4 // heads - C * 4 if attn else 0)
         return mc.Traffic(reads, writes, rereads, x_rest + x_key + rereads)
     if name == "combine_kernel":
         attn = bool(v["POOL_ATTN"])
@@ -133,6 +133,8 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
         # attention: every lane of a head reads the head's max and sum, twice (max, then merge)
         rereads = 2 * parts * B * G * C * 4 if attn else 0
         writes = {"sequence.residual": seq_res, **({"lse": stats} if attn else {})}
+        if v.get("KEEP_RESIDUAL32"):
+            writes["residual32"] = B * G * C * 4
         return mc.Traffic({"partials": partials}, writes, rereads, partials + rereads)
     if name == "mean_bwd_kernel":
         # grad r of each group once per patch block, the key tokens' gradient once
@@ -141,15 +143,13 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
         return mc.Traffic(reads, {"grad_x": B * T * N * C * e}, rereads,
                           seq_res + seq_keys + rereads)
     if name == "attn_bwd_kernel":
-        partials = splits * B * G * (C + heads) * 4
         reads = {"x.rest": x_rest, "x.key": x_key, "grad_sequence.residual": seq_res,
-                 "sequence.residual": seq_res, "grad_sequence.keys": seq_keys, "lse": stats,
-                 "query": C * 4}
-        # grad r and r of each group once per patch block; the partials' merges
-        rereads = 2 * (blocks_per_frame - 1) * seq_res + 2 * merges
-        writes = {"grad_x": B * T * N * C * e, "partials": partials,
-                  "partials.grad_query": B * splits * C * 4}
-        return mc.Traffic(reads, writes, rereads, x_rest + x_key + 2 * seq_res + rereads)
+                 "grad_sequence.keys": seq_keys, "lse": stats, "delta": stats, "query": C * 4}
+        # grad r of each group, and its lse and delta, once per patch block of a split
+        blocks = math.ceil(N / splits / config["BLOCK_N"]) * splits
+        rereads = (blocks - 1) * (seq_res + 2 * stats)
+        writes = {"grad_x": B * T * N * C * e, "partials.grad_query": B * splits * C * 4}
+        return mc.Traffic(reads, writes, rereads, x_rest + x_key + seq_res + rereads)
     raise ValueError(f"no traffic model for the triton kernel {name}")
 
 

@@ -70,10 +70,17 @@ def _lazy(op: str):
     return call
 
 
+def keeps_residual32(dtype: torch.dtype, pool: str, channels: int, num_heads: int) -> bool:
+    """Attention pooling's forward keeps its residual tokens in float32, in every dtype: the
+    backward reads them (encode.keeps_residual32)."""
+    return pool == "attn"
+
+
 BACKEND = register(Backend(
     name="triton",
     availability=availability,
     impls={op: _lazy(op) for op in _KERNEL_MODULES},
+    keeps_residual32=keeps_residual32,
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     loader="triton-interpreter" if triton_interpreted() else "triton-jit",
 ))

@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vtok_kernels.backends.triton.tiles import key_token_grad, load_x, program_layout
+from vtok_kernels.backends.triton.tiles import (
+    key_token_grad, load_x, program_layout, video_layout)
 
 
 def head_blocks(head_dim: int) -> tuple[int, int]:
@@ -31,31 +32,29 @@ def head_blocks(head_dim: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _partial(ptr, block, split, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
-    """What earlier patch blocks of this program stored at ptr (zero for its first block). The
-    flag is spelled per lane: the interpreter takes no vector-and-scalar masks."""
-    offs = tl.arange(0, BLOCK)
-    return tl.load(ptr + offs, mask=(offs < WIDTH) & ((offs * 0 + block) > split), other=0.0)
-
-
-@triton.jit
-def _store_chunk(ptr, value, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=offs < WIDTH)
-
-
-@triton.jit
 def attn_fwd_kernel(
     x_ptr, key_ptr, query_ptr, cu_frames_ptr, cu_tokens_ptr,
     seq_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     stride_xb, stride_xt, stride_xn,
-    T, N, C, S, G, NUM_ROWS, NUM_HEADS, FRAMES_PER_TOKEN, scale,
+    T, N, C, S, G, NUM_ROWS, NUM_HEADS, FRAMES_PER_TOKEN, MAX_GROUPS, scale,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, WRITE_KEY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_LO: tl.constexpr,
+    CHUNK_G: tl.constexpr,
 ):
-    (video, split, num_splits, head, frame0, num_frames, token0, group0, key,
-     num_groups) = program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G,
-                                  FRAMES_PER_TOKEN, IS_VARLEN)
+    """Attention pooling, forward: program (video x chunk, split, head) pools the split's patch
+    rows of one head for each of the chunk's CHUNK_G groups, as the mean forward does
+    (encode.mean_fwd_kernel: one warp, lanes along the channels, the chunk's state in
+    registers, stored once). The state of a group is an online softmax over its frames' rows:
+    running max, sum of weights, weighted sum of residuals; each frame's tile is merged into
+    its group's slot."""
+    num_chunks = tl.maximum(tl.cdiv(MAX_GROUPS, CHUNK_G), 1)
+    video = tl.program_id(0) // num_chunks
+    chunk = tl.program_id(0) % num_chunks
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    head = tl.program_id(2)
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
     HAS_LO: tl.constexpr = BLOCK_LO > 0
     LO_WIDTH: tl.constexpr = HEAD_DIM - BLOCK_HI
     c_hi = head * HEAD_DIM
@@ -68,84 +67,81 @@ def attn_fwd_kernel(
         offs_lo = tl.arange(0, BLOCK_LO)
         q_lo = tl.load(query_ptr + c_lo + offs_lo, mask=offs_lo < LO_WIDTH,
                        other=0.0).to(tl.float32) * scale
-    # The form of x's tile pointers that ptxas allocates best here (see tiles.x_tile).
-    ROW_POINTERS: tl.constexpr = BLOCK_HI >= 128
+    group_begin = chunk * CHUNK_G
+    rank_begin = group_begin * FRAMES_PER_TOKEN
+    rank_end = tl.minimum((group_begin + CHUNK_G) * FRAMES_PER_TOKEN, num_frames - 1)
+    row_begin = (split * N) // num_splits
+    row_end = ((split + 1) * N) // num_splits
+    row_stop = tl.where((chunk > 0) & (group_begin >= num_groups), row_begin, row_end)
+    offs_g = tl.arange(0, CHUNK_G)
+    run_max = tl.full([CHUNK_G], float("-inf"), tl.float32)
+    run_sum = tl.zeros([CHUNK_G], dtype=tl.float32)
+    acc_hi = tl.zeros([CHUNK_G, BLOCK_HI], dtype=tl.float32)
+    if HAS_LO:
+        acc_lo = tl.zeros([CHUNK_G, BLOCK_LO], dtype=tl.float32)
 
-    # A program walks patch blocks split, split + num_splits, ...: few enough programs that
-    # the per-group partials (one row per program, merged in place) stay small next to x.
-    for block in range(split, tl.cdiv(N, BLOCK_N), num_splits):
-        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+    for n0 in range(row_begin, row_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < row_end
         # 64-bit: a view's patch stride is unbounded (in a patch-major buffer, N * stride_xn
         # passes 2**31).
         rows = offs_n.to(tl.int64) * stride_xn
         key_frame = x_video + key * stride_xt
-        key_hi = load_x(key_frame, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, ROW_POINTERS)
+        key_hi = load_x(key_frame, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False)
         if HAS_LO:
-            key_lo = load_x(key_frame, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO, ROW_POINTERS)
+            key_lo = load_x(key_frame, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO, False)
         if WRITE_KEY:
+            # The key tokens once per video: by the programs of its first chunk.
+            first_chunk = mask_n & ((offs_n * 0 + chunk) == 0)
             seq_rows = seq_ptr + token0 * C + offs_n[:, None] * C
             tl.store(seq_rows + (c_hi + offs_hi)[None, :],
-                     key_hi.to(seq_ptr.dtype.element_ty), mask=mask_n[:, None])
+                     key_hi.to(seq_ptr.dtype.element_ty), mask=first_chunk[:, None])
             if HAS_LO:
                 tl.store(seq_rows + (c_lo + offs_lo)[None, :],
                          key_lo.to(seq_ptr.dtype.element_ty),
-                         mask=mask_n[:, None] & (offs_lo < LO_WIDTH)[None, :])
-        # Earlier blocks of this program left partials to merge into.
-        merge = block > split
-        for g in range(0, num_groups):
-            first = g * FRAMES_PER_TOKEN
-            last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
-            run_max = tl.full([], float("-inf"), tl.float32)
-            run_sum = tl.zeros([], dtype=tl.float32)
-            acc_hi = tl.zeros([BLOCK_HI], dtype=tl.float32)
+                         mask=first_chunk[:, None] & (offs_lo < LO_WIDTH)[None, :])
+        # The frame's group within the chunk, counted rather than divided.
+        slot = rank_begin * 0
+        frames_left = FRAMES_PER_TOKEN
+        for rank in range(rank_begin, rank_end):
+            # 64-bit: frame * stride_xt passes 2**31 in a time-major buffer of a few frames.
+            frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
+            frame_ptr = x_video + frame * stride_xt
+            res_hi = load_x(frame_ptr, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False) - key_hi
+            score = tl.sum(res_hi * q_hi[None, :], axis=1)
             if HAS_LO:
-                acc_lo = tl.zeros([BLOCK_LO], dtype=tl.float32)
-            for rank in range(first, last):
-                # 64-bit: frame * stride_xt passes 2**31 in a time-major buffer of a few frames.
-                frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
-                frame_ptr = x_video + frame * stride_xt
-                res_hi = load_x(frame_ptr, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI,
-                                ROW_POINTERS) - key_hi
-                score = tl.sum(res_hi * q_hi[None, :], axis=1)
-                if HAS_LO:
-                    res_lo = load_x(frame_ptr, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO,
-                                    ROW_POINTERS) - key_lo
-                    score += tl.sum(res_lo * q_lo[None, :], axis=1)
-                score = tl.where(mask_n, score, float("-inf"))
-                new_max = tl.maximum(run_max, tl.max(score, axis=0))
-                rescale = tl.exp(run_max - new_max)
-                weight = tl.exp(score - new_max)
-                run_sum = run_sum * rescale + tl.sum(weight, axis=0)
-                acc_hi = acc_hi * rescale + tl.sum(weight[:, None] * res_hi, axis=0)
-                if HAS_LO:
-                    acc_lo = acc_lo * rescale + tl.sum(weight[:, None] * res_lo, axis=0)
-                run_max = new_max
-            part = split.to(tl.int64) * NUM_ROWS + group0 + g
-            stat = part * NUM_HEADS + head
-            acc_row = part_acc_ptr + part * C
-            # Another thread of this program may have stored the partial: the barrier makes
-            # its store visible before the merge reads it.
-            tl.debug_barrier()
-            prev_max = tl.load(part_max_ptr + stat, mask=merge, other=float("-inf"))
-            prev_sum = tl.load(part_sum_ptr + stat, mask=merge, other=0.0)
-            new_max = tl.maximum(prev_max, run_max)
-            # exp(-inf - m) = 0 drops the empty side; a finite reference avoids -inf - -inf.
-            ref_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            prev_scale = tl.exp(prev_max - ref_max)
-            run_scale = tl.exp(run_max - ref_max)
-            acc_hi = (_partial(acc_row + c_hi, block, split, BLOCK_HI, BLOCK_HI) * prev_scale
-                      + acc_hi * run_scale)
+                res_lo = load_x(frame_ptr, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO,
+                                False) - key_lo
+                score += tl.sum(res_lo * q_lo[None, :], axis=1)
+            score = tl.where(mask_n, score, float("-inf"))
+            in_slot = offs_g == slot
+            old_max = tl.max(tl.where(in_slot, run_max, float("-inf")), axis=0)
+            new_max = tl.maximum(old_max, tl.max(score, axis=0))
+            rescale = tl.exp(old_max - new_max)
+            weight = tl.exp(score - new_max)
+            run_sum = tl.where(in_slot, run_sum * rescale + tl.sum(weight, axis=0), run_sum)
+            run_max = tl.where(in_slot, new_max, run_max)
+            acc_hi = tl.where(in_slot[:, None],
+                              acc_hi * rescale + tl.sum(weight[:, None] * res_hi, axis=0)[None, :],
+                              acc_hi)
             if HAS_LO:
-                acc_lo = (_partial(acc_row + c_lo, block, split, LO_WIDTH, BLOCK_LO) * prev_scale
-                          + acc_lo * run_scale)
-            run_sum = prev_sum * prev_scale + run_sum * run_scale
-            tl.debug_barrier()
-            _store_chunk(acc_row + c_hi, acc_hi, BLOCK_HI, BLOCK_HI)
-            if HAS_LO:
-                _store_chunk(acc_row + c_lo, acc_lo, LO_WIDTH, BLOCK_LO)
-            tl.store(part_max_ptr + stat, new_max)
-            tl.store(part_sum_ptr + stat, run_sum)
+                acc_lo = tl.where(
+                    in_slot[:, None],
+                    acc_lo * rescale + tl.sum(weight[:, None] * res_lo, axis=0)[None, :],
+                    acc_lo)
+            frames_left -= 1
+            slot = tl.where(frames_left == 0, slot + 1, slot)
+            frames_left = tl.where(frames_left == 0, FRAMES_PER_TOKEN, frames_left)
+    # The split's partial states of the chunk's groups (those the video has), stored once.
+    stored = (group_begin + offs_g) < num_groups
+    part = split.to(tl.int64) * NUM_ROWS + group0 + group_begin + offs_g
+    acc_rows = part_acc_ptr + part[:, None] * C
+    tl.store(acc_rows + (c_hi + offs_hi)[None, :], acc_hi, mask=stored[:, None])
+    if HAS_LO:
+        tl.store(acc_rows + (c_lo + offs_lo)[None, :], acc_lo,
+                 mask=stored[:, None] & (offs_lo < LO_WIDTH)[None, :])
+    tl.store(part_max_ptr + part * NUM_HEADS + head, run_max, mask=stored)
+    tl.store(part_sum_ptr + part * NUM_HEADS + head, run_sum, mask=stored)
 
 
 @triton.jit
@@ -155,16 +151,59 @@ def _grad_residual(prob, grad_score, grad_r, q):
 
 
 @triton.jit
+def attn_delta_kernel(
+    grad_seq_ptr, residual_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr, delta_ptr,
+    T, S, G, NUM_HEADS, FRAMES_PER_TOKEN, FIRST_GROUP,
+    HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BLOCK_HI: tl.constexpr, BLOCK_LO: tl.constexpr,
+):
+    """<grad r, r> of one (group, head), r the forward's float32 residual token: the
+    softmax backward's row term, in the layout of lse. Groups from FIRST_GROUP on (grid axis
+    1 as the combine kernel's)."""
+    video = tl.program_id(0)
+    g = FIRST_GROUP + tl.program_id(1)
+    head = tl.program_id(2)
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    HAS_LO: tl.constexpr = BLOCK_LO > 0
+    LO_WIDTH: tl.constexpr = HEAD_DIM - BLOCK_HI
+    C = NUM_HEADS * HEAD_DIM
+    row = group0 + g
+    c_hi = head * HEAD_DIM
+    offs_hi = tl.arange(0, BLOCK_HI)
+    valid_hi = (offs_hi * 0 + g) < num_groups
+    grad_row = grad_seq_ptr + (token0 + S + g) * C
+    res_row = residual_ptr + row * C
+    dot = tl.sum(tl.load(grad_row + c_hi + offs_hi, mask=valid_hi, other=0.0).to(tl.float32)
+                 * tl.load(res_row + c_hi + offs_hi, mask=valid_hi, other=0.0), axis=0)
+    if HAS_LO:
+        offs_lo = tl.arange(0, BLOCK_LO)
+        mask_lo = (offs_lo < LO_WIDTH) & ((offs_lo * 0 + g) < num_groups)
+        c_lo = c_hi + BLOCK_HI
+        dot += tl.sum(tl.load(grad_row + c_lo + offs_lo, mask=mask_lo, other=0.0).to(tl.float32)
+                      * tl.load(res_row + c_lo + offs_lo, mask=mask_lo, other=0.0), axis=0)
+    tl.store(delta_ptr + row * NUM_HEADS + head + offs_hi * 0, dot + offs_hi * 0.0,
+             mask=valid_hi & (offs_hi == 0))
+
+
+@triton.jit
 def attn_bwd_kernel(
-    grad_seq_ptr, x_ptr, key_ptr, query_ptr, seq_ptr, lse_ptr, cu_frames_ptr, cu_tokens_ptr,
-    grad_x_ptr, part_dq_ptr, part_r_ptr, part_delta_ptr,
+    grad_seq_ptr, x_ptr, key_ptr, query_ptr, lse_ptr, delta_ptr, cu_frames_ptr, cu_tokens_ptr,
+    grad_x_ptr, part_dq_ptr,
     stride_xb, stride_xt, stride_xn,
-    T, N, C, S, G, NUM_ROWS, NUM_HEADS, FRAMES_PER_TOKEN, DQ_PARTS, scale,
+    T, N, C, S, G, NUM_HEADS, FRAMES_PER_TOKEN, DQ_PARTS, scale,
     GRID_H, GRID_W, OUT_H, OUT_W,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, SPATIAL: tl.constexpr,
     BINS_PER_ROW: tl.constexpr, BINS_PER_COL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_LO: tl.constexpr,
 ):
+    """Attention pooling, backward: program (video, split, head) owns a contiguous range of
+    patch rows (a split) of one head and walks every frame of the video for them: it writes
+    their gradient, accumulates the key frame's (minus the sum over its residuals) in
+    registers, and its share of sum p <grad r, d> d, grad_query's first term, stored once.
+    One warp with its lanes along the head's channels: the sums over channels and over rows
+    are shuffles, with no shared memory nor barrier. <grad r, r> per (group, head) comes in
+    (attn_delta_kernel), from the forward's float32 residual tokens."""
     (video, split, num_splits, head, frame0, num_frames, token0, group0, key,
      num_groups) = program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G,
                                   FRAMES_PER_TOKEN, IS_VARLEN)
@@ -182,23 +221,26 @@ def attn_bwd_kernel(
         grad_video = grad_x_ptr + video.to(tl.int64) * T * N * C
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
     q_hi = tl.load(query_ptr + chans_hi).to(tl.float32) * scale
-    grad_q_hi = tl.zeros([BLOCK_HI], dtype=tl.float32)
+    # grad_query's first term per (row, channel) of the tile: summed over the rows once, at the
+    # end, rather than per frame.
+    grad_q_hi = tl.zeros([BLOCK_N, BLOCK_HI], dtype=tl.float32)
     if HAS_LO:
         offs_lo = tl.arange(0, BLOCK_LO)
         chans_lo = c_lo + offs_lo
         mask_lo = offs_lo < LO_WIDTH
         q_lo = tl.load(query_ptr + chans_lo, mask=mask_lo, other=0.0).to(tl.float32) * scale
-        grad_q_lo = tl.zeros([BLOCK_LO], dtype=tl.float32)
+        grad_q_lo = tl.zeros([BLOCK_N, BLOCK_LO], dtype=tl.float32)
+    # The split's patch rows: contiguous, within one row of each other's count.
+    row_begin = (split * N) // num_splits
+    row_end = ((split + 1) * N) // num_splits
 
-    # Patch blocks split, split + num_splits, ... as in the forward.
-    for block in range(split, tl.cdiv(N, BLOCK_N), num_splits):
-        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+    for n0 in range(row_begin, row_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < row_end
         # 32-bit: grad_x is contiguous, so a tile stays within one frame's N * C elements.
         grad_rows = offs_n[:, None] * C
         # 64-bit: x's patch stride is unbounded (see the forward).
         rows = offs_n.to(tl.int64) * stride_xn
-        merge = block > split
         key_frame = x_video + key * stride_xt
         key_hi = load_x(key_frame, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False)
         grad_key_hi = tl.zeros([BLOCK_N, BLOCK_HI], dtype=tl.float32)
@@ -211,27 +253,15 @@ def attn_bwd_kernel(
             last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
             token_row = (token0 + S + g) * C
             grad_r_hi = tl.load(grad_seq_ptr + token_row + chans_hi).to(tl.float32)
-            r_hi = tl.load(seq_ptr + token_row + chans_hi).to(tl.float32)
-            grad_r_dot_r = tl.sum(grad_r_hi * r_hi, axis=0)
             if HAS_LO:
                 grad_r_lo = tl.load(grad_seq_ptr + token_row + chans_lo, mask=mask_lo,
                                     other=0.0).to(tl.float32)
-                r_lo = tl.load(seq_ptr + token_row + chans_lo, mask=mask_lo,
-                               other=0.0).to(tl.float32)
-                grad_r_dot_r += tl.sum(grad_r_lo * r_lo, axis=0)
-            lse = tl.load(lse_ptr + (group0 + g) * NUM_HEADS + head)
-            # This group's share, over this patch block, of r = sum p d and of
-            # <grad_r, r> = sum p <grad_r, d>, both exact in float32: grad_query is
-            # sum p <grad_r, d> d - <grad_r, r> r, a difference of near-equal terms that the
-            # rounded r of the sequence would swamp.
-            r_part_hi = tl.zeros([BLOCK_HI], dtype=tl.float32)
-            if HAS_LO:
-                r_part_lo = tl.zeros([BLOCK_LO], dtype=tl.float32)
-            delta_part = tl.zeros([], dtype=tl.float32)
+            stat = (group0 + g) * NUM_HEADS + head
+            lse = tl.load(lse_ptr + stat)
+            grad_r_dot_r = tl.load(delta_ptr + stat)
             for rank in range(first, last):
                 # 64-bit: frame * stride_xt (strided x) and frame * N * C (a long video's
-                # grad_x) pass 2**31. Not spelled with tl.where as in the forward: that took
-                # more registers in the backward (compile-check).
+                # grad_x) pass 2**31.
                 frame = rank + (rank >= key).to(tl.int64)
                 frame_ptr = x_video + frame * stride_xt
                 res_hi = load_x(frame_ptr, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False) - key_hi
@@ -252,32 +282,14 @@ def attn_bwd_kernel(
                          grad_res_hi.to(grad_x_ptr.dtype.element_ty),
                          mask=mask_n[:, None] & all_hi[None, :])
                 grad_key_hi -= grad_res_hi
-                grad_q_hi += tl.sum(prob_grad[:, None] * res_hi, axis=0)
-                r_part_hi += tl.sum(prob[:, None] * res_hi, axis=0)
+                grad_q_hi += prob_grad[:, None] * res_hi
                 if HAS_LO:
                     grad_res_lo = _grad_residual(prob, grad_score, grad_r_lo, q_lo)
                     tl.store(grad_frame + chans_lo[None, :],
                              grad_res_lo.to(grad_x_ptr.dtype.element_ty),
                              mask=mask_n[:, None] & mask_lo[None, :])
                     grad_key_lo -= grad_res_lo
-                    grad_q_lo += tl.sum(prob_grad[:, None] * res_lo, axis=0)
-                    r_part_lo += tl.sum(prob[:, None] * res_lo, axis=0)
-                delta_part += tl.sum(prob_grad, axis=0)
-            part = split.to(tl.int64) * NUM_ROWS + group0 + g
-            r_row = part_r_ptr + part * C
-            delta_ptr = part_delta_ptr + part * NUM_HEADS + head
-            # Merge into what earlier blocks of this program stored (barrier: another thread
-            # may have stored it).
-            tl.debug_barrier()
-            r_part_hi += _partial(r_row + c_hi, block, split, BLOCK_HI, BLOCK_HI)
-            if HAS_LO:
-                r_part_lo += _partial(r_row + c_lo, block, split, LO_WIDTH, BLOCK_LO)
-            delta_part += tl.load(delta_ptr, mask=merge, other=0.0)
-            tl.debug_barrier()
-            tl.store(r_row + chans_hi, r_part_hi)
-            if HAS_LO:
-                tl.store(r_row + chans_lo, r_part_lo, mask=mask_lo)
-            tl.store(delta_ptr, delta_part)
+                    grad_q_lo += prob_grad[:, None] * res_lo
 
         grad_key_hi += key_token_grad(grad_seq_ptr, token0, C, offs_n, mask_n, chans_hi, all_hi,
                                       GRID_H, GRID_W, OUT_H, OUT_W, SPATIAL, BINS_PER_ROW,
@@ -293,6 +305,6 @@ def attn_bwd_kernel(
                      grad_key_lo.to(grad_x_ptr.dtype.element_ty),
                      mask=mask_n[:, None] & mask_lo[None, :])
     dq_row = part_dq_ptr + (video.to(tl.int64) * DQ_PARTS + split) * C
-    tl.store(dq_row + chans_hi, grad_q_hi)
+    tl.store(dq_row + chans_hi, tl.sum(grad_q_hi, axis=0))
     if HAS_LO:
-        tl.store(dq_row + chans_lo, grad_q_lo, mask=mask_lo)
+        tl.store(dq_row + chans_lo, tl.sum(grad_q_lo, axis=0), mask=mask_lo)

@@ -53,25 +53,51 @@ STREAM_CONFIGS = [
     _config(8, BLOCK_N=16, BLOCK_D=256),
 ]
 
-# Attention pooling: the channels of a program are one head (in two power-of-two blocks set by
-# the launcher, attention.head_blocks), so only the patch block and the warps are tuned. The
-# largest tile that fits comes first (the default): more bytes of a frame in flight at once.
-ATTN_FWD_CONFIGS = [
-    _config(4, BLOCK_N=32),
-    _config(4, BLOCK_N=16),
-    _config(8, BLOCK_N=16),
-    _config(8, BLOCK_N=64),
-    _config(4, BLOCK_N=8),
+# Attention pooling, forward: as the mean forward (one warp, lanes along the channels, CHUNK_G
+# groups' states in registers), the channels of a program being one head, in one or two
+# power-of-two blocks (attention.head_blocks); one config per band of head widths, as the
+# backward's below.
+_FWD_HEAD_64 = _config(1, maxnreg=128, BLOCK_N=16, CHUNK_G=4)
+_FWD_HEAD_128 = _config(1, maxnreg=136, BLOCK_N=8, CHUNK_G=4)
+_FWD_TWO_BLOCKS = _config(1, maxnreg=72, BLOCK_N=4, CHUNK_G=4)
+_FWD_WIDE = _config(1, maxnreg=160, BLOCK_N=4, CHUNK_G=4)
+_FWD_WIDER = _config(1, maxnreg=224, BLOCK_N=2, CHUNK_G=2)
+_FWD_WIDEST = _config(1, maxnreg=224, BLOCK_N=1, CHUNK_G=1)
+ATTN_FWD_BANDS = [
+    (_FWD_HEAD_64, 0, 64, "pow2"),
+    (_FWD_HEAD_128, 64, 128, "pow2"),
+    (_FWD_TWO_BLOCKS, 0, 96, "other"),
+    (_FWD_WIDE, 128, 256, "pow2"),
+    (_FWD_WIDE, 96, 256, "other"),
+    (_FWD_WIDER, 256, 512, "any"),
+    (_FWD_WIDEST, 512, None, "any"),
 ]
+ATTN_FWD_CONFIGS = [_FWD_HEAD_64, _FWD_HEAD_128, _FWD_TWO_BLOCKS, _FWD_WIDE, _FWD_WIDER,
+                    _FWD_WIDEST]
 
-# The backward holds two more tiles (the key frame's gradient and the residual's gradient)
-# than the forward, hence fewer tile elements per thread and per program.
-ATTN_BWD_CONFIGS = [
-    _config(8, BLOCK_N=16),
-    _config(4, BLOCK_N=16),
-    _config(4, BLOCK_N=8),
-    _config(8, BLOCK_N=8),
+# The backward: one warp per program, lanes along the head's channels (attention.attn_bwd_kernel),
+# and one config per band of head widths (its two blocks together, attention.head_blocks): the
+# rows per tile and the registers that the band's widest head needs in float32 without a spill
+# (compile-check); heads of two blocks need more than powers of two, their tiles being laid out
+# differently. maxnreg, as for the mean forward, sets the programs resident per SM on which the
+# launcher sizes the splits (for narrower heads of a band, an upper bound). One config per
+# head: nothing to tune. Bands: (config, heads wider than, heads up to (None: any), which heads:
+# "pow2", "other" (two blocks) or "any").
+_BWD_ROWS_8 = _config(1, maxnreg=128, BLOCK_N=8)
+_BWD_ROWS_4 = _config(1, maxnreg=128, BLOCK_N=4)
+_BWD_ROWS_4_WIDE = _config(1, maxnreg=224, BLOCK_N=4)
+_BWD_ROWS_2 = _config(1, maxnreg=224, BLOCK_N=2)
+_BWD_ROWS_1 = _config(1, maxnreg=224, BLOCK_N=1)
+ATTN_BWD_BANDS = [
+    (_BWD_ROWS_8, 0, 64, "pow2"),
+    (_BWD_ROWS_4, 64, 128, "pow2"),
+    (_BWD_ROWS_4, 0, 96, "other"),
+    (_BWD_ROWS_4_WIDE, 128, 256, "pow2"),
+    (_BWD_ROWS_4_WIDE, 96, 256, "other"),
+    (_BWD_ROWS_2, 256, 512, "any"),
+    (_BWD_ROWS_1, 512, None, "any"),
 ]
+ATTN_BWD_CONFIGS = [_BWD_ROWS_8, _BWD_ROWS_4, _BWD_ROWS_4_WIDE, _BWD_ROWS_2, _BWD_ROWS_1]
 
 # Interpreter: blocks smaller than the test shapes (N = 7..13, C = 12..48) so that several
 # patch and channel blocks, and their masked tails, are exercised.
@@ -79,6 +105,7 @@ INTERPRET_STREAM = _config(1, num_stages=1, BLOCK_N=8, BLOCK_D=16)
 # Several patch blocks per split and several chunks of 2 groups per video at the test shapes.
 INTERPRET_MEAN_FWD = _config(1, num_stages=1, BLOCK_N=4, BLOCK_D=16, CHUNK_G=2)
 INTERPRET_ATTN = _config(1, num_stages=1, BLOCK_N=8)
+INTERPRET_ATTN_FWD = _config(1, num_stages=1, BLOCK_N=4, CHUNK_G=2)
 
 CONFIG_LISTS = {
     "mean_fwd": MEAN_FWD_CONFIGS,
@@ -88,35 +115,21 @@ CONFIG_LISTS = {
 }
 
 
-# Attention pooling: the most tile elements (BLOCK_N x head channels) per thread, and per
-# program, that stay in registers. From the compile-check report: beyond these, ptxas (with
-# the --regAllocOptLevel=2 that Triton passes) spills.
-ATTN_TILE_LIMITS = {"attn_fwd": (32, None), "attn_bwd": (16, 2304)}
-
-# (kind, head channels, BLOCK_N, num_warps) within those limits where ptxas still spills a
-# few bytes on triton 3.6 or 3.9, sm_80 or sm_90, at the presets' specialisation
-# (compile-check, which fails on a spill of any config that survives this pruning).
-KNOWN_SPILLS = {
-    ("attn_fwd", 64, 16, 4), ("attn_fwd", 72, 8, 4), ("attn_fwd", 72, 64, 8),
-    ("attn_fwd", 128, 16, 8), ("attn_fwd", 144, 16, 4),
-    ("attn_bwd", 64, 16, 4), ("attn_bwd", 64, 8, 4), ("attn_bwd", 64, 8, 8),
-    ("attn_bwd", 72, 8, 4),
-}
-
-
 def fits(kind: str, config: triton.Config, block_d: int) -> bool:
-    """Whether ``config`` keeps the tiles of a ``kind`` kernel with ``block_d`` channels per
-    program (for attention, the head's two blocks together) in registers; only the attention
-    kernels, whose channel blocks are fixed by the head size, need the check."""
-    if kind not in ATTN_TILE_LIMITS:
-        return True
-    if (kind, block_d, config.kwargs["BLOCK_N"], config.num_warps) in KNOWN_SPILLS:
-        return False
-    per_thread, per_program = ATTN_TILE_LIMITS[kind]
-    elements = config.kwargs["BLOCK_N"] * block_d
-    if per_program is not None and elements > per_program:
-        return False
-    return elements // (32 * config.num_warps) <= per_thread
+    """Whether ``config`` runs a ``kind`` kernel with ``block_d`` channels per program (for
+    attention, the head's two blocks together): the attention kernels, whose channel blocks
+    are fixed by the head size, have a config per band of heads (ATTN_FWD_BANDS,
+    ATTN_BWD_BANDS); the others run any of theirs."""
+    bands = {"attn_fwd": ATTN_FWD_BANDS, "attn_bwd": ATTN_BWD_BANDS}.get(kind)
+    return bands is None or _in_band(bands, config, block_d)
+
+
+def _in_band(bands: list, config: triton.Config, block_d: int) -> bool:
+    """Whether ``config`` is one of ``bands``' configs for heads of ``block_d`` channels."""
+    heads_kind = "pow2" if block_d & (block_d - 1) == 0 else "other"
+    return any(band is config and block_d > wider and (widest is None or block_d <= widest)
+               and heads in (heads_kind, "any")
+               for band, wider, widest, heads in bands)
 
 
 def survivors(kind: str, config_list: list[triton.Config],
@@ -179,7 +192,7 @@ def default(kind: str, block_d: Optional[int]) -> triton.Config:
 def active(kind: str) -> list[triton.Config]:
     """The configs a kernel of family ``kind`` is autotuned over in this process."""
     if triton_interpreted():
-        interpreted = {"mean_fwd": INTERPRET_MEAN_FWD, "attn_fwd": INTERPRET_ATTN,
+        interpreted = {"mean_fwd": INTERPRET_MEAN_FWD, "attn_fwd": INTERPRET_ATTN_FWD,
                        "attn_bwd": INTERPRET_ATTN}
         return [interpreted.get(kind, INTERPRET_STREAM)]
     return CONFIG_LISTS[kind]

@@ -43,7 +43,8 @@ import triton.language as tl
 
 from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton import configs
-from vtok_kernels.backends.triton.attention import attn_bwd_kernel, attn_fwd_kernel, head_blocks
+from vtok_kernels.backends.triton.attention import (
+    attn_bwd_kernel, attn_delta_kernel, attn_fwd_kernel, head_blocks)
 from vtok_kernels.backends.triton.launch import (
     MAX_GRID_X, MAX_GRID_YZ, autotuned, axis_chunks, check_grid_axis, grid_slots, launch)
 from vtok_kernels.backends.triton.tiles import (
@@ -146,13 +147,14 @@ def mean_fwd_kernel(
 @triton.jit
 def combine_kernel(
     part_acc_ptr, part_max_ptr, part_sum_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr,
-    out_ptr, lse_ptr,
+    out_ptr, lse_ptr, residual32_ptr,
     T, N, C, S, G, NUM_ROWS, NUM_PARTS, NUM_HEADS, FRAMES_PER_TOKEN, FIRST_GROUP,
     HEAD_DIM: tl.constexpr, POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DIVIDE: tl.constexpr,
+    DIVIDE: tl.constexpr, KEEP_RESIDUAL32: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Merges the per-patch-block partials of one group, in patch-block order, into its token.
+    """Merges the per-patch-block partials of one group, in patch-block order, into its token
+    (and, with KEEP_RESIDUAL32, the token in float32 at its lse row, for the backward).
 
     Output row of group g of video b: token0 + S + g (S = 0 and G rows per video gives the
     plain [B, G, C] layout that expand's backward uses). Groups from FIRST_GROUP on: a video
@@ -203,6 +205,8 @@ def combine_kernel(
             result = acc
     out_row = token0 + S + g
     tl.store(out_ptr + out_row * C + offs_c, result.to(out_ptr.dtype.element_ty), mask=mask_c)
+    if KEEP_RESIDUAL32:
+        tl.store(residual32_ptr + row * C + offs_c, result, mask=mask_c)
 
 
 @triton.jit
@@ -449,17 +453,17 @@ def check_grid(batch: int, channels: int, num_heads: int, attn: bool, kind: str,
                         f"{tensor}: C = {channels} channels in blocks of {narrowest}")
 
 
-# The mean forward's partial rows (splits x groups x C floats) at most this share of x's bytes:
+# A forward's partial rows (splits x groups x C floats) at most this share of x's bytes:
 # with the combine's read of them, 2/32 of x's traffic on top of it.
 PARTIAL_SHARE = 1 / 32
-# Programs the mean forward's splits fill under the interpreter: more than a test's videos,
-# chunks and channel blocks, so that the tests see several splits.
+# Programs a forward's splits fill under the interpreter: more than a test's videos, chunks and
+# channel blocks or heads, so that the tests see several splits.
 INTERPRET_CAPACITY = 64
 
 
-def _mean_chunks(layout: "_Layout", meta: dict) -> int:
-    """Chunks of CHUNK_G groups per video in the mean forward's grid (one for a video of no
-    group: its key tokens)."""
+def _chunks(layout: "_Layout", meta: dict) -> int:
+    """Chunks of CHUNK_G groups per video in a forward's grid (one for a video of no group:
+    its key tokens)."""
     return max(1, triton.cdiv(layout.max_groups, meta["CHUNK_G"]))
 
 
@@ -469,20 +473,20 @@ def _device_capacity(index: int) -> tuple:
     return properties.multi_processor_count, (properties.major, properties.minor)
 
 
-def _mean_fwd_splits(layout: "_Layout", config: triton.Config, device: torch.device) -> int:
-    """Splits of each (video, chunk, channel block)'s patch rows in the mean forward, sized to
-    whole waves of the programs the GPU holds at once (configs.resident_programs), at most what
-    keeps the partial rows within PARTIAL_SHARE of x."""
+def _fwd_splits(layout: "_Layout", config: triton.Config, device: torch.device) -> int:
+    """Splits of each (video, chunk, channel block or head)'s patch rows in a forward, sized
+    to whole waves of the programs the GPU holds at once (configs.resident_programs), at most
+    what keeps the partial rows within PARTIAL_SHARE of x."""
     meta = config.kwargs
-    items = layout.batch * _mean_chunks(layout, meta) * layout.channel_blocks(meta)
+    items = layout.batch * _chunks(layout, meta) * layout.channel_blocks(meta)
     most = min(triton.cdiv(layout.N, meta["BLOCK_N"]), MAX_GRID_YZ)
     capacity = _resident_capacity(device, config)
     if capacity is None:
-        return wave_splits(layout.N, items, INTERPRET_CAPACITY, most)
+        return wave_splits(layout.N, items, INTERPRET_CAPACITY, most, meta["BLOCK_N"])
     x_bytes = layout.T * layout.N * layout.element_size
     partial_bytes = max(1, layout.max_groups) * 4
     most = min(most, max(1, int(PARTIAL_SHARE * x_bytes) // partial_bytes))
-    return wave_splits(layout.N, items, capacity, most)
+    return wave_splits(layout.N, items, capacity, most, meta["BLOCK_N"])
 
 
 def _resident_capacity(device: torch.device, config: triton.Config) -> Optional[int]:
@@ -495,43 +499,35 @@ def _resident_capacity(device: torch.device, config: triton.Config) -> Optional[
 
 
 @functools.lru_cache(maxsize=4096)
-def wave_splits(rows: int, items: int, capacity: int, most: int) -> int:
+def wave_splits(rows: int, items: int, capacity: int, most: int, block: int = 1) -> int:
     """How many programs share each of ``items`` work items of ``rows`` rows (1 to ``most``):
-    the count that takes the fewest waves x rows per program on a GPU that holds ``capacity``
-    programs at once, ties to fewer (fewer partial rows). Programs move the same bytes (their
-    rows differ by at most one), so a wave lasts as long as one program."""
+    the count that takes the fewest waves x blocks of ``block`` rows per program on a GPU that
+    holds ``capacity`` programs at once, ties to fewer (fewer partial rows). Programs get the
+    same rows to within one, so a wave lasts as long as one program; a program's last block,
+    however few of its rows are real, costs the instructions of a whole one."""
     best, best_cost = 1, None
     for splits in range(1, most + 1):
-        cost = -(-items * splits // capacity) * -(-rows // splits)
+        cost = -(-items * splits // capacity) * -(-rows // (splits * block))
         if best_cost is None or cost < best_cost:
             best, best_cost = splits, cost
     return best
 
 
-def _max_splits(layout: "_Layout", kind: str, target: int) -> int:
-    """The most splits any config of ``kind`` can use: the partial buffers' leading size."""
-    pool = config_pool(kind)
-    fewest_channel_blocks = min(layout.channel_blocks(c.kwargs) for c in pool)
-    return max(_num_splits(layout.N, c.kwargs["BLOCK_N"], layout.batch, fewest_channel_blocks,
-                           target) for c in pool)
-
-
-def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequence, lse):
+def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequence, lse,
+             residual32=None):
     kind = "attn_fwd" if layout.attn else "mean_fwd"
     layout.check_grid(kind)
     block_c = _combine_block(layout.C)
     # Checked before the first launch, so that a grid too large fails with nothing written.
     channel_blocks = _combine_channel_blocks(layout.C, block_c, "x")
-    target = _target_programs(x.device)
-    if layout.attn:
-        num_parts_max = _max_splits(layout, kind, target)
-    else:
-        pool = config_pool(kind)
-        for config in pool:
-            check_grid_axis(layout.batch * _mean_chunks(layout, config.kwargs), MAX_GRID_X,
-                            "cu_frames: videos x chunks of groups" if layout.varlen
-                            else "x: batch x chunks of groups")
-        num_parts_max = max(_mean_fwd_splits(layout, c, x.device) for c in pool)
+    # The configs that may run (attention: the one of its head's band).
+    pool = configs.survivors(kind, config_pool(kind),
+                             configs.head_width(layout.head_meta()) if layout.attn else None)
+    for config in pool:
+        check_grid_axis(layout.batch * _chunks(layout, config.kwargs), MAX_GRID_X,
+                        "cu_frames: videos x chunks of groups" if layout.varlen
+                        else "x: batch x chunks of groups")
+    num_parts_max = max(_fwd_splits(layout, c, x.device) for c in pool)
     part_acc = empty_output((num_parts_max, layout.num_rows, layout.C), torch.float32, x.device)
     if layout.attn:
         part_max = empty_output((num_parts_max, layout.num_rows, layout.num_heads),
@@ -543,12 +539,8 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
     cu_tokens_arg = cu_tokens if cu_tokens is not None else key_index
 
     def grid(meta):
-        channel_blocks = layout.channel_blocks(meta)
-        if not layout.attn:
-            splits = _mean_fwd_splits(layout, configs.holding(pool, meta), x.device)
-            return (layout.batch * _mean_chunks(layout, meta), splits, channel_blocks)
-        splits = _num_splits(layout.N, meta["BLOCK_N"], layout.batch, channel_blocks, target)
-        return (layout.batch, splits, channel_blocks)
+        splits = _fwd_splits(layout, configs.holding(pool, meta), x.device)
+        return (layout.batch * _chunks(layout, meta), splits, layout.channel_blocks(meta))
 
     shared = dict(IS_VARLEN=layout.varlen, WRITE_KEY=not layout.spatial)
     if layout.attn:
@@ -557,7 +549,7 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
             x, key_index, query, cu_frames_arg, cu_tokens_arg,
             sequence, part_acc, part_max, part_sum, *layout.strides,
             layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
-            layout.num_heads, layout.frames_per_token, layout.scale,
+            layout.num_heads, layout.frames_per_token, layout.max_groups, layout.scale,
             **shared, **layout.head_meta(),
         )
     else:
@@ -577,64 +569,90 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
         combine_kernel[(layout.batch, count, channel_blocks)](
             part_acc, part_max, part_sum, key_index, cu_frames_arg, cu_tokens_arg,
             sequence, lse if layout.attn else part_acc,
+            residual32 if residual32 is not None else part_acc,
             layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
             grid(meta)[1], layout.num_heads, layout.frames_per_token, first,
             HEAD_DIM=layout.head_dim if layout.attn else 1, POOL_ATTN=layout.attn,
-            IS_VARLEN=layout.varlen, DIVIDE=True, BLOCK_C=block_c,
+            IS_VARLEN=layout.varlen, DIVIDE=True, KEEP_RESIDUAL32=residual32 is not None,
+            BLOCK_C=block_c,
         )
 
 
 def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_tokens,
-              layout: _Layout, grad_x):
+              layout: _Layout, grad_x, residual32=None):
     kind = "attn_bwd" if layout.attn else "stream"
     layout.check_grid(kind)
-    # The mean backward leaves no partials: one patch block per program, the most parallelism.
-    target = _target_programs(x.device) if layout.attn else 1 << 62
-    num_parts_max = _max_splits(layout, kind, target)
     grad_sequence = grad_sequence.contiguous()
-    if layout.attn:
-        part_dq = empty_output((layout.batch, num_parts_max, layout.C), torch.float32, x.device)
-        part_r = empty_output((num_parts_max, layout.num_rows, layout.C), torch.float32,
-                              x.device)
-        part_delta = empty_output((num_parts_max, layout.num_rows, layout.num_heads),
-                                  torch.float32, x.device)
     cu_frames_arg = cu_frames if cu_frames is not None else key_index
     cu_tokens_arg = cu_tokens if cu_tokens is not None else key_index
     bins = ((bins_per_cell(layout.grid[0], layout.spatial[0]),
              bins_per_cell(layout.grid[1], layout.spatial[1])) if layout.spatial else (1, 1))
-
-    def grid(meta):
-        channel_blocks = layout.channel_blocks(meta)
-        splits = _num_splits(layout.N, meta["BLOCK_N"], layout.batch, channel_blocks, target)
-        return (layout.batch, splits, channel_blocks)
-
     shared = dict(IS_VARLEN=layout.varlen, SPATIAL=bool(layout.spatial), BINS_PER_ROW=bins[0],
                   BINS_PER_COL=bins[1])
-    if layout.attn:
-        meta = launch(
-            attn_bwd_kernel, _bwd_attn, kind, grid,
-            grad_sequence, x, key_index, query, sequence, lse, cu_frames_arg, cu_tokens_arg,
-            grad_x, part_dq, part_r, part_delta, *layout.strides,
-            layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
-            layout.num_heads, layout.frames_per_token, num_parts_max, layout.scale,
-            *layout.spatial_args(), **shared, **layout.head_meta(),
-        )
-    else:
+    if not layout.attn:
+        # One patch block per program, the most parallelism: the mean backward leaves no
+        # partials.
+        def grid(meta):
+            channel_blocks = layout.channel_blocks(meta)
+            splits = _num_splits(layout.N, meta["BLOCK_N"], layout.batch, channel_blocks,
+                                 1 << 62)
+            return (layout.batch, splits, channel_blocks)
+
         launch(
             mean_bwd_kernel, _bwd_stream, kind, grid,
             grad_sequence, key_index, cu_frames_arg, cu_tokens_arg, grad_x,
             layout.T, layout.N, layout.C, layout.S, layout.G, layout.frames_per_token,
             *layout.spatial_args(), **shared,
         )
-    if not layout.attn:
         return None
+
+    if residual32 is None:
+        # The ops layer passes nothing for an empty tensor: videos without residual tokens.
+        if layout.num_rows > 0:
+            raise ValueError("triton attention backward: residual32, the forward's float32 "
+                             "residual tokens, is required")
+        residual32 = torch.zeros((0, layout.C), dtype=torch.float32, device=x.device)
+    # <grad r, r> per (group, head), the softmax backward's row term, from the float32 tokens.
+    delta = empty_output((layout.num_rows, layout.num_heads), torch.float32, x.device)
+    for first, count in axis_chunks(layout.max_groups if layout.num_rows > 0 else 0):
+        attn_delta_kernel[(layout.batch, count, layout.num_heads)](
+            grad_sequence, residual32, key_index, cu_frames_arg, cu_tokens_arg, delta,
+            layout.T, layout.S, layout.G, layout.num_heads, layout.frames_per_token, first,
+            IS_VARLEN=layout.varlen, **layout.head_meta(),
+        )
+    # The configs that may run this head (for each, a BLOCK_N of its own: configs.holding).
+    pool = configs.survivors(kind, config_pool(kind), configs.head_width(layout.head_meta()))
+    num_parts_max = max(_attn_bwd_splits(layout, c, x.device) for c in pool)
+    part_dq = empty_output((layout.batch, num_parts_max, layout.C), torch.float32, x.device)
+
+    def grid(meta):
+        splits = _attn_bwd_splits(layout, configs.holding(pool, meta), x.device)
+        return (layout.batch, splits, layout.num_heads)
+
+    meta = launch(
+        attn_bwd_kernel, _bwd_attn, kind, grid,
+        grad_sequence, x, key_index, query, lse, delta, cu_frames_arg, cu_tokens_arg,
+        grad_x, part_dq, *layout.strides,
+        layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_heads,
+        layout.frames_per_token, num_parts_max, layout.scale,
+        *layout.spatial_args(), **shared, **layout.head_meta(),
+    )
     num_parts = grid(meta)[1]
     # grad_query = scale * (sum_i p_i <grad_r, d_i> d_i - sum_groups <grad_r, r> r), every sum
-    # over (video, patch block) in a fixed order: the same bits on every run.
+    # over (video, split) or over groups in a fixed order: the same bits on every run.
     weighted = part_dq[:, :num_parts].sum(dim=(0, 1))
-    r = part_r[:num_parts].sum(dim=0)
-    delta = part_delta[:num_parts].sum(dim=0).repeat_interleave(layout.head_dim, dim=1)
-    return (weighted - (delta * r).sum(dim=0)) * layout.scale
+    rows_term = (delta.repeat_interleave(layout.head_dim, dim=1) * residual32).sum(dim=0)
+    return (weighted - rows_term) * layout.scale
+
+
+def _attn_bwd_splits(layout: "_Layout", config: triton.Config, device: torch.device) -> int:
+    """Splits of each (video, head)'s patch rows in the attention backward, sized to whole
+    waves of the programs the GPU holds (its partials are a grad_query row per program)."""
+    items = layout.batch * layout.num_heads
+    most = min(triton.cdiv(layout.N, config.kwargs["BLOCK_N"]), MAX_GRID_YZ)
+    capacity = _resident_capacity(device, config)
+    return wave_splits(layout.N, items, INTERPRET_CAPACITY if capacity is None else capacity,
+                       most, config.kwargs["BLOCK_N"])
 
 
 @on_input_device
@@ -642,22 +660,26 @@ def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, 
     """x: [B, T, N, C] -> (sequence [B, S+G, C], lse [B, G, heads] float32 or empty)."""
     layout = _Layout(x, False, num_heads, pool, spatial, grid, frames_per_token, 0, None, None)
     sequence = empty_output((layout.batch, layout.S + layout.G, layout.C), x.dtype, x.device)
-    if layout.attn:
-        lse = empty_output((layout.batch, layout.G, layout.num_heads), torch.float32, x.device)
-    else:
+    if not layout.attn:
         lse = empty_output((0,), torch.float32, x.device)
-    _forward(x, key_index, query, None, None, layout, sequence, lse)
-    return sequence, lse
+        _forward(x, key_index, query, None, None, layout, sequence, lse)
+        return sequence, lse
+    lse = empty_output((layout.batch, layout.G, layout.num_heads), torch.float32, x.device)
+    residual32 = empty_output((layout.batch, layout.G, layout.C), torch.float32, x.device)
+    _forward(x, key_index, query, None, None, layout, sequence, lse, residual32)
+    return sequence, lse, residual32
 
 
 @on_input_device
 def encode_bwd(grad_sequence, x, key_index, query, sequence, lse, pool, num_heads,
-               frames_per_token, spatial, grid):
+               frames_per_token, spatial, grid, residual32=None):
     """-> (grad_x [B, T, N, C] contiguous in x's dtype, grad_query float32 [C] or None)."""
     layout = _Layout(x, False, num_heads, pool, spatial, grid, frames_per_token, 0, None, None)
     grad_x = empty_output(x.shape, x.dtype, x.device)
+    if residual32 is not None:
+        residual32 = residual32.reshape(layout.num_rows, layout.C)
     grad_query = _backward(grad_sequence, x, key_index, query, sequence, lse, None, None,
-                           layout, grad_x)
+                           layout, grad_x, residual32)
     return grad_x, grad_query
 
 
@@ -671,18 +693,22 @@ def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads
     layout = _Layout(x, True, num_heads, pool, spatial, grid, frames_per_token, max_frames,
                      num_rows, batch)
     sequence = empty_output((total_tokens, layout.C), x.dtype, x.device)
-    if layout.attn:
-        lse = empty_output((num_rows, layout.num_heads), torch.float32, x.device)
-    else:
+    if not layout.attn:
         lse = empty_output((0,), torch.float32, x.device)
+        if batch > 0:
+            _forward(x, key_index, query, cu_frames, cu_tokens, layout, sequence, lse)
+        return sequence, lse
+    lse = empty_output((num_rows, layout.num_heads), torch.float32, x.device)
+    residual32 = empty_output((num_rows, layout.C), torch.float32, x.device)
     if batch > 0:
-        _forward(x, key_index, query, cu_frames, cu_tokens, layout, sequence, lse)
-    return sequence, lse
+        _forward(x, key_index, query, cu_frames, cu_tokens, layout, sequence, lse, residual32)
+    return sequence, lse, residual32
 
 
 @on_input_device
 def encode_varlen_bwd(grad_sequence, x, cu_frames, cu_tokens, key_index, query, sequence, lse,
-                      pool, num_heads, frames_per_token, spatial, grid, max_frames):
+                      pool, num_heads, frames_per_token, spatial, grid, max_frames,
+                      residual32=None):
     """-> (grad_x [F, N, C] contiguous in x's dtype, grad_query float32 [C] or None)."""
     batch = cu_frames.numel() - 1
     S = spatial[0] * spatial[1] if spatial else x.shape[1]
@@ -694,5 +720,5 @@ def encode_varlen_bwd(grad_sequence, x, cu_frames, cu_tokens, key_index, query, 
         grad_query = torch.zeros_like(query) if layout.attn else None
         return grad_x, grad_query
     grad_query = _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames,
-                           cu_tokens, layout, grad_x)
+                           cu_tokens, layout, grad_x, residual32)
     return grad_x, grad_query

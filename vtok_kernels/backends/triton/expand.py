@@ -166,8 +166,9 @@ def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
     for first, count in axis_chunks(G if B > 0 else 0):
         combine_kernel[(B, count, channel_blocks)](
             part_acc, part_acc, part_acc, key_index, key_index, key_index,
-            grad_residual, part_acc,
+            grad_residual, part_acc, part_acc,
             T, N, C, 0, G, B * G, grid(meta)[1], 1, frames_per_token, first,
-            HEAD_DIM=1, POOL_ATTN=False, IS_VARLEN=False, DIVIDE=False, BLOCK_C=block_c,
+            HEAD_DIM=1, POOL_ATTN=False, IS_VARLEN=False, DIVIDE=False, KEEP_RESIDUAL32=False,
+            BLOCK_C=block_c,
         )
     return grad_key_tokens, grad_residual
