@@ -100,18 +100,31 @@ def attn_fwd_kernel(
                 tl.store(seq_rows + (c_lo + offs_lo)[None, :],
                          key_lo.to(seq_ptr.dtype.element_ty),
                          mask=first_chunk[:, None] & (offs_lo < LO_WIDTH)[None, :])
+        # Each frame's tile is loaded one frame ahead of its use: two tiles of x in flight per
+        # thread. The next rank is clamped to the chunk's last (re-read, from L1); a chunk
+        # without frames loads nothing. 64-bit: frame * stride_xt passes 2**31 in a
+        # time-major buffer of a few frames.
+        ahead = mask_n & ((offs_n * 0 + rank_end) > rank_begin)
+        ahead_ptr = x_video + tl.where(rank_begin < key, rank_begin, rank_begin + 1).to(
+            tl.int64) * stride_xt
+        next_hi = load_x(ahead_ptr, rows, ahead, c_hi, BLOCK_HI, BLOCK_HI, False)
+        if HAS_LO:
+            next_lo = load_x(ahead_ptr, rows, ahead, c_lo, LO_WIDTH, BLOCK_LO, False)
         # The frame's group within the chunk, counted rather than divided.
         slot = rank_begin * 0
         frames_left = FRAMES_PER_TOKEN
         for rank in range(rank_begin, rank_end):
-            # 64-bit: frame * stride_xt passes 2**31 in a time-major buffer of a few frames.
-            frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
-            frame_ptr = x_video + frame * stride_xt
-            res_hi = load_x(frame_ptr, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False) - key_hi
+            res_hi = next_hi - key_hi
+            if HAS_LO:
+                res_lo = next_lo - key_lo
+            following = tl.minimum(rank + 1, rank_end - 1)
+            ahead_ptr = x_video + tl.where(following < key, following, following + 1).to(
+                tl.int64) * stride_xt
+            next_hi = load_x(ahead_ptr, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False)
+            if HAS_LO:
+                next_lo = load_x(ahead_ptr, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO, False)
             score = tl.sum(res_hi * q_hi[None, :], axis=1)
             if HAS_LO:
-                res_lo = load_x(frame_ptr, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO,
-                                False) - key_lo
                 score += tl.sum(res_lo * q_lo[None, :], axis=1)
             score = tl.where(mask_n, score, float("-inf"))
             in_slot = offs_g == slot
@@ -146,8 +159,8 @@ def attn_fwd_kernel(
 
 @triton.jit
 def _grad_residual(prob, grad_score, grad_r, q):
-    """d loss / d residual of one channel block: p grad_r + d score q."""
-    return prob[:, None] * grad_r[None, :] + grad_score[:, None] * q[None, :]
+    """d loss / d residual of one channel block: p grad_r + d score q (grad_r per row)."""
+    return prob[:, None] * grad_r + grad_score[:, None] * q[None, :]
 
 
 @triton.jit
@@ -248,48 +261,72 @@ def attn_bwd_kernel(
             key_lo = load_x(key_frame, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO, False)
             grad_key_lo = tl.zeros([BLOCK_N, BLOCK_LO], dtype=tl.float32)
 
-        for g in range(0, num_groups):
-            first = g * FRAMES_PER_TOKEN
-            last = tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1)
-            token_row = (token0 + S + g) * C
-            grad_r_hi = tl.load(grad_seq_ptr + token_row + chans_hi).to(tl.float32)
+        # The frames in order, each tile loaded one frame ahead of its use: two tiles of x in
+        # flight per thread. The next rank is clamped to the last (re-read, from L1), and a
+        # video of one frame loads nothing.
+        num_ranks = num_frames - 1
+        ahead = mask_n & ((offs_n * 0 + num_ranks) > 0)
+        ahead_ptr = x_video + (key == 0).to(tl.int64) * stride_xt
+        next_hi = load_x(ahead_ptr, rows, ahead, c_hi, BLOCK_HI, BLOCK_HI, False)
+        if HAS_LO:
+            next_lo = load_x(ahead_ptr, rows, ahead, c_lo, LO_WIDTH, BLOCK_LO, False)
+        # The group's gradient, lse and <grad r, r>, loaded at its first frame.
+        group = num_ranks * 0
+        frames_left = num_ranks * 0
+        # Loaded per row of the tile (the same vector in each, from L1): in the tile's own
+        # layout, where a vector would be converted to it through shared memory per group.
+        grad_r_hi = tl.zeros([BLOCK_N, BLOCK_HI], dtype=tl.float32)
+        if HAS_LO:
+            grad_r_lo = tl.zeros([BLOCK_N, BLOCK_LO], dtype=tl.float32)
+        lse = tl.zeros([], dtype=tl.float32)
+        grad_r_dot_r = tl.zeros([], dtype=tl.float32)
+        for rank in range(0, num_ranks):
+            # 64-bit: frame * stride_xt (strided x) and frame * N * C (a long video's grad_x)
+            # pass 2**31.
+            frame = rank + (rank >= key).to(tl.int64)
+            res_hi = next_hi - key_hi
             if HAS_LO:
-                grad_r_lo = tl.load(grad_seq_ptr + token_row + chans_lo, mask=mask_lo,
-                                    other=0.0).to(tl.float32)
-            stat = (group0 + g) * NUM_HEADS + head
-            lse = tl.load(lse_ptr + stat)
-            grad_r_dot_r = tl.load(delta_ptr + stat)
-            for rank in range(first, last):
-                # 64-bit: frame * stride_xt (strided x) and frame * N * C (a long video's
-                # grad_x) pass 2**31.
-                frame = rank + (rank >= key).to(tl.int64)
-                frame_ptr = x_video + frame * stride_xt
-                res_hi = load_x(frame_ptr, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False) - key_hi
-                score = tl.sum(res_hi * q_hi[None, :], axis=1)
-                dot = tl.sum(res_hi * grad_r_hi[None, :], axis=1)
+                res_lo = next_lo - key_lo
+            following = tl.minimum(rank + 1, num_ranks - 1)
+            ahead_ptr = x_video + (following + (following >= key).to(tl.int64)) * stride_xt
+            next_hi = load_x(ahead_ptr, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False)
+            if HAS_LO:
+                next_lo = load_x(ahead_ptr, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO, False)
+            if frames_left == 0:
+                token_row = grad_seq_ptr + (token0 + S + group) * C + offs_n[:, None] * 0
+                grad_r_hi = tl.load(token_row + chans_hi[None, :]).to(tl.float32)
                 if HAS_LO:
-                    res_lo = load_x(frame_ptr, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO,
-                                    False) - key_lo
-                    score += tl.sum(res_lo * q_lo[None, :], axis=1)
-                    dot += tl.sum(res_lo * grad_r_lo[None, :], axis=1)
-                prob = tl.where(mask_n, tl.exp(score - lse), 0.0)
-                prob_grad = prob * dot
-                # d score = p * (<grad_r, d> - <grad_r, r>); q already carries 1/sqrt(c).
-                grad_score = prob_grad - prob * grad_r_dot_r
-                grad_frame = grad_video + frame * N * C + grad_rows
-                grad_res_hi = _grad_residual(prob, grad_score, grad_r_hi, q_hi)
-                tl.store(grad_frame + chans_hi[None, :],
-                         grad_res_hi.to(grad_x_ptr.dtype.element_ty),
-                         mask=mask_n[:, None] & all_hi[None, :])
-                grad_key_hi -= grad_res_hi
-                grad_q_hi += prob_grad[:, None] * res_hi
-                if HAS_LO:
-                    grad_res_lo = _grad_residual(prob, grad_score, grad_r_lo, q_lo)
-                    tl.store(grad_frame + chans_lo[None, :],
-                             grad_res_lo.to(grad_x_ptr.dtype.element_ty),
-                             mask=mask_n[:, None] & mask_lo[None, :])
-                    grad_key_lo -= grad_res_lo
-                    grad_q_lo += prob_grad[:, None] * res_lo
+                    grad_r_lo = tl.load(token_row + chans_lo[None, :], mask=mask_lo[None, :],
+                                        other=0.0).to(tl.float32)
+                stat = (group0 + group) * NUM_HEADS + head
+                lse = tl.load(lse_ptr + stat)
+                grad_r_dot_r = tl.load(delta_ptr + stat)
+                group += 1
+                frames_left = FRAMES_PER_TOKEN
+            frames_left -= 1
+            score = tl.sum(res_hi * q_hi[None, :], axis=1)
+            dot = tl.sum(res_hi * grad_r_hi, axis=1)
+            if HAS_LO:
+                score += tl.sum(res_lo * q_lo[None, :], axis=1)
+                dot += tl.sum(res_lo * grad_r_lo, axis=1)
+            prob = tl.where(mask_n, tl.exp(score - lse), 0.0)
+            prob_grad = prob * dot
+            # d score = p * (<grad_r, d> - <grad_r, r>); q already carries 1/sqrt(c).
+            grad_score = prob_grad - prob * grad_r_dot_r
+            grad_frame = grad_video + frame * N * C + grad_rows
+            grad_res_hi = _grad_residual(prob, grad_score, grad_r_hi, q_hi)
+            tl.store(grad_frame + chans_hi[None, :],
+                     grad_res_hi.to(grad_x_ptr.dtype.element_ty),
+                     mask=mask_n[:, None] & all_hi[None, :])
+            grad_key_hi -= grad_res_hi
+            grad_q_hi += prob_grad[:, None] * res_hi
+            if HAS_LO:
+                grad_res_lo = _grad_residual(prob, grad_score, grad_r_lo, q_lo)
+                tl.store(grad_frame + chans_lo[None, :],
+                         grad_res_lo.to(grad_x_ptr.dtype.element_ty),
+                         mask=mask_n[:, None] & mask_lo[None, :])
+                grad_key_lo -= grad_res_lo
+                grad_q_lo += prob_grad[:, None] * res_lo
 
         grad_key_hi += key_token_grad(grad_seq_ptr, token0, C, offs_n, mask_n, chans_hi, all_hi,
                                       GRID_H, GRID_W, OUT_H, OUT_W, SPATIAL, BINS_PER_ROW,

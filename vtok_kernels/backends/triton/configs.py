@@ -62,7 +62,7 @@ _FWD_HEAD_128 = _config(1, maxnreg=136, BLOCK_N=8, CHUNK_G=4)
 _FWD_TWO_BLOCKS = _config(1, maxnreg=72, BLOCK_N=4, CHUNK_G=4)
 _FWD_WIDE = _config(1, maxnreg=160, BLOCK_N=4, CHUNK_G=4)
 _FWD_WIDER = _config(1, maxnreg=224, BLOCK_N=2, CHUNK_G=2)
-_FWD_WIDEST = _config(1, maxnreg=224, BLOCK_N=1, CHUNK_G=1)
+_FWD_WIDEST = _config(1, maxnreg=255, BLOCK_N=1, CHUNK_G=1)
 ATTN_FWD_BANDS = [
     (_FWD_HEAD_64, 0, 64, "pow2"),
     (_FWD_HEAD_128, 64, 128, "pow2"),
@@ -83,8 +83,8 @@ ATTN_FWD_CONFIGS = [_FWD_HEAD_64, _FWD_HEAD_128, _FWD_TWO_BLOCKS, _FWD_WIDE, _FW
 # launcher sizes the splits (for narrower heads of a band, an upper bound). One config per
 # head: nothing to tune. Bands: (config, heads wider than, heads up to (None: any), which heads:
 # "pow2", "other" (two blocks) or "any").
-_BWD_ROWS_8 = _config(1, maxnreg=128, BLOCK_N=8)
-_BWD_ROWS_4 = _config(1, maxnreg=128, BLOCK_N=4)
+_BWD_ROWS_8 = _config(1, maxnreg=144, BLOCK_N=8)
+_BWD_ROWS_4 = _config(1, maxnreg=144, BLOCK_N=4)
 _BWD_ROWS_4_WIDE = _config(1, maxnreg=224, BLOCK_N=4)
 _BWD_ROWS_2 = _config(1, maxnreg=224, BLOCK_N=2)
 _BWD_ROWS_1 = _config(1, maxnreg=224, BLOCK_N=1)
