@@ -61,6 +61,10 @@ def test_kernels_read_from_their_machine_code(siglip):
             assert code["loads"]["128"] >= 2
             # a thread keeps more than one 16-byte load of the frame tile in flight per run
             assert code["bytes_in_flight"] > 16, launch["kernel"]
+        if launch["kernel"] in ("mean_fwd_kernel", "attn_fwd_kernel", "attn_bwd_kernel"):
+            # one warp per program, lanes along the channels: the frames stream with no barrier
+            # (a tile's sums over rows and channels are shuffles), as the kernels are laid out
+            assert code["hot_barriers"] == 0 and code["hot_instructions"] > 0, launch["kernel"]
     # 18 heads of 64 channels (the benchmark's) x 8 videos in chunks of their 15 groups
     from vtok_kernels.backends.triton import configs
 

@@ -84,6 +84,8 @@ def kernel_code(launch: dict, arch: str = ARCH) -> mc.KernelCode:
         loads=counts["loads"], stores=counts["stores"], ldl=counts["ldl"], stl=counts["stl"],
         loads_back_to_back=mc.max_loads_back_to_back(items), hot_loads=hot.loads if hot else 0,
         hot_runs=hot.runs if hot else 0, bytes_in_flight=hot.bytes_per_run if hot else 0.0,
+        hot_instructions=hot.instructions if hot else 0, hot_shuffles=hot.shuffles if hot else 0,
+        hot_barriers=hot.barriers if hot else 0,
         blocks_per_sm=occupancy["blocks"], occupancy_limit=occupancy["by"],
         instructions=sum(isinstance(i, mc.Instruction) for i in items))
 
