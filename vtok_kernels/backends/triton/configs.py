@@ -35,7 +35,7 @@ def _config(num_warps: int, num_stages: int = 2, maxnreg: Optional[int] = None,
 # which the launcher sizes the patch splits to whole waves (resident_programs): float32 tiles
 # need the most (compile-check fails on a spill); 16-bit ones take 80-100% of it.
 MEAN_FWD_CONFIGS = [
-    _config(1, maxnreg=120, BLOCK_N=8, BLOCK_D=128, CHUNK_G=4),
+    _config(1, maxnreg=128, BLOCK_N=8, BLOCK_D=128, CHUNK_G=4),
     _config(1, maxnreg=64, BLOCK_N=4, BLOCK_D=128, CHUNK_G=4),
     _config(1, maxnreg=168, BLOCK_N=8, BLOCK_D=128, CHUNK_G=8),
     _config(1, maxnreg=240, BLOCK_N=16, BLOCK_D=128, CHUNK_G=4),

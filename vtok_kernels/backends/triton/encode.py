@@ -123,15 +123,24 @@ def mean_fwd_kernel(
             tl.store(seq_ptr + token0 * C + offs_n[:, None] * C + (c0 + offs_d)[None, :],
                      key_tile.to(seq_ptr.dtype.element_ty),
                      mask=mask & ((offs_n * 0 + chunk) == 0)[:, None])
+        # Each frame's tile is loaded one frame ahead of its use: two tiles of x in flight per
+        # thread. The next rank is clamped to the chunk's last (re-read, from L1); a chunk
+        # without frames loads nothing. 64-bit: frame * stride_xt passes 2**31 in a
+        # time-major buffer of a few frames.
+        first = tl.where(rank_begin < key, rank_begin, rank_begin + 1).to(tl.int64)
+        next_tile = tl.load(x_tile(x_video + first * stride_xt, rows, c0 + offs_d, False),
+                            mask=mask & ((offs_n * 0 + rank_end) > rank_begin)[:, None],
+                            other=0.0)
         # The frame's group within the chunk, counted rather than divided (an integer
         # division per frame costs as many instructions as its sum).
         slot = rank_begin * 0
         frames_left = FRAMES_PER_TOKEN
         for rank in range(rank_begin, rank_end):
-            # 64-bit: frame * stride_xt passes 2**31 in a time-major buffer of a few frames.
-            frame = tl.where(rank < key, rank, rank + 1).to(tl.int64)
-            x_tile_ = tl.load(x_tile(x_video + frame * stride_xt, rows, c0 + offs_d, False),
-                              mask=mask, other=0.0)
+            x_tile_ = next_tile
+            following = tl.minimum(rank + 1, rank_end - 1)
+            ahead = tl.where(following < key, following, following + 1).to(tl.int64)
+            next_tile = tl.load(x_tile(x_video + ahead * stride_xt, rows, c0 + offs_d, False),
+                                mask=mask, other=0.0)
             frame_sum = tl.sum(x_tile_.to(tl.float32) - key_tile, axis=0)
             acc += tl.where(offs_g[:, None] == slot, frame_sum[None, :], 0.0)
             frames_left -= 1
