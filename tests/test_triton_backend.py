@@ -159,12 +159,12 @@ def test_fixed_rule_launches_the_default_config_without_benchmarking(monkeypatch
     grid = lambda meta: (meta["BLOCK_N"],)  # noqa: E731
     monkeypatch.setenv("VTOK_TRITON_AUTOTUNE", "0" if switch.startswith("VTOK") else "1")
     with _deterministic_algorithms(switch == "use_deterministic_algorithms"):
-        for kind, block_d in (("stream", None), ("attn_fwd", 256), ("attn_bwd", 256),
-                              ("attn_bwd", 16)):
+        for kind, block_d in (("stream", None), ("mean_fwd", None), ("attn_fwd", 256),
+                              ("attn_bwd", 256), ("attn_bwd", 16)):
             extra = {"BLOCK_HI": block_d, "BLOCK_LO": 0} if block_d else {}
             meta = launch_module.launch(Kernel(), Tuner(), kind, grid, **extra)
             expected = configs.default(kind, block_d)
-            assert configs.fits(kind, expected, block_d or 0) or kind == "stream"
+            assert configs.fits(kind, expected, block_d or 0) or block_d is None
             assert meta == dict(expected.kwargs)
             assert launched[-1][0] == (expected.kwargs["BLOCK_N"],)
             assert launched[-1][1]["num_warps"] == expected.num_warps
@@ -552,7 +552,7 @@ def test_gpu_deterministic_algorithms_ignore_what_the_autotuner_chose(pool):
     even where its autotuner already chose another config for the shape (as a DDP rank that
     timed differently would), and every config stays within the dtype's tolerance."""
     configs, encode, _ = _triton_modules()
-    kind = "attn_fwd" if pool == "attn" else "stream"
+    kind = "attn_fwd" if pool == "attn" else "mean_fwd"
     shape, heads = (2, 9, 729, 1152), 8 if pool == "attn" else 1
     x = features(shape, torch.bfloat16, "cuda")
     query = torch.randn(shape[-1], device="cuda") if pool == "attn" else None
@@ -561,9 +561,11 @@ def test_gpu_deterministic_algorithms_ignore_what_the_autotuner_chose(pool):
     default = configs.default(kind, head_width)
     with configs.pin(kind, default):
         want = vk.encode(x, 1, query=query, backend="triton", **options).sequence
-    tuner = encode._fwd_attn if pool == "attn" else encode._fwd_stream
+    tuner = encode._fwd_attn if pool == "attn" else encode._fwd_mean
     others = [c for c in configs.survivors(kind, configs.CONFIG_LISTS[kind], head_width)
               if c is not default]
+    # attention has one config per head: nothing a tuner could choose differently
+    assert bool(others) == (pool == "mean")
     for other in others:
         with configs.pin(kind, other):
             got = vk.encode(x, 1, query=query, backend="triton", **options).sequence
