@@ -701,6 +701,30 @@ def test_emulated_encode_matches_reference(emulated, case, dtype):
         assert_close(gq, ref_gq, dtype, "grad query")
 
 
+@pytest.mark.parametrize("pool, heads, fpt", [("mean", 1, 1), ("attn", 3, 1), ("attn", 2, 2), ("mean", 1, 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "time-major"])
+def test_emulated_every_key_frame_position(emulated, monkeypatch, pool, heads, fpt, layout):
+    """The forward walks a block's frames with a row pointer carried from frame to frame,
+    stepping over the key frame: the key first, last and at every place between (one video
+    each), in a contiguous video and in a time-major view (frame stride B x N x C). A 1-SM
+    plan puts all of a video's groups in one block, so the walk crosses the key frame."""
+    monkeypatch.setattr(cuda_nvrtc, "FILL_SMS", 1)
+    T, N, C = 7, 37, 48
+    if layout == "time-major":
+        x = features((T, T, N, C), torch.float32).permute(1, 0, 2, 3)
+    else:
+        x = features((T, T, N, C), torch.float32)
+    keys = torch.arange(T)
+    query = torch.randn(C) if pool == "attn" else None
+    seq, ref, lse, ref_lse, gx, ref_gx, gq, ref_gq = _emulated_encode(emulated, x, keys, query, pool, heads, fpt,
+                                                                     [], [])
+    assert_close(seq, ref.to(torch.float32), torch.float32, "sequence")
+    assert_close(gx, ref_gx, torch.float32, "grad x")
+    if query is not None:
+        assert_close(lse, ref_lse, torch.float32, "lse")
+        assert_close(gq, ref_gq, torch.float32, "grad query")
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)
 def test_emulated_one_patch_query_gradient_vanishes(emulated, dtype):
     x = features((2, 4, 1, 96), dtype)

@@ -97,6 +97,18 @@ struct LaneVectors {
   __device__ __forceinline__ int32_t at(int k) const { return offset[k] >= 0 ? offset[k] : ~offset[k]; }
 };
 
+// Where the encode forward's per-group merge writes (pool_tiles): the block's first group's
+// partial row and softmax state (kOneTile) and the strides to the next group's, the channels
+// merged (the segment, cut at C) and log2 of the plan's lanes.
+struct MergeOut {
+  int64_t rows = 0;    // element offsets into p.workspace (a pointer read from shared memory
+  int64_t states = 0;  // would make its stores generic, not global)
+  int64_t rows_stride = 0;
+  int64_t states_stride = 0;
+  int elems = 0;
+  int lane_bits = 0;
+};
+
 // The query segment, scaled, in shared memory; zeros past it, where lanes score vectors that
 // are not theirs (zeroed data, whose products must stay 0, not NaN from stale memory).
 __device__ __forceinline__ void load_query(float* query_s, const EncodeParams& p, int64_t c0, int seg_elems) {
@@ -128,6 +140,33 @@ __device__ __forceinline__ float residual_scale(const EncodeParams& p, const Gro
   if (!attn) return 1.0f / static_cast<float>((bounds.last - bounds.first) * p.num_patches);
   if (!(state.max > -INFINITY && state.max < INFINITY)) return __int_as_float(0x7fffffff);
   return 1.0f / state.sum;
+}
+
+// The forward's sums and maxima over a warp's lanes with a plan's `lanes` unknown at compile
+// time. Within a row (sum_in_row, every frame: the score), offsets lanes / 2 down to 1 as in
+// row_sum, counted unsigned (a signed halving costs two instructions per round; a jump into a
+// straight run of shuffles, as below, made the frame loop of 24 channels per lane spill).
+// Across the rows (across_rows, every group: the softmax state), offsets lanes up to 16: one
+// jump into a straight run of shuffles rather than a loop, whose counter, test and branch cost
+// more than the shuffle they guard.
+__device__ __forceinline__ float sum_in_row(float v, int lanes) {
+  for (unsigned offset = static_cast<unsigned>(lanes) >> 1; offset != 0; offset >>= 1)
+    v += __shfl_xor_sync(kFullMask, v, static_cast<int>(offset));
+  return v;
+}
+
+template <bool kMax>
+__device__ __forceinline__ float across_rows(float v, int lanes) {
+  auto op = [](float a, float b) { return kMax ? fmaxf(a, b) : a + b; };
+  switch (lanes) {
+    case 1: v = op(v, __shfl_xor_sync(kFullMask, v, 1)); [[fallthrough]];
+    case 2: v = op(v, __shfl_xor_sync(kFullMask, v, 2)); [[fallthrough]];
+    case 4: v = op(v, __shfl_xor_sync(kFullMask, v, 4)); [[fallthrough]];
+    case 8: v = op(v, __shfl_xor_sync(kFullMask, v, 8)); [[fallthrough]];
+    case 16: v = op(v, __shfl_xor_sync(kFullMask, v, 16)); [[fallthrough]];
+    default: break;
+  }
+  return v;
 }
 
 // The sums over the rows of a warp of the N values each lane holds, left scattered over the lanes
@@ -180,11 +219,13 @@ __device__ __forceinline__ void sum_rows_scattered(const float (&values)[N], flo
 
 // Where channel i of a segment lies in a warp's row in shared memory: the kElems values of lane
 // l (its vectors k = 0 .. kK - 1, element e at k x V + e) at l x kElems, so that a lane stores
-// its sums at one base address (sum_rows_scattered).
+// its sums at one base address (sum_rows_scattered). lane_bits: log2 of the plan's lanes.
 template <int kK, int V>
-__device__ __forceinline__ int lane_major(int i, int lanes) {
-  const int vi = i / V;
-  return (vi % lanes * kK + vi / lanes) * V + i % V;
+__device__ __forceinline__ int lane_major(int i, int lane_bits) {
+  // Unsigned, with lanes = 2^lane_bits and V a power of two: shifts and masks, not divisions.
+  const unsigned vi = static_cast<unsigned>(i) / V;
+  const unsigned l = vi & ((1u << lane_bits) - 1u), k = vi >> lane_bits;
+  return static_cast<int>((l * kK + k) * V + static_cast<unsigned>(i) % V);
 }
 
 // r_g for every group: mean or attention pooling of x[t] - x[key], or (kGroupSum, expand's
@@ -239,19 +280,51 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
   __shared__ float rows_s[kWarps * kSegMax];
   __shared__ SoftmaxState states_s[2][kWarps];
   if constexpr (kAttn) load_query_by_lane<kK, V>(query_s, p, c0, seg_elems, lanes);
-  const LaneVectors<kK, V> vecs(plan, c0, lane_in_row, p.channels);
+  // The lane's vectors, once per block: where each is loaded from (clamped, LaneVectors::at)
+  // and, bit k, whether vector k is the lane's to pool.
+  int32_t lane_at[kK];
+  unsigned lane_ok = 0;
+  {
+    const LaneVectors<kK, V> vecs(plan, c0, lane_in_row, p.channels);
+#pragma unroll
+    for (int k = 0; k < kK; ++k) {
+      lane_at[k] = vecs.at(k);
+      lane_ok |= (vecs.ok(k) ? 1u : 0u) << k;
+    }
+  }
   const float* query_lane = query_s + lane_in_row * kElems;
   const int row_stride = lanes * kElems;
   const bool two_buffers = 2 * row_stride <= kSegMax;
+  // What the merge of a group needs, for the block's first group, and how far the next group's
+  // outputs lie: computed once per block and kept in shared memory, read after the merge's
+  // barrier (not per group, nor in registers across the frame loop). kOneTile: this tile's
+  // partial rows (split_row) and softmax states in the workspace.
+  __shared__ MergeOut merge_out;
+  if (threadIdx.x == 0) {
+    MergeOut out;
+    out.elems = static_cast<int>(min_i64(seg_elems, p.channels - c0));
+    out.lane_bits = 0;
+    while ((1 << out.lane_bits) < lanes) ++out.lane_bits;
+    if constexpr (kOneTile) {
+      const int64_t row = split_row(p, plan, b, group_begin, split);
+      out.rows = row * p.channels + c0;
+      out.rows_stride = static_cast<int64_t>(plan.splits) * p.channels;
+      if constexpr (kAttn) {
+        out.states = (split_states(p, plan) - p.workspace) + (row * p.num_heads + seg) * 2;
+        out.states_stride = static_cast<int64_t>(plan.splits) * p.num_heads * 2;
+      }
+    }
+    merge_out = out;
+  }
 
   // The channels of the lane's vectors, flat: value k x V + e is element e of vector k.
   float acc[kElems] = {};
   SoftmaxState state = softmax_init();
   // kFresh: the next frame is the first of a group, whose weight is 1 at its own maximum: it
-  // sets acc and state rather than rescaling zeros (with one frame per token, every frame).
-  // Not for attention rows of 24 channels per lane (3 vectors of a 16-bit type), whose second
-  // code path for that frame no longer fits the 80 registers beside acc and the key row (sm_80
-  // spilled).
+  // sets acc and state rather than rescaling zeros (with one frame per token, every frame), and
+  // (attention) takes its score from d already in acc. Not for attention rows of 24 channels
+  // per lane (3 vectors of a 16-bit type), whose second code path for that frame no longer fits
+  // the 80 registers beside acc and the key row (4 bytes spilled on sm_90a, 8 on sm_80).
   constexpr bool kFresh = kOneTile && !(kAttn && kElems > 16);
   bool fresh = true;
 
@@ -268,26 +341,19 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
       // rescaled once (in the first round of the scatter) and added plainly. fmaxf, unlike a
       // comparison, gives both partners the same maximum when one is NaN (the row's own rescale
       // then carries the NaN).
-      float max = state.max;
-      for (int offset = lanes; offset < 32; offset *= 2) max = fmaxf(max, __shfl_xor_sync(kFullMask, max, offset));
+      const float max = across_rows<true>(state.max, lanes);
       scale = state.max == max ? 1.0f : exp_f32(state.max - max);
-      float sum = state.sum * scale;
-      for (int offset = lanes; offset < 32; offset *= 2) sum += __shfl_xor_sync(kFullMask, sum, offset);
+      const float sum = across_rows<false>(state.sum * scale, lanes);
       if (threadIdx.x % 32 == 0) states_s[buffer][warp] = {max, sum};
     }
     sum_rows_scattered<0, kAttn>(acc, scale, lanes, 0, rows + warp * row_stride + lane_in_row * kElems);
     __syncthreads();
-    // What the merge needs is recomputed here, once per group, rather than held in registers
-    // across the frame loop.
-    const int64_t seg = blockIdx.x % plan.num_segments;
-    const int64_t split = blockIdx.x / plan.num_segments;
-    const int64_t c0 = seg * plan.seg_vecs * V;
-    const int seg_elems = plan.seg_vecs * V;
+    const MergeOut out = merge_out;
     // The warps' softmax states, to the block's maximum: a factor per warp, computed once by
     // each thread that merges channels.
     SoftmaxState merged = {0.0f, 0.0f};
     float factor[kWarps];
-    if (kAttn && threadIdx.x < seg_elems) {
+    if (kAttn && static_cast<int>(threadIdx.x) < out.elems) {
       merged.max = states_s[buffer][0].max;
 #pragma unroll
       for (int w = 1; w < kWarps; ++w) merged.max = fmaxf(merged.max, states_s[buffer][w].max);
@@ -299,8 +365,9 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
       }
     }
     // One element of the segment per thread: the whole block shares the merge of the warps.
-    for (int i = threadIdx.x; i < seg_elems && c0 + i < p.channels; i += kThreads) {
-      const float* channel = rows + lane_major<kK, V>(i, lanes);
+#pragma unroll 1  // once per thread for segments up to kThreads channels: not worth copies
+    for (int i = threadIdx.x; i < out.elems; i += kThreads) {
+      const float* channel = rows + lane_major<kK, V>(i, out.lane_bits);
       float sum = kAttn ? channel[0] * factor[0] : channel[0];
 #pragma unroll
       for (int w = 1; w < kWarps; ++w) {
@@ -308,10 +375,10 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
         sum = kAttn ? fmaf(part, factor[w], sum) : sum + part;
       }
       if constexpr (kOneTile) {
-        const int64_t row = split_row(p, plan, blockIdx.z, group, split);
-        p.workspace[row * p.channels + c0 + i] = sum;
+        const int64_t nth = group - group_begin;
+        p.workspace[out.rows + nth * out.rows_stride + i] = sum;
         if (kAttn && i == 0) {
-          float* saved = split_states(p, plan) + (row * p.num_heads + seg) * 2;
+          float* saved = p.workspace + out.states + nth * out.states_stride;
           saved[0] = merged.max;
           saved[1] = merged.sum;
         }
@@ -341,10 +408,16 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
     const int64_t row = tile * rows_per_tile + slot;
     const bool row_ok = row < p.num_patches;
     const T* patch = x + (row_ok ? row : p.num_patches - 1) * p.x_stride_n;
-    auto frame_row = [&](Rank rank) { return patch + nonkey_frame(rank, key_frame) * p.x_stride_t; };
+    // Frames' rows by a carried pointer: the next row is the last one plus the frame stride,
+    // twice that past the key frame (no 64-bit multiply per frame). rank_of_row: the non-key
+    // rank of `row`.
+    const int64_t stride = p.x_stride_t;
+    auto advance = [&](const T* row_ptr, Rank rank_of_row) {
+      return row_ptr + stride + (rank_of_row + 1 == key_frame ? stride : 0);
+    };
     // Zeros where the lane has no data; applied where a row is used, not where it is loaded,
     // which would wait for the load there.
-    auto mine = [&](const Packed<T, V>& v, int k) { return zero_unless(row_ok && vecs.ok(k), v); };
+    auto mine = [&](const Packed<T, V>& v, int k) { return zero_unless(row_ok && (lane_ok >> k & 1u), v); };
     const float row_floor = row_ok ? 0.0f : -INFINITY;
 
     Row key;
@@ -368,32 +441,38 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
         for (int e = 0; e < V; ++e) d[e] -= kv[e];
       };
       if constexpr (kAttn) {
-        float score = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kK; ++k) {
-          float d[V];
-          residual(k, d);
-#pragma unroll
-          for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * d[e];
-        }
-        score = row_sum(score, lanes);  // all lanes of the warp take part, rows or not
         // A row past N scores -inf (its score is 0: + -inf): weight 0 beside any finite score,
         // including in the merges, and its d is 0 in any case, so that it needs no branch.
-        score += row_floor;
-        // d is recomputed from the packed rows for the accumulation rather than kept as floats
-        // across the row's shuffles (beside acc, which the frames after a group's first need).
-#pragma unroll
-        for (int k = 0; k < kK; ++k) keep_packed(cur[k]);
+        float score = 0.0f;
         if (kFresh && fresh) {
-          state = {score, 1.0f};
+          // A group's first frame: d goes straight into acc (its weight is 1 at its own
+          // maximum), which is free here, and the score is taken from it: nothing recomputed.
 #pragma unroll
           for (int k = 0; k < kK; ++k) {
             float d[V];
             residual(k, d);
 #pragma unroll
-            for (int e = 0; e < V; ++e) acc[k * V + e] = d[e];
+            for (int e = 0; e < V; ++e) {
+              acc[k * V + e] = d[e];
+              score += query_lane[k * V + e] * d[e];
+            }
           }
+          score = sum_in_row(score, lanes);  // all lanes of the warp take part, rows or not
+          state = {score + row_floor, 1.0f};
         } else {
+#pragma unroll
+          for (int k = 0; k < kK; ++k) {
+            float d[V];
+            residual(k, d);
+#pragma unroll
+            for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * d[e];
+          }
+          score = sum_in_row(score, lanes);
+          score += row_floor;
+          // d is recomputed from the packed rows for the accumulation rather than kept as
+          // floats across the row's shuffles (beside acc, which holds the group's sums).
+#pragma unroll
+          for (int k = 0; k < kK; ++k) keep_packed(cur[k]);
           float weight;
           const float rescale = softmax_push(state, score, weight);
 #pragma unroll
@@ -447,18 +526,26 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
     // the last one again, an L1 hit, and is not pooled).
     Row a, b;  // b: kPair only
     Rank rank = rank_begin;
+    // The row of frame `rank` (the next one to load), carried across the loads.
+    const T* next = patch + nonkey_frame(rank, key_frame) * stride;
+    // Loads the rows of frame `rank` (and kPair: of rank + 1, or again rank's past the block's
+    // frames) and moves `next` past them.
+    auto load_rows = [&]() {
+      const T* row_a = next;
+      const T* row_b = kPair && rank + 1 < rank_end ? advance(row_a, rank) : row_a;
+      next = kPair ? advance(row_b, rank + 1) : advance(row_a, rank);
+#pragma unroll
+      for (int k = 0; k < kK; ++k) a[k] = load_packed_stream<T, V>(row_a + lane_at[k]);
+#pragma unroll
+      for (int k = 0; k < kK; ++k)
+        if constexpr (kPair) b[k] = load_packed_stream<T, V>(row_b + lane_at[k]);
+    };
     {
-      const T* key_row = patch + key_frame * p.x_stride_t;
-      const T* row_a = frame_row(rank);
-      const T* row_b = frame_row(rank + 1 < rank_end ? rank + 1 : rank);
+      const T* key_row = patch + key_frame * stride;
 #pragma unroll
       for (int k = 0; k < kK; ++k)
-        if constexpr (kKey) key[k] = load_packed<T, V>(key_row + vecs.at(k));
-#pragma unroll
-      for (int k = 0; k < kK; ++k) a[k] = load_packed_stream<T, V>(row_a + vecs.at(k));
-#pragma unroll
-      for (int k = 0; k < kK; ++k)
-        if constexpr (kPair) b[k] = load_packed_stream<T, V>(row_b + vecs.at(k));
+        if constexpr (kKey) key[k] = load_packed<T, V>(key_row + lane_at[k]);
+      load_rows();
 #pragma unroll
       for (int k = 0; k < kK; ++k)
         if constexpr (kKey) key[k] = mine(key[k], k);
@@ -468,13 +555,7 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
       if constexpr (kPair) {
         if (!step(b, rank)) break;
       }
-      const T* row_a = frame_row(rank);
-      const T* row_b = frame_row(rank + 1 < rank_end ? rank + 1 : rank);
-#pragma unroll
-      for (int k = 0; k < kK; ++k) a[k] = load_packed_stream<T, V>(row_a + vecs.at(k));
-#pragma unroll
-      for (int k = 0; k < kK; ++k)
-        if constexpr (kPair) b[k] = load_packed_stream<T, V>(row_b + vecs.at(k));
+      load_rows();
     }
   };
 
