@@ -1,18 +1,21 @@
 """Triton kernels of attention pooling, forward and backward (launched by encode.py).
 
-A program owns one video, one head and a set of patch blocks, as the mean kernels do (see
-encode.py for the split and the partials). The head is split into two power-of-two channel
-blocks, the largest power of two in the head and a block for the rest: 72 channels (SigLIP
-with 16 heads) are 64 + 8, 144 are 128 + 16, 64 and 128 are one block. Against a single block
-of the next power of two (128 for 72, 256 for 144) no lane holds padding, so a program keeps
-twice the patches in the same registers; and with the head size a compile-time constant the
-compiler knows every block starts at a multiple of 8 or 16 channels and loads 16 bytes at a
-time (a run-time head size of 72 left it 2-byte loads).
+Programs are laid out as the mean forward's (encode.py): one warp, its lanes along the head's
+channels, so a tile's sums over its rows and over its channels are registers and shuffles. The
+forward's program owns (video x chunk of groups, split of patch rows, head) and keeps the
+chunk's online-softmax states (running max, sum of weights, weighted sum of residuals) in
+registers; the programs' partial states are merged in split order by encode.py's combine
+kernel. The backward's program owns (video, split of patch rows, head) and walks every frame:
+it recomputes each residual tile and its probabilities from the saved log-sum-exp, and reads
+<grad r, r> from attn_delta_kernel, which takes r from the forward's float32 residual tokens.
 
-The softmax runs online over a group's frames and patch blocks: a running max and weight sum
-per (program, group) and a weighted sum of residuals; partials of the programs are merged in
-a fixed order by encode.py's combine kernel. The backward recomputes each residual tile and
-the probabilities from the saved log-sum-exp.
+The head is split into two power-of-two channel blocks, the largest power of two in the head
+and a block for the rest: 72 channels (SigLIP with 16 heads) are 64 + 8, 144 are 128 + 16, 64
+and 128 are one block. Against a single block of the next power of two (128 for 72, 256 for
+144) no lane holds padding; and with the head size a compile-time constant the compiler knows
+every block starts at a multiple of 8 or 16 channels and loads 16 bytes at a time (a run-time
+head size of 72 left it 2-byte loads). The two blocks' tiles are laid out differently, so a
+row's score, summed over both, passes through shared memory once per frame there.
 """
 from __future__ import annotations
 

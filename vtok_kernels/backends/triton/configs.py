@@ -1,8 +1,10 @@
 """Autotune configs of the Triton kernels, and a way to pin one (tests, compile-check).
 
-On a GPU every kernel is autotuned over its list, keyed on (N, C, num_heads); under
-``TRITON_INTERPRET=1`` each list is cut to its first entry, a small block that still exercises
-the masking (N and C not multiples of the block) so CI stays fast.
+On a GPU every kernel is autotuned over the configs of its list that fit it, keyed on (N, C,
+num_heads): the mean forward's and the stream kernels' lists; attention has one config per
+band of head sizes, launched without tuning. Under ``TRITON_INTERPRET=1`` each list is cut to
+one small block that still exercises the masking (N and C not multiples of the block) so CI
+stays fast.
 
 The first config of each list is its *default*: compile-check fails when a default spills.
 ``VTOK_TRITON_AUTOTUNE=0``, or ``torch.use_deterministic_algorithms(True)``, runs the default
