@@ -492,3 +492,22 @@ def test_forward_fills_its_waves_with_small_partials(recorded, preset, dtype, po
         assert grid[1] * split_bytes <= encode.PARTIAL_SHARE * x_bytes, (config, grid)
         assert (programs >= 0.75 * waves * capacity
                 or (grid[1] + 1) * split_bytes > encode.PARTIAL_SHARE * x_bytes), (config, grid)
+
+
+def test_resident_capacity_reads_the_device(monkeypatch):
+    """On a CUDA device the capacity is its SMs times the config's resident programs at its
+    compute capability (the device's properties stubbed: no GPU here); elsewhere there is none
+    (the interpreter's splits)."""
+    configs, encode, _, _ = _triton_modules()
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return 114, (8, 6)
+
+    monkeypatch.setattr(encode, "_device_capacity", properties)
+    config = configs.MEAN_FWD_CONFIGS[0]
+    assert encode._resident_capacity(torch.device("cuda", 1), config) == \
+        114 * configs.resident_programs(config, (8, 6))
+    assert asked == [1]
+    assert encode._resident_capacity(torch.device("cpu"), config) is None
