@@ -190,8 +190,9 @@ def test_nvrtc_loader_launches_instantiated_kernels_with_the_cpp_grids():
     plan = [c[2][1] for c in loader.calls if c[0].endswith("8, 1, 3>")][0]
     assert (int(plan["splits"][0]), int(plan["groups_per_block"][0])) == (23, 15)
     assert grids["vtok::cuda::attn_delta_kernel<vtok::cuda::bf16_t>"] == (15, 8)
-    # 256 threads / 8 lanes = 32 patch rows per block: ceil(729 / 32) = 23 tiles.
-    assert grids["vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, true>"] == (8, 23, 8)
+    # 256 threads / 8 lanes = 32 patch rows per block: ceil(729 / 32) = 23 tiles; a head of 144
+    # channels is 18 vectors, 3 per lane (the kernel compiled for 3).
+    assert grids["vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, true, 3>"] == (8, 23, 8)
     assert grids["vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 2, 3>"] == (3, 15, 8)
     reduce_args = [c[2] for c in loader.calls if "grad_query_reduce" in c[0]][0]
     assert int(reduce_args[1]) == 8 * 23
@@ -723,6 +724,51 @@ def test_emulated_every_key_frame_position(emulated, monkeypatch, pool, heads, f
     if query is not None:
         assert_close(lse, ref_lse, torch.float32, "lse")
         assert_close(gq, ref_gq, torch.float32, "grad query")
+
+
+BACKWARD_BY_K = [
+    # (id, dtype, C, pool, heads, vectors per lane the backward is compiled for)
+    ("attn-bf16-head64-K1", torch.bfloat16, 128, "attn", 2, 1),  # CLIP's head: 8 lanes x 1
+    ("attn-bf16-head72-K3", torch.bfloat16, 144, "attn", 2, 3),  # SigLIP's: 4 lanes x 3, 3 idle
+    ("attn-bf16-K2", torch.bfloat16, 512, "attn", 1, 2),
+    ("attn-fp32-head64-K1", torch.float32, 128, "attn", 2, 1),
+    ("attn-fp32-K2", torch.float32, 256, "attn", 1, 2),
+    ("attn-fp32-head72-K3", torch.float32, 144, "attn", 2, 3),
+    ("attn-fp32-K4", torch.float32, 512, "attn", 1, 4),
+    ("mean-bf16-K2", torch.bfloat16, 1024, "mean", 1, 2),
+    ("mean-bf16-K3-past-row", torch.bfloat16, 88, "mean", 1, 3),
+]
+
+
+@pytest.mark.parametrize("fpt", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "time-major"])
+@pytest.mark.parametrize("case", BACKWARD_BY_K, ids=[c[0] for c in BACKWARD_BY_K])
+def test_emulated_backward_per_vectors_per_lane(emulated, case, layout, fpt):
+    """The backward on 16-byte rows is compiled for its plan's vectors per lane (K) and walks a
+    video's frames with row pointers for x and grad_x carried from frame to frame, stepping over
+    the key frame, and grad r's row moved once per group: every K, the key frame at every place
+    (one video each), frame strides of a contiguous video and of a time-major view, one and two
+    frames per token, rows past N in the last tile."""
+    _, dtype, C, pool, heads, k = case
+    T, N = 6, 37
+    if layout == "time-major":
+        x = features((T, T, N, C), dtype).permute(1, 0, 2, 3)
+    else:
+        x = features((T, T, N, C), dtype)
+    keys = torch.arange(T)
+    query = torch.randn(C) if pool == "attn" else None
+    loader = emulated._loader()
+    first = len(loader.launches)
+    seq, ref, lse, ref_lse, gx, ref_gx, gq, ref_gq = _emulated_encode(emulated, x, keys, query, pool, heads, fpt,
+                                                                     [], [])
+    vec = 16 // x.element_size()
+    lanes, planned_k, _, _ = cuda_nvrtc.plan_segments(C, vec, pool == "attn", heads)
+    assert planned_k == k and N % (256 // lanes)  # the case reaches its K and a short last tile
+    [bwd] = [name for name, _ in loader.launches[first:] if "encode_bwd_kernel" in name]
+    assert bwd.endswith(f", {vec}, {'true' if pool == 'attn' else 'false'}, {k}>"), bwd
+    assert_close(gx, ref_gx, dtype, "grad x")
+    if query is not None:
+        assert_close(gq, ref_gq, dtype, "grad query")
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)

@@ -302,12 +302,12 @@ def test_launches_come_from_the_backend_launch_path():
         ("vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 3, 0>", (1, 15, 8))]
     assert (mean["fwd"][1].extra[0]["splits"], mean["fwd"][1].extra[0]["groups_per_block"]) == (12, 15)
     assert [(l.kernel, l.grid) for l in mean["bwd"]] == [
-        ("vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, false>", (3, 46, 8))]
+        ("vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, false, 3>", (3, 46, 8))]
     assert mean["bwd"][0].extra[0]["lanes"] == 16 and mean["bwd"][0].params["fwd"]["channels"] == 1152
     attn = mc.record_launches(dtype=torch.float32, pool="attn", **siglip)
     assert [(l.kernel, l.grid) for l in attn["bwd"]] == [
         ("vtok::cuda::attn_delta_kernel<float>", (15, 8)),
-        ("vtok::cuda::encode_bwd_kernel<float, 4, true>", (18, 46, 8)),
+        ("vtok::cuda::encode_bwd_kernel<float, 4, true, 1>", (18, 46, 8)),  # 64 channels: 16 lanes x 1
         ("vtok::cuda::grad_query_reduce_kernel<256>", (5,))]
     assert attn["bwd"][2].extra == (8 * 46,)
 

@@ -708,18 +708,13 @@ _ELEMENT_BYTES = {0: 4, 1: 2, 2: 2}
 
 
 def used_vector_share(launch: Launch) -> float:
-    """The encode kernels load every vector a lane may hold (the backward max_vecs_per_lane(V)
-    of them; residual_fwd_kernel its last template argument, kK, all in one run), those past the
-    row plan's vecs_per_lane on a clamped address, the segment's first vector, which the block
-    reads anyway (csrc/cuda/encode.cuh LaneVectors): of a run's bytes, this share brings data."""
-    from vtok_kernels.backends import cuda_nvrtc
-
+    """The encode kernels load every vector a lane is compiled for (their last template
+    argument, K: residual_fwd_kernel<T, V, mode, K>, encode_bwd_kernel<T, V, attn, K>, all in
+    one run), those past the row plan's vecs_per_lane on a clamped address, the segment's first
+    vector, which the block reads anyway (csrc/cuda/encode.cuh): of a run's bytes, this share
+    brings data."""
     args = _template_args(launch.kernel)
-    vec = int(args[1])
-    lane_vectors = cuda_nvrtc.max_vecs_per_lane(vec)
-    if launch.kernel.split("<")[0].endswith("residual_fwd_kernel"):
-        lane_vectors = int(args[3])
-    return launch.extra[0]["vecs_per_lane"] / lane_vectors
+    return launch.extra[0]["vecs_per_lane"] / int(args[3])
 
 
 def kernel_traffic(launch: Launch) -> Traffic:

@@ -263,6 +263,22 @@ __device__ __forceinline__ void keep_packed(Packed<T, V>& v) {
 #endif
 }
 
+// The same for a loop-invariant integer (a stride, a flag): kept in a register across a loop
+// rather than recomputed from the params in every iteration (a load of the constant bank and,
+// for a product, its multiplies), which ptxas prefers where registers are short.
+__device__ __forceinline__ int64_t keep_int(int64_t v) {
+#if !defined(VTOK_CUDA_EMULATION)
+  asm volatile("" : "+l"(v));
+#endif
+  return v;
+}
+__device__ __forceinline__ int32_t keep_int(int32_t v) {
+#if !defined(VTOK_CUDA_EMULATION)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
 template <typename T, int V>
 __device__ __forceinline__ void unpack(const Packed<T, V>& v, float (&out)[V]) {
   if constexpr (V == 1) {

@@ -65,6 +65,22 @@ void launch_attn_pool(const dim3 grid, cudaStream_t s, const EncodeParams& p, co
   }
 }
 
+// The backward, compiled on 16-byte rows for the plan's vectors per lane (bwd_vecs_per_lane:
+// the most), on the scalar path for the most.
+template <typename T, int V, bool kAttn, int kK = 1>
+void launch_bwd(const dim3 grid, cudaStream_t s, const EncodeBwdParams& bp, const RowPlan& plan) {
+  if constexpr (V == 1) {
+    encode_bwd_kernel<T, V, kAttn><<<grid, kThreads, 0, s>>>(bp, plan);
+  } else if constexpr (kK <= bwd_vecs_per_lane(V)) {
+    if (plan.vecs_per_lane == kK)
+      encode_bwd_kernel<T, V, kAttn, kK><<<grid, kThreads, 0, s>>>(bp, plan);
+    else
+      launch_bwd<T, V, kAttn, kK + 1>(grid, s, bp, plan);
+  } else {
+    throw std::logic_error("vtok cuda: the backward's plan holds 1 to bwd_vecs_per_lane(V) vectors per lane");
+  }
+}
+
 RowPlan to_row_plan(const PlanInfo& info) {
   RowPlan plan;
   plan.lanes = info.lanes;
@@ -174,13 +190,13 @@ void encode_bwd(const EncodeBwdParams& bp, void* stream) {
           attn_delta_kernel<T><<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(p.batch)), kThreads, 0, s>>>(bp);
           check_launch("attn_delta_kernel");
         }
-        encode_bwd_kernel<T, V, true><<<grid, kThreads, 0, s>>>(bp, plan);
+        launch_bwd<T, V, true>(grid, s, bp, plan);
         check_launch("encode_bwd_kernel");
         grad_query_reduce_kernel<kThreads><<<static_cast<unsigned>((p.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(
             bp, p.batch * tiles);
         check_launch("grad_query_reduce_kernel");
       } else {
-        encode_bwd_kernel<T, V, false><<<grid, kThreads, 0, s>>>(bp, plan);
+        launch_bwd<T, V, false>(grid, s, bp, plan);
         check_launch("encode_bwd_kernel");
       }
     };

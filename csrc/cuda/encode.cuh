@@ -709,18 +709,45 @@ __global__ void __launch_bounds__(kThreads) attn_delta_kernel(const EncodeBwdPar
   }
 }
 
+// Vectors per lane an encode_bwd_kernel is compiled for (its kK): on 16-byte rows, one
+// instantiation per count its plan may choose, 1 to max_vecs_per_lane(V), launched with the
+// plan's own (a head of 64 bf16 channels on 8 lanes: 1, not 3 of which two would load, unpack,
+// score and store nothing); this is the widest, and the scalar path's.
+VTOK_HOST_DEVICE constexpr int bwd_vecs_per_lane(int vec) { return max_vecs_per_lane(vec); }
+
+// Resident blocks of 256 threads the backward is compiled for (the launch bounds' minimum,
+// which caps registers at 64K / (256 x blocks)): left to itself, ptxas gives the bf16 variants
+// at their widest 161 (attn) and 100 (mean) registers, 1 and 2 blocks, without spills either
+// way; 2 and 3 keep more loads in flight. Attention rows of up to 8 channels per lane (a head of
+// 64 bf16 channels on 8 lanes) fit 3 blocks (80 registers) without spills, at 4 more
+// instructions per frame than at 2 blocks: half as many frames' loads again in flight.
+VTOK_HOST_DEVICE constexpr int bwd_min_blocks(int vec, bool attn, int vecs_per_lane) {
+  return vec == 1 ? 1 : !attn || vecs_per_lane * vec <= 8 ? 3 : 2;
+}
+
 // grad_x for every frame of the video at this block's patch rows, and this block's partial
-// grad_query row. grid: (segment, tile of kThreads / lanes patch rows, video).
-// The launch bounds keep the vector path at 2 (attn) and 3 (mean) resident blocks: left to
-// itself, ptxas gives the bf16 variants 161 and 100 registers (1 and 2 blocks), without spills
-// either way.
-template <typename T, int V, bool kAttn>
-__global__ void __launch_bounds__(kThreads, V == 1 ? 1 : (kAttn ? 2 : 3))
+// grad_query row. grid: (segment, tile of kThreads / lanes patch rows, video). kK: the vectors
+// a lane holds (bwd_vecs_per_lane; on 16-byte rows the plan's vecs_per_lane).
+template <typename T, int V, bool kAttn, int kK = bwd_vecs_per_lane(V)>
+__global__ void __launch_bounds__(kThreads, bwd_min_blocks(V, kAttn, kK))
     encode_bwd_kernel(const EncodeBwdParams bp, const RowPlan plan) {
-  constexpr int kK = max_vecs_per_lane(V);
+  constexpr int kElems = kK * V;
+  static_assert(kK >= 1 && kElems <= kLaneElems, "a lane holds at most kLaneElems channels of a row");
+  // A lane's grad_query accumulator: in registers where it is small, else in shared memory
+  // (the rows of 24 channels per lane need their registers for the frame loop).
+  constexpr bool kDqRegs = kAttn && kElems <= 16;
+  // d = x - key and grad r kept as floats across the row's shuffles where they fit beside it,
+  // else converted again from the packed rows (wider rows spill on sm_80 otherwise).
+  constexpr bool kKeepFloats = kElems <= 8;
+  // On 16-byte rows the plan holds exactly kK vectors per lane, ceil(seg_vecs / lanes): every
+  // vector but the last lies in the segment (a head, which lies in C), so only the last may be
+  // idle, and only it is zeroed per frame. Mean segments of the scalar path and the last mean
+  // segment may end anywhere.
+  constexpr bool kOnlyLastIdle = kAttn && V > 1;
   // Rows of dq_s padded so that the partial row's reduction (consecutive threads on
   // consecutive channels: V rows of dq_s, 32 / V columns) hits 32 distinct banks.
   constexpr int kDqStride = kThreads + (V > 1 ? 32 / V : 0);
+  using Rank = int32_t;  // frames of a video: the launcher refuses 2^31 or more
   const EncodeParams& p = bp.fwd;
   const int lanes = plan.lanes;
   const int lane_in_row = threadIdx.x % lanes;
@@ -728,7 +755,7 @@ __global__ void __launch_bounds__(kThreads, V == 1 ? 1 : (kAttn ? 2 : 3))
   const int64_t seg = blockIdx.x;
   const int64_t tile = blockIdx.y;
   const int64_t b = blockIdx.z;
-  // Rows past N load row N - 1 and store nothing.
+  // Rows past N load row N - 1 and store nothing; their grad_query sums are dropped at the end.
   const bool row_ok = tile * rows_per_block + threadIdx.x / lanes < p.num_patches;
   const int64_t n = row_ok ? tile * rows_per_block + threadIdx.x / lanes : p.num_patches - 1;
 
@@ -737,108 +764,172 @@ __global__ void __launch_bounds__(kThreads, V == 1 ? 1 : (kAttn ? 2 : 3))
   const T* grad_seq = static_cast<const T*>(bp.grad_sequence);
   T* grad_x = static_cast<T*>(bp.grad_x);
   const int64_t c0 = seg * plan.seg_vecs * V;
-  const float* delta = bp.workspace + dq_partial_rows(p.batch, p.num_patches) * p.channels;
 
   __shared__ float query_s[kAttn ? kSegMax : 1];
-  // Each thread's grad_query accumulator lives here, not in registers (which the loop needs):
-  // element j of thread t at dq_s[j * kDqStride + t], so a warp's accesses hit 32 distinct banks.
-  __shared__ float dq_s[kAttn ? kLaneElems * kDqStride : 1];
+  // Element j of thread t's grad_query accumulator at dq_s[j * kDqStride + t], so that a warp's
+  // accesses hit 32 distinct banks: the accumulator itself (not kDqRegs), or its copy for the
+  // block's reduction.
+  __shared__ float dq_s[kAttn ? kElems * kDqStride : 1];
   if constexpr (kAttn) {
-    for (int j = 0; j < kLaneElems; ++j) dq_s[j * kDqStride + threadIdx.x] = 0.0f;
-    load_query(query_s, p, c0, plan.seg_vecs * V);
+    if constexpr (!kDqRegs) {
+      for (int j = 0; j < kElems; ++j) dq_s[j * kDqStride + threadIdx.x] = 0.0f;
+    }
+    // By lane: a thread reads its kElems query values at one base address.
+    load_query_by_lane<kK, V>(query_s, p, c0, plan.seg_vecs * V, lanes);
   }
+  const float* query_lane = query_s + lane_in_row * kElems;
   const LaneVectors<kK, V> vecs(plan, c0, lane_in_row, p.channels);
+  // On 16-byte rows the rows' pointers below point at the lane's first vector and the others lie
+  // rel(k) further (one pointer per row at one vector per lane); on the scalar path at channel 0.
+  // Computed where used, not kept in arrays: flags are predicates, which ptxas saves to the
+  // stack around the 64-bit divisions of the spatial backward.
+  constexpr bool kLaneBase = V > 1;
+  const int32_t lane_base = kLaneBase ? vecs.at(0) : 0;
+  auto rel = [&](int k) { return kLaneBase ? vecs.at(k) - vecs.at(0) : vecs.at(k); };
+  // The lane's to pool: zeroed otherwise (kOnlyLastIdle: the last alone may not be).
+  auto mine = [&](int k) { return kOnlyLastIdle && k + 1 < kK ? true : vecs.ok(k); };
 
   float key_grad[kK][V] = {};
   // The key row, packed, is held across the frames (zeros where the lane has no data, so that
   // d = x - key is 0 there).
   Packed<T, V> key[kK];
   if constexpr (kAttn) {
-    const T* key_row = x + video.key * p.x_stride_t + n * p.x_stride_n;
+    const T* key_row = x + video.key * p.x_stride_t + n * p.x_stride_n + lane_base;
 #pragma unroll
-    for (int k = 0; k < kK; ++k) key[k] = load_packed<T, V>(key_row + vecs.at(k));
+    for (int k = 0; k < kK; ++k) key[k] = load_packed<T, V>(key_row + rel(k));
 #pragma unroll
-    for (int k = 0; k < kK; ++k) key[k] = zero_unless(row_ok && vecs.ok(k), key[k]);
+    for (int k = 0; k < kK; ++k) key[k] = zero_unless(mine(k), key[k]);
   }
+  float dq[kDqRegs ? kElems : 1] = {};
 
   // Frames are walked in the same order by every row of the block, so the shuffles below see
-  // whole warps. One loop over the non-key frames, in increasing t, with the group carried
-  // along (no 64-bit division per frame, and no inner loop out of which the compiler would
-  // hoist the group's loads away from the frame's).
-  int64_t group = 0, group_last = group_bounds(0, video.frames, p.frames_per_token).last;
+  // whole warps: one loop over the non-key ranks, in increasing t, with the group carried along.
+  // The rows of x and grad_x by pointers carried from frame to frame (the frame stride, twice
+  // past the key frame), grad r's row and the group's scalars by pointers moved once per group:
+  // no 64-bit multiply per frame.
+  const Rank frames = static_cast<Rank>(video.frames);
+  const Rank key_frame = static_cast<Rank>(video.key);
+  const Rank ranks = frames - 1;
+  const Rank fpt = static_cast<Rank>(min_i64(p.frames_per_token, video.frames));
+  Rank group_end = fpt < ranks ? fpt : ranks;  // exclusive, in ranks
+  const int64_t first_frame = key_frame == 0 ? 1 : 0;
+  // The strides held in registers where the loop leaves them room (rows of up to 8 channels
+  // per lane); wider rows are better off reloading them.
+  auto held = [](auto v) { return kKeepFloats ? keep_int(v) : v; };
+  const int64_t x_step = held(p.x_stride_t);
+  const int64_t out_step = held(p.num_patches * p.channels);
+  const int64_t group_step = held(p.channels);
+  const int64_t heads = held(p.num_heads);
+  const T* x_row = x + first_frame * x_step + n * p.x_stride_n + lane_base;
+  T* out_row = grad_x + ((video.frame0 + first_frame) * p.num_patches + n) * p.channels + lane_base;
+  const T* grad_r_row = grad_seq + (video.seq_row0 + p.num_key_tokens) * p.channels + lane_base;
+  // The group's lse and <grad r, r> (attn).
+  const float* lse_at = p.lse + video.lse_row0 * p.num_heads + seg;
+  const float* delta_at = bp.workspace + dq_partial_rows(p.batch, p.num_patches) * p.channels +
+                          video.lse_row0 * p.num_heads + seg;
   // Mean: 1 / (rows of a group), for the groups before the last (all as long as group 0) and
   // for the last, which may be shorter: two divisions here rather than one per frame (a call,
   // whose ABI costs registers in the loop).
-  float inv_first = 0.0f, inv_last = 0.0f;
+  float inv_count = 0.0f, inv_last = 0.0f;
   if constexpr (!kAttn) {
     if (video.groups > 0) {
       const GroupBounds first = group_bounds(0, video.frames, p.frames_per_token);
       const GroupBounds last = group_bounds(video.groups - 1, video.frames, p.frames_per_token);
-      inv_first = 1.0f / static_cast<float>((first.last - first.first) * p.num_patches);
+      inv_count = 1.0f / static_cast<float>((first.last - first.first) * p.num_patches);
       inv_last = 1.0f / static_cast<float>((last.last - last.first) * p.num_patches);
     }
   }
-  for (int64_t rank = 0; rank < video.frames - 1; ++rank) {
-    const bool next_group = rank == group_last;
-    group += next_group ? 1 : 0;
-    group_last = next_group ? group_bounds(group, video.frames, p.frames_per_token).last : group_last;
-    const int64_t t = nonkey_frame(rank, video.key);
-    const T* grad_r_row = grad_seq + (video.seq_row0 + p.num_key_tokens + group) * p.channels;
-    T* out = grad_x + ((video.frame0 + t) * p.num_patches + n) * p.channels;
+  // Whether vector k goes to grad_x: for rows of up to 8 channels per lane bit k of an integer
+  // held across the frames (store16_if tests it), not predicates recomputed in each.
+  int32_t store_bits = 0;
+  if constexpr (kKeepFloats) {
+#pragma unroll
+    for (int k = 0; k < kK; ++k) store_bits |= (row_ok && mine(k) ? 1 : 0) << k;
+    store_bits = keep_int(store_bits);
+  }
+  auto store_ok = [&](int k) { return kKeepFloats ? (store_bits >> k & 1) != 0 : row_ok && mine(k); };
+
+  for (Rank rank = 0; rank < ranks; ++rank) {
+    if (rank == group_end) {  // block-uniform: the next group's row and scalars
+      grad_r_row += group_step;
+      lse_at += heads;
+      delta_at += heads;
+      group_end = group_end + fpt < ranks ? group_end + fpt : ranks;
+      if constexpr (!kAttn) {
+        if (group_end == ranks) inv_count = inv_last;
+      }
+    }
     if constexpr (kAttn) {
       // Every load of the frame before the first use: x, grad r, and the row's two scalars.
-      const int64_t lse_index = (video.lse_row0 + group) * p.num_heads + seg;
-      const T* row = x + t * p.x_stride_t + n * p.x_stride_n;
-      const float lse = p.lse[lse_index];
-      const float row_delta = delta[lse_index];
+      const float lse = *lse_at;
+      const float row_delta = *delta_at;
       Packed<T, V> cur[kK], grad_r[kK];
 #pragma unroll
-      for (int k = 0; k < kK; ++k) cur[k] = load_packed_stream<T, V>(row + vecs.at(k));
+      for (int k = 0; k < kK; ++k) cur[k] = load_packed_stream<T, V>(x_row + rel(k));
 #pragma unroll
-      for (int k = 0; k < kK; ++k) grad_r[k] = load_packed<T, V>(grad_r_row + vecs.at(k));
-      float score = 0.0f, grad_dot = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kK; ++k) {
-        // grad r too: an inf at the clamped address must not enter grad_dot as inf * 0.
-        cur[k] = zero_unless(row_ok && vecs.ok(k), cur[k]);
-        grad_r[k] = zero_unless(row_ok && vecs.ok(k), grad_r[k]);
-        float xv[V], kv[V], gv[V];
+      for (int k = 0; k < kK; ++k) grad_r[k] = load_packed<T, V>(grad_r_row + rel(k));
+      float d[kKeepFloats ? kElems : 1], g[kKeepFloats ? kElems : 1];
+      // d = x - key and grad r of vector k, as floats.
+      auto residual = [&](int k, float (&dv)[V], float (&gv)[V]) {
+        float xv[V], kv[V];
         unpack(cur[k], xv);
         unpack(key[k], kv);
         unpack(grad_r[k], gv);
 #pragma unroll
+        for (int e = 0; e < V; ++e) dv[e] = xv[e] - kv[e];
+      };
+      float score = 0.0f, grad_dot = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kK; ++k) {
+        // grad r too: an inf at the clamped address must not enter grad_dot as inf * 0.
+        cur[k] = zero_unless(mine(k), cur[k]);
+        grad_r[k] = zero_unless(mine(k), grad_r[k]);
+        float dv[V], gv[V];
+        residual(k, dv, gv);
+#pragma unroll
         for (int e = 0; e < V; ++e) {
-          const float d = xv[e] - kv[e];
-          score += query_s[(k * lanes + lane_in_row) * V + e] * d;
-          grad_dot += gv[e] * d;
+          if constexpr (kKeepFloats) {
+            d[k * V + e] = dv[e];
+            g[k * V + e] = gv[e];
+          }
+          score += query_lane[k * V + e] * dv[e];
+          grad_dot += gv[e] * dv[e];
         }
       }
-      score = row_sum(score, lanes);  // every lane of the warp, rows past N included
-      grad_dot = row_sum(grad_dot, lanes);
-      if (row_ok) {
-        const float prob = exp_f32(score - lse);
-        const float coef = prob * (grad_dot - row_delta);
+      // Both sums in one run of rounds; every lane of the warp takes part, rows past N included.
+      for (unsigned offset = static_cast<unsigned>(lanes) >> 1; offset != 0; offset >>= 1) {
+        score += __shfl_xor_sync(kFullMask, score, static_cast<int>(offset));
+        grad_dot += __shfl_xor_sync(kFullMask, grad_dot, static_cast<int>(offset));
+      }
+      const float prob = exp_f32(score - lse);
+      const float coef = prob * (grad_dot - row_delta);
 #pragma unroll
-        for (int k = 0; k < kK; ++k) {
-          float xv[V], kv[V], dd[V];
-          unpack(cur[k], xv);
-          unpack(key[k], kv);
-          unpack(grad_r[k], dd);
+      for (int k = 0; k < kK; ++k) {
+        float dv[V], gv[V], dd[V];
+        if constexpr (kKeepFloats) {
 #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            dd[e] = prob * dd[e] + coef * query_s[(k * lanes + lane_in_row) * V + e];
-            dq_s[(k * V + e) * kDqStride + threadIdx.x] += coef * (xv[e] - kv[e]);
-            key_grad[k][e] -= dd[e];
-          }
-          store_vec_if<T, V>(vecs.ok(k), out + vecs.at(k), dd);
+          for (int e = 0; e < V; ++e) dv[e] = d[k * V + e], gv[e] = g[k * V + e];
+        } else {
+          residual(k, dv, gv);
         }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const int j = k * V + e;
+          dd[e] = prob * gv[e] + coef * query_lane[j];
+          if constexpr (kDqRegs) {
+            dq[j] += coef * dv[e];
+          } else {
+            dq_s[j * kDqStride + threadIdx.x] += coef * dv[e];
+          }
+          key_grad[k][e] -= dd[e];
+        }
+        store_vec_if<T, V>(store_ok(k), out_row + rel(k), dd);
       }
     } else {
       // Mean: the gradient of every residual is grad r / count; x is not read.
-      const float inv_count = group_last == video.frames - 1 ? inv_last : inv_first;
       Packed<T, V> grad_r[kK];
 #pragma unroll
-      for (int k = 0; k < kK; ++k) grad_r[k] = load_packed<T, V>(grad_r_row + vecs.at(k));
+      for (int k = 0; k < kK; ++k) grad_r[k] = load_packed<T, V>(grad_r_row + rel(k));
 #pragma unroll
       for (int k = 0; k < kK; ++k) {
         float dd[V];
@@ -848,19 +939,25 @@ __global__ void __launch_bounds__(kThreads, V == 1 ? 1 : (kAttn ? 2 : 3))
           dd[e] *= inv_count;
           key_grad[k][e] -= dd[e];
         }
-        store_vec_if<T, V>(row_ok && vecs.ok(k), out + vecs.at(k), dd);
+        store_vec_if<T, V>(store_ok(k), out_row + rel(k), dd);
       }
+    }
+    x_row += x_step;
+    out_row += out_step;
+    if (rank + 1 == key_frame) {  // the next rank's frame lies past the key frame
+      x_row += x_step;
+      out_row += out_step;
     }
   }
 
   // The key tokens' own gradient: row n of the sequence, or every adaptive bin holding n
   // (bins may overlap), each spread uniformly over its area. Lanes without data add what
   // their clamped loads read to a key_grad that is never stored.
-  const T* grad_keys = grad_seq + video.seq_row0 * p.channels;
+  const T* grad_keys = grad_seq + video.seq_row0 * p.channels + lane_base;
   if (!p.spatial) {
     Packed<T, V> g[kK];
 #pragma unroll
-    for (int k = 0; k < kK; ++k) g[k] = load_packed<T, V>(grad_keys + n * p.channels + vecs.at(k));
+    for (int k = 0; k < kK; ++k) g[k] = load_packed<T, V>(grad_keys + n * p.channels + rel(k));
 #pragma unroll
     for (int k = 0; k < kK; ++k) {
       float gv[V];
@@ -885,7 +982,7 @@ __global__ void __launch_bounds__(kThreads, V == 1 ? 1 : (kAttn ? 2 : 3))
         const float inv_area = 1.0f / static_cast<float>((rows.end - rows.start) * (cols.end - cols.start));
         Packed<T, V> g[kK];
 #pragma unroll
-        for (int k = 0; k < kK; ++k) g[k] = load_packed<T, V>(grad_keys + (i * p.out_w + j) * p.channels + vecs.at(k));
+        for (int k = 0; k < kK; ++k) g[k] = load_packed<T, V>(grad_keys + (i * p.out_w + j) * p.channels + rel(k));
 #pragma unroll
         for (int k = 0; k < kK; ++k) {
           float gv[V];
@@ -896,11 +993,20 @@ __global__ void __launch_bounds__(kThreads, V == 1 ? 1 : (kAttn ? 2 : 3))
       }
     }
   }
-  T* key_out = grad_x + ((video.frame0 + video.key) * p.num_patches + n) * p.channels;
+  T* key_out = grad_x + ((video.frame0 + video.key) * p.num_patches + n) * p.channels + lane_base;
 #pragma unroll
-  for (int k = 0; k < kK; ++k) store_vec_if<T, V>(row_ok && vecs.ok(k), key_out + vecs.at(k), key_grad[k]);
+  for (int k = 0; k < kK; ++k) store_vec_if<T, V>(store_ok(k), key_out + rel(k), key_grad[k]);
 
   if constexpr (kAttn) {
+    // Rows past N leave nothing in the block's sums.
+    if constexpr (kDqRegs) {
+#pragma unroll
+      for (int j = 0; j < kElems; ++j) dq_s[j * kDqStride + threadIdx.x] = row_ok ? dq[j] : 0.0f;
+    } else {
+      if (!row_ok) {
+        for (int j = 0; j < kElems; ++j) dq_s[j * kDqStride + threadIdx.x] = 0.0f;
+      }
+    }
     // This block's partial grad_query row: channel c of the segment is the sum over the
     // block's rows (threads l + r * lanes, l the lane holding c), in a fixed order; the whole
     // block shares the channels, consecutive threads on consecutive channels.

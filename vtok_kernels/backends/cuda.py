@@ -430,8 +430,9 @@ def _describe(signature: str) -> tuple[str, str, bool]:
     if len(args) > 2:
         stage = _STAGES.get(args[2]) if kernel == "residual_fwd_kernel" else None
         parts.append(stage or "pool=" + (_MODES.get(args[2]) or ("attn" if args[2] == "true" else "mean")))
-    if len(args) > 3 and args[2] == "1" and default:
-        # attention on 16-byte rows: one instantiation per count of vectors a lane holds
+    if len(args) > 3 and args[2] in ("1", "true", "false") and default:
+        # attention forward, and the backward, on 16-byte rows: one instantiation per count of
+        # vectors a lane holds
         parts.append(f"K={args[3]}")
     return kernel, ",".join(parts), default
 

@@ -65,6 +65,19 @@ def residual_fwd_kernel(ctype: str, vec: int, mode: int, vecs_per_lane: int = 0)
     return f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {mode}, {k}>"
 
 
+def bwd_vecs_per_lane(vec: int) -> int:
+    """encode.cuh bwd_vecs_per_lane: the most vectors per lane an encode_bwd_kernel holds."""
+    return max_vecs_per_lane(vec)
+
+
+def encode_bwd_kernel(ctype: str, vec: int, attn: bool, vecs_per_lane: int = 0) -> str:
+    """The name expression of encode_bwd_kernel: on 16-byte rows compiled for the plan's
+    ``vecs_per_lane``, on the scalar path for bwd_vecs_per_lane (spelled out, as the compiler
+    names it)."""
+    k = vecs_per_lane if vec > 1 else bwd_vecs_per_lane(vec)
+    return f"vtok::cuda::encode_bwd_kernel<{ctype}, {vec}, {'true' if attn else 'false'}, {k}>"
+
+
 def kernel_names() -> list[str]:
     """Every template instantiation the launchers use, as NVRTC name expressions."""
     names = []
@@ -74,8 +87,9 @@ def kernel_names() -> list[str]:
                 counts = range(1, fwd_vecs_per_lane(v, True) + 1) if mode == ATTN and v > 1 else (0,)
                 names.extend(residual_fwd_kernel(ctype, v, mode, k) for k in counts)
             names.append(f"vtok::cuda::key_tokens_kernel<{ctype}, {v}>")
-            for attn in ("false", "true"):
-                names.append(f"vtok::cuda::encode_bwd_kernel<{ctype}, {v}, {attn}>")
+            for attn in (False, True):
+                counts = range(1, bwd_vecs_per_lane(v) + 1) if v > 1 else (0,)
+                names.extend(encode_bwd_kernel(ctype, v, attn, k) for k in counts)
             names.append(f"vtok::cuda::expand_fwd_kernel<{ctype}, {v}>")
             names.append(f"vtok::cuda::expand_grad_keys_kernel<{ctype}, {v}>")
         names.append(f"vtok::cuda::attn_delta_kernel<{ctype}>")
@@ -581,11 +595,12 @@ def encode_bwd_launches(bp: dict) -> list:
     if p["pool"] == ATTN:
         if groups > 0:
             launches.append((f"vtok::cuda::attn_delta_kernel<{ctype}>", (groups, p["batch"]), (params,)))
-        launches.append((f"vtok::cuda::encode_bwd_kernel<{ctype}, {vec}, true>", grid, (params, plan)))
+        # encode.cu launch_bwd: on 16-byte rows at the plan's vectors per lane
+        launches.append((encode_bwd_kernel(ctype, vec, True, k), grid, (params, plan)))
         launches.append((f"vtok::cuda::grad_query_reduce_kernel<{THREADS}>", (-(-p["channels"] // THREADS),),
                          (params, np.int64(p["batch"] * tiles))))
     else:
-        launches.append((f"vtok::cuda::encode_bwd_kernel<{ctype}, {vec}, false>", grid, (params, plan)))
+        launches.append((encode_bwd_kernel(ctype, vec, False, k), grid, (params, plan)))
     return _checked(launches)
 
 
