@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from vtok_kernels.backends.triton.tiles import (
-    key_token_grad, load_x, program_layout, video_layout)
+    chunk_layout, key_token_grad, load_x, program_layout, split_rows, video_layout)
 
 
 def head_blocks(head_dim: int) -> tuple[int, int]:
@@ -50,14 +50,11 @@ def attn_fwd_kernel(
     registers, stored once). The state of a group is an online softmax over its frames' rows:
     running max, sum of weights, weighted sum of residuals; each frame's tile is merged into
     its group's slot."""
-    num_chunks = tl.maximum(tl.cdiv(MAX_GROUPS, CHUNK_G), 1)
-    video = tl.program_id(0) // num_chunks
-    chunk = tl.program_id(0) % num_chunks
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
+    (video, chunk, frame0, token0, group0, key, num_groups, group_begin, rank_begin, rank_end,
+     row_begin, row_end, row_stop) = chunk_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, N, S,
+                                                  G, FRAMES_PER_TOKEN, MAX_GROUPS, CHUNK_G,
+                                                  IS_VARLEN)
     head = tl.program_id(2)
-    frame0, num_frames, token0, group0, key, num_groups = video_layout(
-        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
     HAS_LO: tl.constexpr = BLOCK_LO > 0
     LO_WIDTH: tl.constexpr = HEAD_DIM - BLOCK_HI
     c_hi = head * HEAD_DIM
@@ -70,12 +67,6 @@ def attn_fwd_kernel(
         offs_lo = tl.arange(0, BLOCK_LO)
         q_lo = tl.load(query_ptr + c_lo + offs_lo, mask=offs_lo < LO_WIDTH,
                        other=0.0).to(tl.float32) * scale
-    group_begin = chunk * CHUNK_G
-    rank_begin = group_begin * FRAMES_PER_TOKEN
-    rank_end = tl.minimum((group_begin + CHUNK_G) * FRAMES_PER_TOKEN, num_frames - 1)
-    row_begin = (split * N) // num_splits
-    row_end = ((split + 1) * N) // num_splits
-    row_stop = tl.where((chunk > 0) & (group_begin >= num_groups), row_begin, row_end)
     offs_g = tl.arange(0, CHUNK_G)
     run_max = tl.full([CHUNK_G], float("-inf"), tl.float32)
     run_sum = tl.zeros([CHUNK_G], dtype=tl.float32)
@@ -150,7 +141,7 @@ def attn_fwd_kernel(
             frames_left = tl.where(frames_left == 0, FRAMES_PER_TOKEN, frames_left)
     # The split's partial states of the chunk's groups (those the video has), stored once.
     stored = (group_begin + offs_g) < num_groups
-    part = split.to(tl.int64) * NUM_ROWS + group0 + group_begin + offs_g
+    part = tl.program_id(1).to(tl.int64) * NUM_ROWS + group0 + group_begin + offs_g
     acc_rows = part_acc_ptr + part[:, None] * C
     tl.store(acc_rows + (c_hi + offs_hi)[None, :], acc_hi, mask=stored[:, None])
     if HAS_LO:
@@ -246,9 +237,7 @@ def attn_bwd_kernel(
         mask_lo = offs_lo < LO_WIDTH
         q_lo = tl.load(query_ptr + chans_lo, mask=mask_lo, other=0.0).to(tl.float32) * scale
         grad_q_lo = tl.zeros([BLOCK_N, BLOCK_LO], dtype=tl.float32)
-    # The split's patch rows: contiguous, within one row of each other's count.
-    row_begin = (split * N) // num_splits
-    row_end = ((split + 1) * N) // num_splits
+    row_begin, row_end = split_rows(N)
 
     for n0 in range(row_begin, row_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)

@@ -48,7 +48,7 @@ from vtok_kernels.backends.triton.attention import (
 from vtok_kernels.backends.triton.launch import (
     MAX_GRID_X, MAX_GRID_YZ, autotuned, axis_chunks, check_grid_axis, grid_slots, launch)
 from vtok_kernels.backends.triton.tiles import (
-    key_token_grad, program_layout, video_layout, x_tile)
+    chunk_layout, key_token_grad, program_layout, video_layout, x_tile)
 
 
 def on_input_device(op):
@@ -84,29 +84,14 @@ def mean_fwd_kernel(
     registers and at most one shuffle: no shared memory, no barrier per frame. The chunk's
     group sums stay in registers ([CHUNK_G, BLOCK_D]) across the split's patch blocks and are
     stored once, as the split's partial rows: nothing is read back."""
-    # Grid axis 0: the chunks of the longest video's groups (one chunk when it has none: the
-    # key tokens), per video.
-    num_chunks = tl.maximum(tl.cdiv(MAX_GROUPS, CHUNK_G), 1)
-    video = tl.program_id(0) // num_chunks
-    chunk = tl.program_id(0) % num_chunks
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    block_c = tl.program_id(2)
-    frame0, num_frames, token0, group0, key, num_groups = video_layout(
-        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
-    c0 = block_c * BLOCK_D
+    (video, chunk, frame0, token0, group0, key, num_groups, group_begin, rank_begin, rank_end,
+     row_begin, row_end, row_stop) = chunk_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, N, S,
+                                                  G, FRAMES_PER_TOKEN, MAX_GROUPS, CHUNK_G,
+                                                  IS_VARLEN)
+    c0 = tl.program_id(2) * BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < C - c0
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-    group_begin = chunk * CHUNK_G
-    rank_begin = group_begin * FRAMES_PER_TOKEN
-    rank_end = tl.minimum((group_begin + CHUNK_G) * FRAMES_PER_TOKEN, num_frames - 1)
-    # The split's patch rows: a contiguous range, sizes within one row of each other, so the
-    # programs of a launch move the same bytes.
-    row_begin = (split * N) // num_splits
-    row_end = ((split + 1) * N) // num_splits
-    # A chunk past a short video's last group has nothing to pool (the first writes the keys).
-    row_stop = tl.where((chunk > 0) & (group_begin >= num_groups), row_begin, row_end)
     offs_g = tl.arange(0, CHUNK_G)
     acc = tl.zeros([CHUNK_G, BLOCK_D], dtype=tl.float32)
     for n0 in range(row_begin, row_stop, BLOCK_N):
@@ -148,7 +133,7 @@ def mean_fwd_kernel(
             frames_left = tl.where(frames_left == 0, FRAMES_PER_TOKEN, frames_left)
     # Rows past the video's last group (a short chunk, a short varlen video) are not stored:
     # the combine kernel reads only its video's groups.
-    part = split.to(tl.int64) * NUM_ROWS + group0 + group_begin + offs_g
+    part = tl.program_id(1).to(tl.int64) * NUM_ROWS + group0 + group_begin + offs_g
     tl.store(part_acc_ptr + part[:, None] * C + (c0 + offs_d)[None, :], acc,
              mask=((group_begin + offs_g) < num_groups)[:, None] & mask_d[None, :])
 

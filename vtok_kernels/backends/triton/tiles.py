@@ -39,6 +39,39 @@ def program_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TO
 
 
 @triton.jit
+def split_rows(N):
+    """The patch rows of the program's split (grid axis 1): [begin, end), contiguous, sizes within
+    one row of each other, so the programs of a launch move the same bytes."""
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    return (split * N) // num_splits, ((split + 1) * N) // num_splits
+
+
+@triton.jit
+def chunk_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, N, S, G, FRAMES_PER_TOKEN, MAX_GROUPS,
+                 CHUNK_G: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A forward program's place (the encode forwards' common prologue): grid axis 0 holds, per
+    video, the chunks of CHUNK_G groups of the longest video (one chunk where it has none: the
+    key tokens), axis 1 the splits of the patch rows (split_rows). Returns (video, chunk, first
+    frame, first output row, first lse row, key frame, group count, the chunk's first group,
+    its ranks [rank_begin, rank_end), the split's rows [row_begin, row_end), and row_stop: where
+    the row loop stops, row_begin for a chunk past a short video's last group, which has nothing
+    to pool)."""
+    num_chunks = tl.maximum(tl.cdiv(MAX_GROUPS, CHUNK_G), 1)
+    video = tl.program_id(0) // num_chunks
+    chunk = tl.program_id(0) % num_chunks
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    group_begin = chunk * CHUNK_G
+    rank_begin = group_begin * FRAMES_PER_TOKEN
+    rank_end = tl.minimum((group_begin + CHUNK_G) * FRAMES_PER_TOKEN, num_frames - 1)
+    row_begin, row_end = split_rows(N)
+    row_stop = tl.where((chunk > 0) & (group_begin >= num_groups), row_begin, row_end)
+    return (video, chunk, frame0, token0, group0, key, num_groups, group_begin, rank_begin,
+            rank_end, row_begin, row_end, row_stop)
+
+
+@triton.jit
 def x_tile(x_frame, rows, chans, ROW_POINTERS: tl.constexpr):
     """Pointers of a tile of x: its frame's base pointer, plus the 64-bit offsets of its patch
     rows, plus the 32-bit offsets of its channels (within a row, so small). Both forms give the
