@@ -402,18 +402,14 @@ class _Layout:
 INTERPRET_TARGET_PROGRAMS = 6
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
-    """Enough programs to fill every SM several times over: the frame loop hides its load
-    latency only with several programs per SM. More splits cost little (the partials grow by
-    G x C floats per split and video, a few percent of x at 8 programs per SM)."""
+    """Programs expand's backward splits aim for (the encode kernels size theirs to whole
+    waves, _fwd_splits): enough to fill every SM several times over, its frame loop hiding its
+    load latency only with several programs per SM; its partials grow by G x C floats per split
+    and video, a few percent of x at 8 programs per SM."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return 8 * _multiprocessors(index)
+        return 8 * _device_capacity(index)[0]
     return INTERPRET_TARGET_PROGRAMS
 
 
