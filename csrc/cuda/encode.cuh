@@ -240,6 +240,13 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
   // splits are the frame's tiles), or every tile of one group (the scalar path, and expand's
   // group sum, whose launcher keeps the plan's default of one split and one group per block).
   constexpr bool kOneTile = V > 1 && kMode != kGroupSum;
+  // A thread pools one patch row per frame. With one frame per token the merge of a group's
+  // rows runs every frame and takes about two thirds of the frame loop's instructions (sm_90a,
+  // bf16 attention, head 64: 308 per frame and warp, of which about 85 load and pool the row).
+  // Two rows per thread would halve that per byte, but need about 85 registers for mean pooling
+  // and 115 for attention (ptxas, unbounded), past the 64 and 80 of the resident blocks these
+  // kernels are built for (at those bounds they spill). Cutting the merge takes warps that own
+  // a run of rows each and keep several groups' sums across it, as the Triton forwards do.
   // Mean pooling in one tile takes the frames' rows two at a time, with kFwdVecs vectors per
   // lane; attention (whose row needs more registers: the query, the softmax state) one at a
   // time, with exactly the plan's vectors per lane.
