@@ -126,6 +126,11 @@ PROFILES = {
                    (1, 4, 8, 12, 16, 24, 32, 40, 64, 72, 80, 128, 144), (1, 2, 3, 4, 8, 16), 1152,
                    preset_grids=((24, 24), (27, 27))),
     "small": Profile("small", 2, 5, 4, (3, 8, 12, 20, 24), (1, 4, 6, 8, 12), (1, 2, 3), 24),
+    # The cuda kernels run by the host emulator (tests/cuda_emulator), which is slow: widths
+    # that reach the 16-byte rows with each count of lanes and vectors per lane (heads of 64
+    # and 72 among them), and frames of up to 144 patches, several tiles of rows.
+    "emulator": Profile("emulator", 3, 9, 12, (8, 24, 40, 64, 72, 136), (8, 16, 24, 40, 64, 72, 80),
+                        (1, 2, 3, 4), 216),
 }
 
 

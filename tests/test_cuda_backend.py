@@ -771,6 +771,26 @@ def test_emulated_backward_per_vectors_per_lane(emulated, case, layout, fpt):
         assert_close(gq, ref_gq, dtype, "grad query")
 
 
+def test_emulated_fuzz_matches_reference(emulated, monkeypatch, capsys):
+    """The seeded differential fuzz (benchmarks/fuzz.py: every op, layout, key choice, dtype and
+    option, forward and backward, outputs poisoned) on the cuda backend's launch plans with its
+    kernels run by the host emulator. Fresh cases every run; VTOK_FUZZ_SEED pins the seed."""
+    import os
+
+    from benchmarks import fuzz
+
+    # The public API refuses the cuda backend for CPU tensors; the emulator runs them.
+    monkeypatch.setattr(backends.get("cuda"), "unavailable_reason", lambda device_type: None)
+    seed = int(os.environ.get("VTOK_FUZZ_SEED") or torch.randint(0, 100_000, ()).item())
+    count = 30
+    lines = []
+    counts = fuzz.run("cuda", "cpu", fuzz.draw_cases(seed, count, "cuda", fuzz.PROFILES["emulator"]),
+                      emit=lines.append)
+    assert counts == {**counts, "passed": count, "failed": 0}, (
+        capsys.readouterr().out + f" (seed {seed}: VTOK_FUZZ_SEED={seed} pytest -k emulated_fuzz reruns it)")
+    assert {line["case"]["op"] for line in lines} >= {"encode", "expand"}
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)
 def test_emulated_one_patch_query_gradient_vanishes(emulated, dtype):
     x = features((2, 4, 1, 96), dtype)
