@@ -52,6 +52,12 @@ void check_expand_sizes(int64_t batch, int64_t frames, int64_t patches, int64_t 
 
 void* as_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
+cuda::FwdDesign fwd_design(const std::string& name) {
+  if (name == "tiles") return cuda::FwdDesign::kTiles;
+  if (name == "warps") return cuda::FwdDesign::kWarps;
+  throw std::invalid_argument("vtok cuda: unknown forward design '" + name + "' (expected 'tiles' or 'warps')");
+}
+
 #define VTOK_OFFSET(dict, cls, field) dict[#field] = offsetof(cls, field)
 
 py::dict params_layout() {
@@ -142,16 +148,20 @@ void bind_cuda(py::module_& m) {
   // build shares, without the CUDA forward's scratch fields.
   m.def(
       "cuda_encode_fwd",
-      [](EncodeParams p, std::uintptr_t stream, std::uintptr_t workspace, int64_t workspace_elems) {
+      [](EncodeParams p, std::uintptr_t stream, std::uintptr_t workspace, int64_t workspace_elems,
+         const std::string& design) {
         check_encode(p);
+        const cuda::FwdDesign d = fwd_design(design);
         p.workspace = reinterpret_cast<float*>(workspace);
         p.workspace_elems = workspace_elems;
         py::gil_scoped_release release;
-        cuda::encode_fwd(p, as_stream(stream));
+        cuda::encode_fwd(p, as_stream(stream), d);
       },
       py::arg("params"), py::arg("stream"), py::arg("workspace") = 0, py::arg("workspace_elems") = 0,
+      py::arg("design") = "tiles",
       "encode forward on the GPU (varlen when params.cu_frames != 0), enqueued on `stream`; a workspace "
-      "of cuda_encode_fwd_workspace_elems floats when a frame's patch tiles are split over blocks");
+      "of cuda_encode_fwd_workspace_elems floats when a frame's patch rows are split over blocks or warps; "
+      "design: 'tiles' or 'warps' (launch.h FwdDesign)");
   m.def(
       "cuda_encode_bwd",
       [](const EncodeBwdParams& bp, std::uintptr_t stream) {
@@ -211,6 +221,14 @@ void bind_cuda(py::module_& m) {
       },
       py::arg("params"), py::arg("backward") = false, py::arg("grad_sequence") = 0, py::arg("grad_x") = 0,
       "(vector width, lanes, vecs_per_lane, seg_vecs, num_segments) the launchers use");
+  m.def(
+      "cuda_encode_fwd_grid",
+      [](const EncodeParams& p, const std::string& design) {
+        const cuda::FwdGrid g = cuda::encode_fwd_grid(p, fwd_design(design));
+        return py::make_tuple(g.splits, g.groups_per_item, g.chunks, g.blocks);
+      },
+      py::arg("params"), py::arg("design") = "tiles",
+      "(splits, groups per block or warp, chunks, blocks) of the forward's residual launch");
   m.def("cuda_params_layout", &params_layout, "{struct: (sizeof, {field: offsetof})} of the params structs");
   m.attr("cuda_max_head_dim") = cuda::kMaxHeadDim;
 }

@@ -4,6 +4,7 @@ NVRTC, availability messages), and on a GPU (marked ``gpu``) parity at realistic
 CUDA-graph replay, deterministic backward and bit-equal loaders."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -139,6 +140,16 @@ def test_launch_plan_matches_the_extension():
             setattr(params, name, value)
         for backward, grads in ((False, (0, 0)), (True, (4096, 8200))):
             assert module.cuda_encode_plan(params, backward, *grads) == cuda_nvrtc.encode_plan(fields, backward, *grads), case
+        for design in cuda_nvrtc.FWD_DESIGNS:
+            for batch, frames, patches, fpt in ((8, 16, 729, 1), (1, 16, 256, 1), (3, 40, 37, 3), (2, 2, 5000, 1)):
+                params.batch, params.num_frames, params.num_patches, params.frames_per_token = batch, frames, patches, fpt
+                params.num_groups = 0 if fields["cu_frames"] else cuda_nvrtc.num_groups(frames, fpt)
+                sized = dict(fields, batch=batch, num_frames=frames, num_patches=patches, frames_per_token=fpt,
+                             num_groups=params.num_groups)
+                assert module.cuda_encode_fwd_grid(params, design) == cuda_nvrtc.encode_fwd_grid(sized, design), (
+                    case, design, batch, frames, patches, fpt)
+    with pytest.raises(ValueError, match="unknown forward design 'rows'"):
+        module.cuda_encode_fwd_grid(params, "rows")
 
 
 def test_launch_plan_picks_16_byte_vectors_only_when_aligned():
@@ -197,6 +208,16 @@ def test_nvrtc_loader_launches_instantiated_kernels_with_the_cpp_grids():
     reduce_args = [c[2] for c in loader.calls if "grad_query_reduce" in c[0]][0]
     assert int(reduce_args[1]) == 8 * 23
     assert 8 * 23 <= cuda_nvrtc.dq_partial_rows(8, 729)
+    # The warp-split forward: 8 heads x 8 videos x 15 chunks of one group (3 vectors per lane
+    # hold one group's sums) make 960 warps; two waves of 2 blocks of 8 warps on 132 SMs want
+    # 66 per (video, head): 5 splits of the rows (145-146 each), 4800 warps, 600 blocks.
+    warps = _Recorder()
+    warps.encode_fwd(dict(fields, workspace=1 << 20,
+                          workspace_elems=cuda_nvrtc.encode_fwd_workspace_elems(fields, "warps")), 0, 0, "warps")
+    assert {c[0] for c in warps.calls} <= names
+    [(kernel, grid, args)] = [c for c in warps.calls if "warp_pool_kernel" in c[0]]
+    assert (kernel, grid) == ("vtok::cuda::warp_pool_kernel<vtok::cuda::bf16_t, 8, true, 3>", (600,))
+    assert (int(args[1]["splits"][0]), int(args[1]["groups_per_block"][0])) == (5, 1)
 
 
 # ------------------------------------------------------------------ CPU: binding checks
@@ -535,7 +556,7 @@ class _FieldRecorder:
         self.calls = []
 
     def __getattr__(self, op):
-        return lambda fields, stream, device_index: self.calls.append((op, fields))
+        return lambda fields, stream, device_index, *design: self.calls.append((op, fields))
 
 
 @pytest.fixture
@@ -771,7 +792,8 @@ def test_emulated_backward_per_vectors_per_lane(emulated, case, layout, fpt):
         assert_close(gq, ref_gq, dtype, "grad query")
 
 
-def test_emulated_fuzz_matches_reference(emulated, monkeypatch, capsys):
+@pytest.mark.parametrize("design", ["tiles", "warps"])
+def test_emulated_fuzz_matches_reference(emulated, monkeypatch, capsys, design):
     """The seeded differential fuzz (benchmarks/fuzz.py: every op, layout, key choice, dtype and
     option, forward and backward, outputs poisoned) on the cuda backend's launch plans with its
     kernels run by the host emulator. Fresh cases every run; VTOK_FUZZ_SEED pins the seed."""
@@ -781,6 +803,7 @@ def test_emulated_fuzz_matches_reference(emulated, monkeypatch, capsys):
 
     # The public API refuses the cuda backend for CPU tensors; the emulator runs them.
     monkeypatch.setattr(backends.get("cuda"), "unavailable_reason", lambda device_type: None)
+    monkeypatch.setenv("VTOK_CUDA_FWD", design)
     seed = int(os.environ.get("VTOK_FUZZ_SEED") or torch.randint(0, 100_000, ()).item())
     count = 30
     launches = emulated._loader().launches
@@ -789,6 +812,25 @@ def test_emulated_fuzz_matches_reference(emulated, monkeypatch, capsys):
         capsys.readouterr().out + f" (seed {seed}: VTOK_FUZZ_SEED={seed} pytest -k emulated_fuzz reruns it)")
     # The cases ran on the emulated kernels (not a fallback): forward and backward of each.
     assert len(launches) >= 2 * count and any("encode_bwd_kernel" in k or "expand" in k for k, _ in launches)
+
+
+def test_emulated_forward_design_comes_from_the_environment(emulated, monkeypatch):
+    """$VTOK_CUDA_FWD picks the forward's design on 16-byte rows (tiles when unset), read once per
+    op; an unknown name is a ValueError before anything is launched."""
+    x = features((2, 5, 37, 64), torch.bfloat16)
+    keys = torch.tensor([0, 3])
+    launches = emulated._loader().launches
+    for design, kernel in (("", "residual_fwd_kernel"), ("tiles", "residual_fwd_kernel"), ("warps", "warp_pool_kernel")):
+        monkeypatch.setenv("VTOK_CUDA_FWD", design)
+        first = len(launches)
+        emulated.encode_fwd(x, keys, None, "mean", 1, 1, [], [])
+        pooled = [name for name, _ in launches[first:] if "key_tokens" not in name]
+        assert kernel in pooled[0] and pooled[1].endswith(", 8, 3, 0>"), (design, pooled)
+    monkeypatch.setenv("VTOK_CUDA_FWD", "rows")
+    first = len(launches)
+    with pytest.raises(ValueError, match="VTOK_CUDA_FWD: unknown forward design 'rows'"):
+        emulated.encode_fwd(x, keys, None, "mean", 1, 1, [], [])
+    assert len(launches) == first
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_ID)
@@ -1120,12 +1162,14 @@ FORWARD_SPLITS = [
 ]
 
 
-def _forward_split_case(emulated, monkeypatch, case, fill_sms=None, dtype=None):
+def _forward_split_case(emulated, monkeypatch, case, fill_sms=None, dtype=None, design="tiles"):
     """(sequence, lse, reference sequence, reference lse, (launches, pooling plans)) of one
-    FORWARD_SPLITS case, after checking its residual tokens against the reference."""
+    FORWARD_SPLITS (or WARP_SPLITS, design "warps") case, after checking its residual tokens
+    against the reference."""
     _, lengths, N, C, pool, heads, fpt, fill, case_dtype, _ = case
     dtype = dtype or case_dtype
     monkeypatch.setattr(cuda_nvrtc, "FILL_SMS", fill if fill_sms is None else fill_sms)
+    monkeypatch.setenv("VTOK_CUDA_FWD", design)
     varlen = case[0].startswith("varlen")
     gen = torch.Generator().manual_seed(sum(lengths) * N + C)  # the same data for every fill_sms
     query = torch.randn(C, generator=gen) if pool == "attn" else None
@@ -1135,7 +1179,7 @@ def _forward_split_case(emulated, monkeypatch, case, fill_sms=None, dtype=None):
     launch = loader._launch
 
     def recording(device_index, stream, kernel, grid, args):
-        if "residual_fwd_kernel" in kernel and not kernel.endswith(", 3, 0>"):
+        if ("residual_fwd_kernel" in kernel and not kernel.endswith(", 3, 0>")) or "warp_pool_kernel" in kernel:
             plan = args[1].reshape(-1)[0]
             plans.append((kernel, tuple(int(g) for g in grid), int(plan["splits"]), int(plan["groups_per_block"])))
         launch(device_index, stream, kernel, grid, args)
@@ -1201,3 +1245,59 @@ def test_emulated_forward_bits_do_not_depend_on_groups_per_block(emulated, monke
     results = [run[:2] for run in runs]
     for seq, lse in results[1:]:
         assert torch.equal(seq, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+WARP_SPLITS = [
+    # (id, frames per video, N, C, pool, heads, frames_per_token, FILL_SMS, dtype,
+    #  (splits, groups per warp, chunks)); varlen when the id says so
+    # chunks of 2 groups, the last one short; rows in passes of 8 (4 lanes), the last one short
+    ("mean-chunks-of-2", [6, 6], 150, 64, "mean", 1, 1, 0, torch.bfloat16, (1, 2, 3)),
+    ("mean-fp32-chunks-of-4", [6, 6], 150, 32, "mean", 1, 1, 0, torch.float32, (1, 4, 2)),
+    ("mean-splits-of-64-rows", [6, 6], 150, 512, "mean", 1, 1, 2, torch.bfloat16, (2, 2, 3)),
+    ("mean-fp16-lanes-idle", [5, 5], 37, 40, "mean", 1, 1, 0, torch.float16, (1, 2, 2)),
+    ("attn-K2-chunks-of-2", [8, 8], 100, 128, "attn", 2, 1, 0, torch.bfloat16, (1, 2, 4)),
+    ("attn-K3-head72-fpt2-splits", [8, 8], 150, 144, "attn", 2, 2, 1, torch.bfloat16, (2, 1, 4)),
+    ("attn-K1-head8-fpt3-short-group", [11, 11], 37, 16, "attn", 2, 3, 0, torch.bfloat16, (1, 4, 1)),
+    ("attn-K3-fp32-splits-of-16-rows", [6, 6], 70, 96, "attn", 2, 1, 2, torch.float32, (4, 1, 5)),
+    ("attn-K3-lanes32", [3, 3], 20, 768, "attn", 1, 1, 0, torch.bfloat16, (1, 1, 2)),
+    # videos of 2, 0, 5 and 4 groups: only the third has a group in chunk 2
+    ("varlen-mean-chunks", [3, 1, 6, 5], 70, 64, "mean", 1, 1, 0, torch.bfloat16, (1, 2, 3)),
+    ("varlen-attn-K1-fpt2-splits", [3, 1, 6, 5], 300, 32, "attn", 4, 2, 1, torch.bfloat16, (2, 3, 1)),
+]
+
+
+@pytest.mark.parametrize("case", WARP_SPLITS, ids=[c[0] for c in WARP_SPLITS])
+def test_emulated_forward_warp_splits_match_reference(emulated, monkeypatch, case):
+    """The warp-split forward (VTOK_CUDA_FWD=warps): each case reaches the grid it is named for
+    (splits of the rows, groups per warp, the last chunk or row pass short) and the merge launch
+    after it, with the reference's residual tokens and lse."""
+    seq, lse, ref, ref_lse, (launches, plans) = _forward_split_case(emulated, monkeypatch, case, design="warps")
+    _, lengths, N, C, pool, heads, fpt, fill, dtype, (splits, per_warp, chunks) = case
+    vec = 16 // torch.empty(0, dtype=dtype).element_size()
+    lanes, k, _, segments = cuda_nvrtc.plan_segments_fwd(C, vec, pool == "attn", heads)
+    [(kernel, grid, planned_splits, planned_per_warp)] = plans
+    named_k = re.search(r"-K(\d)-", case[0])
+    assert named_k is None or int(named_k.group(1)) == k
+    assert kernel == cuda_nvrtc.warp_pool_kernel(kernel.split("<")[1].split(",")[0], vec, pool == "attn", k)
+    assert (planned_splits, planned_per_warp) == (splits, per_warp)
+    assert grid == (-(-len(lengths) * segments * chunks * splits // 8),)
+    assert -(-max(reference.num_groups(t, fpt) for t in lengths) // per_warp) == chunks
+    assert any(k.endswith(f"{vec}, 3, 0>") for k, _ in launches)
+    assert_close(seq, ref.to(dtype), dtype, "sequence")
+    if pool == "attn":
+        assert_close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")
+
+
+@pytest.mark.parametrize("case", [
+    # float32, where a different order of the sums shows in the last bits; FILL_SMS 0 and 1 give
+    # the same splits and 4, then 2 (attn) or 1 (mean) groups per warp
+    ("attn-K2", [16, 16], 60, 64, "attn", 2, 1, 0, torch.float32, None),
+    ("mean", [16, 16], 60, 32, "mean", 1, 1, 0, torch.float32, None),
+], ids=lambda c: c[0])
+def test_emulated_warp_split_bits_do_not_depend_on_groups_per_warp(emulated, monkeypatch, case):
+    """Which warp pools a group changes with the fill; the order of every sum does not while the
+    splits stay."""
+    runs = [_forward_split_case(emulated, monkeypatch, case, fill_sms, None, "warps") for fill_sms in (0, 1)]
+    plans = [run[4][1][0] for run in runs]
+    assert plans[0][2] == plans[1][2] and plans[0][3] > plans[1][3], plans  # same splits, fewer groups per warp
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -351,6 +351,40 @@ def test_forward_split_and_workspace_match_the_extension():
         assert module.cuda_encode_fwd_workspace_elems(*args) == cuda_nvrtc.encode_fwd_workspace_elems_for(*args)
 
 
+def test_warp_split_covers_every_group_and_fills_the_device_cheaply():
+    """vtok/encode_split.h warp_split: every group in exactly one chunk, splits of at least 64
+    rows before fewer groups per warp, splits of at least 16 rows only short of one wave, and
+    the blocks hold every warp item."""
+    for rows in (1, 15, 37, 64, 256, 729, 5000):
+        for segments in (1, 8, 18):
+            for batch in (1, 3, 8, 64):
+                for groups in (0, 1, 2, 5, 15, 64):
+                    for chunk_groups in (1, 2, 4):
+                        for fill in (0, 32, 4224):
+                            splits, per_warp, chunks, blocks = cuda_nvrtc.warp_split(
+                                rows, segments, batch, groups, chunk_groups, fill, 8)
+                            case = (rows, segments, batch, groups, chunk_groups, fill)
+                            if groups == 0:
+                                assert (chunks, blocks) == (0, 0), case
+                                continue
+                            assert 1 <= per_warp <= chunk_groups and chunks == -(-groups // per_warp), case
+                            assert 1 <= splits <= max(1, rows // 16), case
+                            warps = batch * segments * chunks * splits
+                            assert blocks == -(-warps // 8), case
+                            target = -(-fill // (batch * segments))  # warps per (video, segment)
+                            if splits > max(1, rows // 64):  # small splits only short of one wave
+                                assert per_warp == 1 and 2 * max(1, rows // 64) * chunks < target, case
+                            if per_warp < min(chunk_groups, groups):  # fewer groups only past the cheap splits
+                                full = min(chunk_groups, groups)
+                                assert max(1, rows // 64) * -(-groups // full) < target, case
+                                assert (per_warp + 1 > chunk_groups or
+                                        splits * -(-groups // (per_warp + 1)) < target), case
+                            if 2 * splits * chunks < target:  # short of one wave: nothing left to split
+                                assert per_warp == 1 and splits == max(1, rows // 16), case
+                            else:  # not more warps than the wave needs
+                                assert splits == 1 or (splits - 1) * chunks < target, case
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="launches with made-up pointers: only where no device runs them")
 @pytest.mark.parametrize("fields", [_encode_fields(), _encode_fields(pool=0, num_heads=1, query=0, lse=0),
                                     _encode_fields(**_VARLEN)], ids=["attn", "mean", "varlen"])
@@ -366,3 +400,36 @@ def test_the_planned_workspace_passes_the_extension(fields):
     assert fields["workspace_elems"] > 0
     with pytest.raises(RuntimeError, match="launch of key_tokens_kernel failed"):
         ExtensionLoader(module).encode_fwd(fields, 0, 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches with made-up pointers: only where no device runs them")
+@pytest.mark.parametrize("pool", ["attn", "mean"])
+def test_warp_split_workspace_is_what_both_loaders_ask_for(pool):
+    """The warp-split forward (design "warps") splits a frame's rows otherwise than the tiles do,
+    so its workspace differs: both loaders refuse one float fewer than encode_fwd_workspace_elems
+    says for that design, and take that many (the extension's launch then fails for want of a
+    device)."""
+    mean = {} if pool == "attn" else dict(pool=0, num_heads=1, query=0, lse=0)
+    fields = _encode_fields(**mean)
+    elems = cuda_nvrtc.encode_fwd_workspace_elems(fields, "warps")
+    assert 0 < elems != cuda_nvrtc.encode_fwd_workspace_elems(fields, "tiles")
+    short = dict(fields, workspace=1 << 20, workspace_elems=elems - 1)
+    message = "vtok cuda: the forward needs a workspace of encode_fwd_workspace_elems floats"
+    with pytest.raises(ValueError) as refused:
+        cuda_nvrtc.encode_fwd_launches(short, "warps")
+    assert str(refused.value) == message
+    launches = cuda_nvrtc.encode_fwd_launches(dict(short, workspace_elems=elems), "warps")
+    assert [k.split("<")[0] for k, _, _ in launches] == [
+        "vtok::cuda::key_tokens_kernel", "vtok::cuda::warp_pool_kernel", "vtok::cuda::residual_fwd_kernel"]
+    with pytest.raises(ValueError, match="unknown forward design 'rows'"):
+        cuda_nvrtc.encode_fwd_launches(fields, "rows")
+    module = _cuda_extension()
+    if module is None:
+        return
+    from vtok_kernels.backends.cuda import ExtensionLoader
+
+    with pytest.raises(ValueError) as refused:
+        ExtensionLoader(module).encode_fwd(short, 0, 0, "warps")
+    assert str(refused.value) == message
+    with pytest.raises(RuntimeError, match="launch of key_tokens_kernel failed"):
+        ExtensionLoader(module).encode_fwd(dict(short, workspace_elems=elems), 0, 0, "warps")

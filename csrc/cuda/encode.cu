@@ -32,12 +32,21 @@ int encode_vector_width(const EncodeParams& p, const void* grad_sequence, const 
 // a group, not the order of any sum).
 constexpr int64_t kFillSms = 132;
 
-EncodeSplit forward_split(const EncodeParams& p, const PlanInfo& info) {
+FwdGrid forward_grid(const EncodeParams& p, const PlanInfo& info, FwdDesign design) {
+  const int64_t groups = encode_max_groups(p);
+  if (design == FwdDesign::kWarps && info.vec > 1) {
+    const int compiled_k = p.pool == Pool::kAttn ? info.vecs_per_lane : kFwdVecs;  // launch_warp_pool
+    const WarpSplit w = warp_split(p.num_patches, info.num_segments, p.batch, groups,
+                                   warp_chunk_groups(info.vec, compiled_k),
+                                   2 * kFillSms * kWarpPoolMinBlocks * kWarps, kWarps);
+    return {w.splits, w.groups_per_warp, w.chunks, w.blocks};
+  }
   const int64_t rows = kThreads / info.lanes;
   const int64_t tiles = (p.num_patches + rows - 1) / rows;
   const int mode = p.pool == Pool::kAttn ? kAttnPool : kMeanPool;
-  return encode_split(tiles, info.num_segments, p.batch, encode_max_groups(p),
-                      2 * kFillSms * fwd_min_blocks(info.vec, mode), info.vec > 1);
+  const EncodeSplit s = encode_split(tiles, info.num_segments, p.batch, groups,
+                                     2 * kFillSms * fwd_min_blocks(info.vec, mode), info.vec > 1);
+  return {s.splits, s.groups_per_block, s.chunks, s.splits * info.num_segments * s.chunks * p.batch};
 }
 
 void check_encode(const EncodeParams& p, const PlanInfo& info) {
@@ -61,6 +70,23 @@ void launch_attn_pool(const dim3 grid, cudaStream_t s, const EncodeParams& p, co
     case 1: residual_fwd_kernel<T, V, kAttnPool, 1><<<grid, kThreads, 0, s>>>(p, plan); break;
     case 2: residual_fwd_kernel<T, V, kAttnPool, 2><<<grid, kThreads, 0, s>>>(p, plan); break;
     case 3: residual_fwd_kernel<T, V, kAttnPool, 3><<<grid, kThreads, 0, s>>>(p, plan); break;
+    default: throw std::logic_error("vtok cuda: the attention forward's plan holds 1 to 3 vectors per lane");
+  }
+}
+
+// The warp-split forward on 16-byte rows (FwdDesign::kWarps), compiled for the plan's vectors
+// per lane (attention: 1 to fwd_vecs_per_lane(V, true)); mean pooling for kFwdVecs, its plan's
+// most.
+template <typename T, int V>
+void launch_warp_pool(const unsigned blocks, cudaStream_t s, const EncodeParams& p, const RowPlan& plan) {
+  if (p.pool != Pool::kAttn) {
+    warp_pool_kernel<T, V, false, kFwdVecs><<<blocks, kThreads, 0, s>>>(p, plan);
+    return;
+  }
+  switch (plan.vecs_per_lane) {
+    case 1: warp_pool_kernel<T, V, true, 1><<<blocks, kThreads, 0, s>>>(p, plan); break;
+    case 2: warp_pool_kernel<T, V, true, 2><<<blocks, kThreads, 0, s>>>(p, plan); break;
+    case 3: warp_pool_kernel<T, V, true, 3><<<blocks, kThreads, 0, s>>>(p, plan); break;
     default: throw std::logic_error("vtok cuda: the attention forward's plan holds 1 to 3 vectors per lane");
   }
 }
@@ -108,24 +134,29 @@ int64_t encode_bwd_workspace_elems(int64_t batch, int64_t num_patches, int64_t c
   return dq_partial_rows(batch, num_patches) * channels + lse_elems;
 }
 
-void encode_fwd(const EncodeParams& p, void* stream) {
+FwdGrid encode_fwd_grid(const EncodeParams& p, FwdDesign design) {
+  return forward_grid(p, encode_plan(p, false, nullptr, nullptr), design);
+}
+
+void encode_fwd(const EncodeParams& p, void* stream, FwdDesign design) {
   const auto s = static_cast<cudaStream_t>(stream);
   const PlanInfo info = encode_plan(p, false, nullptr, nullptr);
   check_encode(p, info);
   RowPlan plan = to_row_plan(info);
   const bool attn = p.pool == Pool::kAttn;
+  const bool warps = design == FwdDesign::kWarps && info.vec > 1;
   const int64_t groups = encode_max_groups(p);
-  const EncodeSplit split = forward_split(p, info);
+  const FwdGrid split = forward_grid(p, info, design);
   if (groups > 0) {
     const int64_t needed =
         encode_fwd_workspace_elems(p.batch, groups, split.splits, p.channels, p.num_heads, attn, info.vec > 1);
     if (needed > 0 && (p.workspace == nullptr || p.workspace_elems < needed))
       throw std::invalid_argument("vtok cuda: the forward needs a workspace of encode_fwd_workspace_elems floats");
-    if (split.splits * plan.num_segments > (int64_t{1} << 31) - 1)
+    if (split.splits * plan.num_segments > (int64_t{1} << 31) - 1 || (warps && split.blocks > (int64_t{1} << 31) - 1))
       throw std::invalid_argument("vtok cuda: too many patches per frame");
   }
   plan.splits = static_cast<int32_t>(split.splits);
-  plan.groups_per_block = static_cast<int32_t>(split.groups_per_block);
+  plan.groups_per_block = static_cast<int32_t>(split.groups_per_item);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto width) {
@@ -139,14 +170,25 @@ void encode_fwd(const EncodeParams& p, void* stream) {
       if (groups > 0) {
         const dim3 grid(static_cast<unsigned>(split.splits * plan.num_segments), static_cast<unsigned>(split.chunks),
                         static_cast<unsigned>(p.batch));
-        if (!attn)
-          residual_fwd_kernel<T, V, kMeanPool><<<grid, kThreads, 0, s>>>(p, plan);
-        else if constexpr (V > 1)
-          launch_attn_pool<T, V>(grid, s, p, plan);
-        else
-          residual_fwd_kernel<T, V, kAttnPool><<<grid, kThreads, 0, s>>>(p, plan);
-        check_launch("residual_fwd_kernel");
-        if constexpr (V > 1) {  // the partial rows of the tiles, merged in tile order
+        if constexpr (V > 1) {
+          if (warps) {
+            launch_warp_pool<T, V>(static_cast<unsigned>(split.blocks), s, p, plan);
+            check_launch("warp_pool_kernel");
+          } else if (attn) {
+            launch_attn_pool<T, V>(grid, s, p, plan);
+            check_launch("residual_fwd_kernel");
+          } else {
+            residual_fwd_kernel<T, V, kMeanPool><<<grid, kThreads, 0, s>>>(p, plan);
+            check_launch("residual_fwd_kernel");
+          }
+        } else {
+          if (attn)
+            residual_fwd_kernel<T, V, kAttnPool><<<grid, kThreads, 0, s>>>(p, plan);
+          else
+            residual_fwd_kernel<T, V, kMeanPool><<<grid, kThreads, 0, s>>>(p, plan);
+          check_launch("residual_fwd_kernel");
+        }
+        if constexpr (V > 1) {  // the partial rows of the splits, merged in split order
           const int64_t vectors = p.channels / V;
           const dim3 merge_grid(static_cast<unsigned>((vectors + kThreads - 1) / kThreads), static_cast<unsigned>(groups),
                                 static_cast<unsigned>(p.batch));

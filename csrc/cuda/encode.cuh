@@ -9,7 +9,9 @@
 // per group in a workspace, which a second launch merges in tile order (kMergeSplits). On the
 // scalar path, and for expand's group sum, a block walks every tile of one group instead and
 // writes the token itself. No atomics: the result does not depend on scheduling. Key tokens
-// are a separate, small kernel.
+// are a separate, small kernel. A second forward on 16-byte rows (warp_pool_kernel, launch.h
+// FwdDesign::kWarps) gives each warp a split of the rows for a chunk of groups instead and
+// merges its rows once per group, not once per frame; its partial rows take the same merge.
 //
 // Backward: one block per (channel segment, tile of patch rows, video) walks all frames of the
 // video for its rows, accumulating the key frame's gradient on chip (registers) across them;
@@ -635,6 +637,204 @@ __device__ __forceinline__ void merge_splits(const EncodeParams& p, const RowPla
 #pragma unroll
     for (int e = 0; e < V; ++e) r32[e] = acc[e];
   }
+}
+
+// Groups a warp of the warp-split forward holds at once (warp_pool): its registers keep a
+// group's sums of kElems = V x K channels per lane, kChunk of them (four of 16 elements spill
+// at the 128 registers of two resident blocks).
+VTOK_HOST_DEVICE constexpr int warp_chunk_groups(int vec, int k) {
+  return vec * k <= 8 ? 4 : vec * k <= 16 ? 2 : 1;
+}
+
+// The encode forward on 16-byte rows, warp-split: each warp owns (video, segment, split of the
+// patch rows, chunk of up to kChunk groups) and walks the split's rows, `lanes` threads per
+// row and 32 / lanes rows at a time; for each rows' pass it loads the key rows once and streams
+// the chunk's frames past them, accumulating each group's sums per thread (mean: the sum of
+// x - key; attention: an online softmax per thread, max, weight sum and weighted sum). Nothing
+// crosses lanes in the frame loop but a row's score (attention: log2(lanes) shuffles). At the
+// end the warp merges its rows once per group and writes the split's partial row (and softmax
+// state) to the workspace, which merge_splits merges in split order, as for pool_tiles.
+// Shared memory holds the query, each lane its own channels; no barrier, no atomics.
+template <typename T, int V, bool kAttn, int kK>
+__device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& plan) {
+  constexpr int kElems = kK * V;
+  constexpr int kChunk = warp_chunk_groups(V, kK);
+  using Row = Packed<T, V>[kK];
+  const int lanes = plan.lanes;
+  const int lane = threadIdx.x % 32;
+  const int lane_in_row = lane & (lanes - 1);
+  const int row_group = lane / lanes;
+  const int row_groups = 32 / lanes;
+
+  // The warp's work item; the chunks of one split are consecutive warps (a block's warps share
+  // their key rows in L1).
+  const int64_t chunks = (encode_max_groups(p) + plan.groups_per_block - 1) / plan.groups_per_block;
+  int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t chunk = item % chunks;
+  item /= chunks;
+  const int64_t split = item % plan.splits;
+  item /= plan.splits;
+  const int64_t seg = item % plan.num_segments;
+  const int64_t b = item / plan.num_segments;
+  if (b >= p.batch) return;  // warp-uniform: nothing below synchronises a block
+  const VideoSpan video = video_span(p, b);
+  const int64_t group_begin = chunk * plan.groups_per_block;
+  if (group_begin >= video.groups) return;
+  const int groups = static_cast<int>(min_i64(plan.groups_per_block, video.groups - group_begin));
+  const int32_t key_frame = static_cast<int32_t>(video.key);
+  const int32_t fpt = static_cast<int32_t>(min_i64(p.frames_per_token, video.frames));
+  const int32_t rank_begin = static_cast<int32_t>(group_begin * p.frames_per_token);
+  const int32_t rank_end = static_cast<int32_t>(min_i64((group_begin + groups) * p.frames_per_token, video.frames - 1));
+  const int64_t row_begin = split * p.num_patches / plan.splits;
+  const int64_t row_end = (split + 1) * p.num_patches / plan.splits;
+  const int64_t c0 = seg * plan.seg_vecs * V;
+  const T* x = static_cast<const T*>(p.x) + video.x_offset;
+  const int64_t stride = p.x_stride_t;
+
+  int32_t lane_at[kK];
+  unsigned lane_ok = 0;
+  {
+    const LaneVectors<kK, V> vecs(plan, c0, lane_in_row, p.channels);
+#pragma unroll
+    for (int k = 0; k < kK; ++k) {
+      lane_at[k] = vecs.at(k);
+      lane_ok |= (vecs.ok(k) ? 1u : 0u) << k;
+    }
+  }
+  // The lane's query channels, scaled, in the warp's slice of shared memory (by lane: one base
+  // address and constant offsets), zeros where the lane has no vector: read every frame rather
+  // than held in kElems registers.
+  __shared__ float query_s[kAttn ? kWarps * 32 * kElems : 1];
+  float* const query_lane = query_s + (threadIdx.x / 32 * 32 + lane) * kElems;
+  if constexpr (kAttn) {
+    const float scale = rsqrtf(static_cast<float>(p.channels / p.num_heads));
+#pragma unroll
+    for (int k = 0; k < kK; ++k)
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        query_lane[k * V + e] = (lane_ok >> k & 1u) ? p.query[lane_at[k] + e] * scale : 0.0f;
+  }
+
+  float acc[kChunk][kElems];
+  SoftmaxState state[kChunk];
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) acc[j][i] = 0.0f;
+    state[j] = softmax_init();
+  }
+
+  for (int64_t row_base = row_begin; row_base < row_end; row_base += row_groups) {
+    // Rows past the split load its last row and count as zeros.
+    const int64_t row = row_base + row_group;
+    const bool row_ok = row < row_end;
+    const T* patch = x + (row_ok ? row : row_end - 1) * p.x_stride_n;
+    auto mine = [&](const Packed<T, V>& v, int k) { return zero_unless(row_ok && (lane_ok >> k & 1u), v); };
+    Row key, next;
+    const T* at = patch + nonkey_frame(rank_begin, key_frame) * stride;
+#pragma unroll
+    for (int k = 0; k < kK; ++k) key[k] = load_packed<T, V>(patch + key_frame * stride + lane_at[k]);
+#pragma unroll
+    for (int k = 0; k < kK; ++k) next[k] = load_packed_stream<T, V>(at + lane_at[k]);
+#pragma unroll
+    for (int k = 0; k < kK; ++k) key[k] = mine(key[k], k);
+    int32_t rank = rank_begin;
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      if (j >= groups) break;
+      const int32_t stop = rank + fpt < rank_end ? rank + fpt : rank_end;
+#pragma unroll 1
+      for (; rank < stop; ++rank) {
+        // The frame's rows, and the next frame's loaded before they are used: all kK loads
+        // behind one warp-uniform branch, which skips them after the chunk's last frame (with
+        // one group per warp they would be a third of its loads).
+        Row cur;
+#pragma unroll
+        for (int k = 0; k < kK; ++k) cur[k] = mine(next[k], k);
+        if (rank + 1 < rank_end) {
+          at = at + stride + (rank + 1 == key_frame ? stride : 0);
+#pragma unroll
+          for (int k = 0; k < kK; ++k) next[k] = load_packed_stream<T, V>(at + lane_at[k]);
+        }
+        // d = x - key, vector k; recomputed from the packed rows where needed rather than held
+        // as floats across the row's shuffles.
+        auto residual = [&](int k, float (&d)[V]) {
+          float kv[V];
+          unpack(cur[k], d);
+          unpack(key[k], kv);
+#pragma unroll
+          for (int e = 0; e < V; ++e) d[e] -= kv[e];
+        };
+        if constexpr (kAttn) {
+          float score = 0.0f;
+#pragma unroll
+          for (int k = 0; k < kK; ++k) {
+            float d[V];
+            residual(k, d);
+#pragma unroll
+            for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * d[e];
+          }
+          score = sum_in_row(score, lanes) + (row_ok ? 0.0f : -INFINITY);
+#pragma unroll
+          for (int k = 0; k < kK; ++k) keep_packed(cur[k]);
+          float weight;
+          const float rescale = softmax_push(state[j], score, weight);
+#pragma unroll
+          for (int k = 0; k < kK; ++k) {
+            float d[V];
+            residual(k, d);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[j][k * V + e] = fmaf(weight, d[e], acc[j][k * V + e] * rescale);
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kK; ++k) {
+            float d[V];
+            residual(k, d);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[j][k * V + e] += d[e];
+          }
+        }
+      }
+    }
+  }
+
+  // The split's partial row of each group: the warp's rows merged (softmax states to the warp's
+  // maximum first), written by the lanes of its first rows.
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) {
+    if (j >= groups) break;
+    float scale = 1.0f;
+    const int64_t out_row = split_row(p, plan, b, group_begin + j, split);
+    if constexpr (kAttn) {
+      const float max = across_rows<true>(state[j].max, lanes);
+      scale = state[j].max == max ? 1.0f : exp_f32(state[j].max - max);
+      const float sum = across_rows<false>(state[j].sum * scale, lanes);
+      if (lane == 0) {
+        float* saved = split_states(p, plan) + (out_row * p.num_heads + seg) * 2;
+        saved[0] = max;
+        saved[1] = sum;
+      }
+    }
+    float* out = p.workspace + out_row * p.channels;
+#pragma unroll
+    for (int k = 0; k < kK; ++k) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        float v = kAttn ? acc[j][k * V + e] * scale : acc[j][k * V + e];
+        v = across_rows<false>(v, lanes);
+        if (row_group == 0 && (lane_ok >> k & 1u)) out[lane_at[k] + e] = v;
+      }
+    }
+  }
+}
+
+// Resident blocks warp_pool_kernel is built for (128 registers: a chunk's sums per thread).
+constexpr int kWarpPoolMinBlocks = 2;
+
+template <typename T, int V, bool kAttn, int kK>
+__global__ void __launch_bounds__(kThreads, kWarpPoolMinBlocks) warp_pool_kernel(const EncodeParams p, const RowPlan plan) {
+  warp_pool<T, V, kAttn, kK>(p, plan);
 }
 
 template <typename T, int V, int kMode, int kK = residual_vecs_per_lane(V, kMode)>

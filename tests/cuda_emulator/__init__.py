@@ -22,6 +22,7 @@ _ARGS = {
     "residual_fwd_kernel": ("vtok::EncodeParams", "vtok::cuda::RowPlan"),
     "key_tokens_kernel": ("vtok::EncodeParams",),
     "encode_bwd_kernel": ("vtok::EncodeBwdParams", "vtok::cuda::RowPlan"),
+    "warp_pool_kernel": ("vtok::EncodeParams", "vtok::cuda::RowPlan"),
     "attn_delta_kernel": ("vtok::EncodeBwdParams",),
     "grad_query_reduce_kernel": ("vtok::EncodeBwdParams", "int64_t"),
     "expand_fwd_kernel": ("vtok::ExpandParams",),

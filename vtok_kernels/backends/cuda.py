@@ -7,6 +7,8 @@ nvcc for ``VTOK_CUDA_ARCHS``) and, when the extension was built without nvcc, Cu
 make (more than 65535 videos, residual tokens per video or patch tiles per frame, key tokens of
 2^31 elements or more per video, a workspace too small) is the same ValueError from either
 loader, raised before anything reaches the device: ``cuda_nvrtc`` mirrors the extension's checks.
+``VTOK_CUDA_FWD=warps`` (default ``tiles``) picks the encode forward's other design on 16-byte
+rows, a warp per split of a frame's rows (launch.h ``FwdDesign``), in either loader.
 
 Every op allocates its outputs and workspaces (the forward's partial rows of a frame's patch
 tiles, the attn backward's partial grad_query rows) with torch before the launch and enqueues
@@ -75,11 +77,11 @@ class ExtensionLoader:
             setattr(obj, name, value)
         return obj
 
-    def encode_fwd(self, p: dict, stream: int, device_index: int) -> None:
+    def encode_fwd(self, p: dict, stream: int, device_index: int, design: str = "tiles") -> None:
         # The binding takes the workspace apart: bindings.cpp's EncodeParams has no such fields.
         fields = dict(p)
         workspace, elems = fields.pop("workspace", 0), fields.pop("workspace_elems", 0)
-        self._C.cuda_encode_fwd(self._struct("EncodeParams", fields), stream, workspace, elems)
+        self._C.cuda_encode_fwd(self._struct("EncodeParams", fields), stream, workspace, elems, design)
 
     def encode_bwd(self, bp: dict, stream: int, device_index: int) -> None:
         self._C.cuda_encode_bwd(self._struct("EncodeBwdParams", bp), stream)
@@ -259,15 +261,17 @@ def _grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ ops
 
-def _with_workspace(fields: dict, device) -> tuple[dict, Optional[torch.Tensor]]:
-    """fields with the forward's workspace (the partial rows of a frame's patch tiles), sized by
-    the launch plan after the checks it makes first: a launch the kernels refuse raises before
-    anything is allocated."""
-    elems = cuda_nvrtc.encode_fwd_workspace_elems(fields)
-    if not elems:
-        return dict(fields, workspace=0, workspace_elems=0), None
-    workspace = torch.empty(elems, dtype=torch.float32, device=device)
-    return dict(fields, workspace=workspace.data_ptr(), workspace_elems=elems), workspace
+def _launch_fwd(fields: dict, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Launches the encode forward of ``fields`` with its workspace (the partial rows of a frame's
+    patch splits), sized by the launch plan of the forward design ($VTOK_CUDA_FWD, read once)
+    after the checks it makes first: a launch the kernels refuse raises before anything is
+    allocated. Returns the workspace, which the caller holds until the launch is enqueued."""
+    design = cuda_nvrtc.fwd_design()
+    elems = cuda_nvrtc.encode_fwd_workspace_elems(fields, design)
+    workspace = torch.empty(elems, dtype=torch.float32, device=x.device) if elems else None
+    fields = dict(fields, workspace=workspace.data_ptr() if elems else 0, workspace_elems=elems)
+    _loader().encode_fwd(fields, _stream(x), x.device.index, design)
+    return workspace
 
 
 def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid):
@@ -284,8 +288,7 @@ def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, 
         residual32 = _residual32(x, b * g, pool, num_heads)
         fields = _encode_fields(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid,
                                 sequence, lse, residual32=residual32)
-        fields, workspace = _with_workspace(fields, x.device)
-        _loader().encode_fwd(fields, _stream(x), x.device.index)
+        _launch_fwd(fields, x)
     if residual32 is None:
         return sequence, lse
     return sequence, lse, residual32.view(b, g, c)
@@ -339,8 +342,7 @@ def encode_varlen_fwd(x, cu_frames, cu_tokens, key_index, query, pool, num_heads
         residual32 = _residual32(x, total_tokens - batch * s, pool, num_heads)
         fields = _encode_fields(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid,
                                 sequence, lse, (cu_frames, cu_tokens, max_frames), residual32)
-        fields, workspace = _with_workspace(fields, x.device)
-        _loader().encode_fwd(fields, _stream(x), x.device.index)
+        _launch_fwd(fields, x)
     if residual32 is None:
         return sequence, lse
     return sequence, lse, residual32

@@ -65,6 +65,35 @@ def residual_fwd_kernel(ctype: str, vec: int, mode: int, vecs_per_lane: int = 0)
     return f"vtok::cuda::residual_fwd_kernel<{ctype}, {vec}, {mode}, {k}>"
 
 
+def warp_pool_kernel(ctype: str, vec: int, attn: bool, vecs_per_lane: int) -> str:
+    """The name expression of warp_pool_kernel (encode.cu launch_warp_pool): attention compiled
+    for the plan's ``vecs_per_lane``, mean pooling for FWD_VECS."""
+    k = vecs_per_lane if attn else FWD_VECS
+    return f"vtok::cuda::warp_pool_kernel<{ctype}, {vec}, {'true' if attn else 'false'}, {k}>"
+
+
+WARP_POOL_MIN_BLOCKS = 2  # encode.cuh kWarpPoolMinBlocks
+
+FWD_DESIGNS = ("tiles", "warps")
+
+
+def fwd_design() -> str:
+    """The encode forward's design on 16-byte rows (launch.h FwdDesign): $VTOK_CUDA_FWD, default
+    "tiles" (a block per tile of patch rows) or "warps" (a warp per split of the rows and chunk
+    of groups). An op reads it once and passes it to its loader."""
+    import os
+
+    name = os.environ.get("VTOK_CUDA_FWD") or "tiles"
+    if name not in FWD_DESIGNS:
+        raise ValueError(f"VTOK_CUDA_FWD: unknown forward design {name!r}; expected one of {FWD_DESIGNS}")
+    return name
+
+
+def warp_chunk_groups(vec: int, k: int) -> int:
+    """encode.cuh warp_chunk_groups: the most groups a warp_pool_kernel warp holds."""
+    return 4 if vec * k <= 8 else 2 if vec * k <= 16 else 1
+
+
 def bwd_vecs_per_lane(vec: int) -> int:
     """encode.cuh bwd_vecs_per_lane: the most vectors per lane an encode_bwd_kernel holds."""
     return max_vecs_per_lane(vec)
@@ -86,6 +115,9 @@ def kernel_names() -> list[str]:
             for mode in (MEAN, ATTN, GROUP_SUM) + ((MERGE_SPLITS,) if v > 1 else ()):
                 counts = range(1, fwd_vecs_per_lane(v, True) + 1) if mode == ATTN and v > 1 else (0,)
                 names.extend(residual_fwd_kernel(ctype, v, mode, k) for k in counts)
+            if v > 1:
+                names.extend(warp_pool_kernel(ctype, v, True, k) for k in range(1, fwd_vecs_per_lane(v, True) + 1))
+                names.append(warp_pool_kernel(ctype, v, False, FWD_VECS))
             names.append(f"vtok::cuda::key_tokens_kernel<{ctype}, {v}>")
             for attn in (False, True):
                 counts = range(1, bwd_vecs_per_lane(v) + 1) if v > 1 else (0,)
@@ -286,24 +318,56 @@ def encode_fwd_workspace_elems_for(batch: int, groups: int, splits: int, channel
     return batch * groups * splits * (channels + (2 * heads if attn else 0)) if tile_blocks else 0
 
 
-def encode_fwd_split(p: dict, plan=None) -> tuple[int, int, int]:
-    """encode.cu forward_split: (splits, groups_per_block, chunks) of the residual kernel's grid."""
-    vec, lanes, _, _, segments = encode_plan(p) if plan is None else plan
+def warp_split(rows: int, segments: int, batch: int, groups: int, chunk_groups: int, fill_warps: int,
+               warps_per_block: int) -> tuple[int, int, int, int]:
+    """(splits, groups_per_warp, chunks, blocks): vtok/encode_split.h warp_split."""
+    if groups < 1:
+        return 1, 1, 0, 0
+    per_item = batch * segments
+    target = -(-fill_warps // per_item)
+    per_warp = min(chunk_groups, groups)
+    chunks = -(-groups // per_warp)
+
+    def splits_up_to(min_rows: int) -> int:
+        return min(max(-(-target // chunks), 1), max(rows // min_rows, 1))
+
+    splits = splits_up_to(64)
+    if splits * chunks < target and per_warp > 1:
+        wanted = -(-target // splits)
+        per_warp = 1 if wanted >= groups else -(-groups // wanted)
+        chunks = -(-groups // per_warp)
+        splits = splits_up_to(64)  # no more than the smaller chunks need
+    if 2 * splits * chunks < target:  # short of one wave
+        splits = max(splits, splits_up_to(16))
+    return splits, per_warp, chunks, -(-(per_item * chunks * splits) // warps_per_block)
+
+
+def encode_fwd_grid(p: dict, design: str = "tiles", plan=None) -> tuple[int, int, int, int]:
+    """encode.cu forward_grid: (splits, groups per block or warp, chunks, blocks) of the
+    residual launch, as the extension's cuda_encode_fwd_grid."""
+    vec, lanes, k, _, segments = encode_plan(p) if plan is None else plan
+    groups = max_groups(p)
+    if design == "warps" and vec > 1:
+        compiled_k = k if _get(p, "pool") == ATTN else FWD_VECS  # encode.cu launch_warp_pool
+        return warp_split(_get(p, "num_patches"), segments, _get(p, "batch"), groups,
+                          warp_chunk_groups(vec, compiled_k),
+                          2 * FILL_SMS * WARP_POOL_MIN_BLOCKS * WARPS, WARPS)
     tiles = -(-_get(p, "num_patches") // (THREADS // lanes))
     mode = ATTN if _get(p, "pool") == ATTN else MEAN
-    return encode_split(tiles, segments, _get(p, "batch"), max_groups(p),
-                        2 * FILL_SMS * fwd_min_blocks(vec, mode), vec > 1)
+    splits, per_block, chunks = encode_split(tiles, segments, _get(p, "batch"), groups,
+                                             2 * FILL_SMS * fwd_min_blocks(vec, mode), vec > 1)
+    return splits, per_block, chunks, splits * segments * chunks * _get(p, "batch")
 
 
-def encode_fwd_workspace_elems(p: dict) -> int:
-    """Floats of workspace the forward of params ``p`` (a fields dict) needs, after the checks
-    its launch makes first (ValueError): the partial rows of a frame's patch tiles."""
+def encode_fwd_workspace_elems(p: dict, design: str = "tiles") -> int:
+    """Floats of workspace the forward of params ``p`` (a fields dict) needs in ``design``,
+    after the checks its launch makes first (ValueError): the partial rows of a frame's splits."""
     check_encode_args(p)
     plan = encode_plan(p)
     check_encode_launch(p, plan[1])
     if max_groups(p) < 1:
         return 0
-    splits = encode_fwd_split(p, plan)[0]
+    splits = encode_fwd_grid(p, design, plan)[0]
     return encode_fwd_workspace_elems_for(_get(p, "batch"), max_groups(p), splits, _get(p, "channels"),
                                           _get(p, "num_heads"), _get(p, "pool") == ATTN, plan[0] > 1)
 
@@ -547,33 +611,40 @@ def _row_plan(lanes: int, k: int, seg_vecs: int, segments: int, splits: int = 1,
                                splits=splits, groups_per_block=groups_per_block))
 
 
-def encode_fwd_launches(p: dict) -> list:
-    """The launches of encode.cu encode_fwd, after its checks (ValueError); no CuPy needed."""
+def encode_fwd_launches(p: dict, design: str = "tiles") -> list:
+    """The launches of encode.cu encode_fwd in ``design``, after its checks (ValueError); no CuPy
+    needed."""
     check_encode_args(p)
+    if design not in FWD_DESIGNS:
+        _refuse(f"unknown forward design '{design}' (expected 'tiles' or 'warps')")
     vec, lanes, k, seg_vecs, segments = plan_info = encode_plan(p)
     check_encode_launch(p, lanes)
     ctype = _ctype(p["dtype"])
     groups = max_groups(p)
-    splits, per_block, chunks = encode_fwd_split(p, plan_info)
+    warps = design == "warps" and vec > 1
+    splits, per_item, chunks, blocks = encode_fwd_grid(p, design, plan_info)
     if groups > 0:
         needed = encode_fwd_workspace_elems_for(p["batch"], groups, splits, p["channels"], p["num_heads"],
                                                 p["pool"] == ATTN, vec > 1)
         if needed > 0 and _get(p, "workspace_elems") < needed:
             _refuse("the forward needs a workspace of encode_fwd_workspace_elems floats")
-        if splits * segments > MAX_GRID_X:
+        if splits * segments > MAX_GRID_X or (warps and blocks > MAX_GRID_X):
             _refuse("too many patches per frame")
     params = pack(ENCODE_PARAMS, p)
-    plan = _row_plan(lanes, k, seg_vecs, segments, splits, per_block)
+    plan = _row_plan(lanes, k, seg_vecs, segments, splits, per_item)
     launches = []
     if p["num_key_tokens"] > 0:
         grid = (_flat_blocks_per_video(p["num_key_tokens"] * p["channels"] // vec, p["batch"]), p["batch"])
         launches.append((f"vtok::cuda::key_tokens_kernel<{ctype}, {vec}>", grid, (params,)))
     if groups > 0:
         mode = ATTN if p["pool"] == ATTN else MEAN
-        # encode.cu launch_attn_pool: attention on 16-byte rows at the plan's vectors per lane
-        launches.append((residual_fwd_kernel(ctype, vec, mode, k), (splits * segments, chunks, p["batch"]),
-                         (params, plan)))
-        if vec > 1:  # the partial rows of the tiles, merged in tile order
+        if warps:  # encode.cu launch_warp_pool
+            launches.append((warp_pool_kernel(ctype, vec, mode == ATTN, k), (blocks,), (params, plan)))
+        else:
+            # encode.cu launch_attn_pool: attention on 16-byte rows at the plan's vectors per lane
+            launches.append((residual_fwd_kernel(ctype, vec, mode, k), (splits * segments, chunks, p["batch"]),
+                             (params, plan)))
+        if vec > 1:  # the partial rows of the splits, merged in split order
             launches.append((residual_fwd_kernel(ctype, vec, MERGE_SPLITS),
                              (-(-(p["channels"] // vec) // THREADS), groups, p["batch"]), (params, plan)))
     return _checked(launches)
@@ -699,8 +770,8 @@ class NvrtcLoader:
         for kernel, grid, args in launches:
             self._launch(device_index, stream, kernel, grid, args)
 
-    def encode_fwd(self, p: dict, stream: int, device_index: int) -> None:
-        self._run(device_index, stream, encode_fwd_launches(p))
+    def encode_fwd(self, p: dict, stream: int, device_index: int, design: str = "tiles") -> None:
+        self._run(device_index, stream, encode_fwd_launches(p, design))
 
     def encode_bwd(self, bp: dict, stream: int, device_index: int) -> None:
         self._run(device_index, stream, encode_bwd_launches(bp))
