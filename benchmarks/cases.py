@@ -7,7 +7,7 @@ A row of the suite is (op, mode, implementation, preset, frames) on one device:
 * mode: ``fwd`` or ``fwd+bwd`` (the forward and the gradient of every input, through
   ``torch.autograd.grad`` so that nothing accumulates between rounds);
 * implementation: a backend through the public API (``cuda``, ``triton``, ``cpu``, ``torch``),
-  or a baseline: ``reference`` (``vtok_kernels.reference`` called directly, eager), ``compile``
+  a second design of one (``cuda-warps``: the cuda encode forward split by warps), or a baseline: ``reference`` (``vtok_kernels.reference`` called directly, eager), ``compile``
   (``torch.compile`` of the reference), and for batched encode ``naive`` (the vectorised PyTorch a
   user would write, DESIGN section 1: it materialises the residual [B, T-1, N, C]) and
   ``compile-naive``;
@@ -19,7 +19,9 @@ bfloat16.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -65,7 +67,12 @@ OPS = ("encode-mean", "encode-attn", "encode_varlen", "expand")
 MODES = ("fwd", "fwd+bwd")
 BASELINES = ("reference", "compile", "naive", "compile-naive")
 NAIVE_OPS = ("encode-mean", "encode-attn")
-DEVICE_BACKENDS = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton")}
+# A second design of a backend, measured beside its default until a GPU has chosen between them:
+# the row's implementation name -> (backend, environment during the call). cuda-warps: the cuda
+# encode forward split by warps (VTOK_CUDA_FWD=warps, launch.h FwdDesign); expand has one design.
+VARIANTS = {"cuda-warps": ("cuda", {"VTOK_CUDA_FWD": "warps"})}
+VARIANT_OPS = ("encode-mean", "encode-attn", "encode_varlen")
+DEVICE_BACKENDS = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "cuda-warps", "triton")}
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,8 @@ def cases(device: str, scale: Scale) -> list[Case]:
                         continue
                     if impl.endswith("naive") and op not in NAIVE_OPS:
                         continue
+                    if impl in VARIANTS and op not in VARIANT_OPS:
+                        continue
                     rows.append(Case(op, mode, impl, PRESETS[preset], frames, batch, scale.dtype,
                                      device, scale.num_heads))
     return rows
@@ -252,8 +261,26 @@ def _naive_fn(case: Case) -> Callable:
     return lambda x: naive_encode(x, None, "mean", 1)
 
 
+def _in_environment(fn: Callable, env: dict) -> Callable:
+    """fn, called with ``env`` set (and the environment as it was after)."""
+    def call(*args):
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            return fn(*args)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return call
+
+
 def _backend_fn(case: Case) -> Callable:
-    name = case.impl
+    name, env = VARIANTS.get(case.impl, (case.impl, {}))
+    if env:
+        return _in_environment(_backend_fn(dataclasses.replace(case, impl=name)), env)
     if case.op == "expand":
         T = case.frames
         return lambda key_tokens, residual_tokens: vk.expand(key_tokens, residual_tokens, 0, T, backend=name)

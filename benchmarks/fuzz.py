@@ -90,11 +90,16 @@ class Case:
 
 
 def pin_backend(spec: str) -> str:
-    """A backend name, or ``cuda:<loader>`` (extension, cupy-nvrtc): pins the cuda backend's loader
-    through VTOK_CUDA_LOADER, which it reads at its first launch. Returns the backend name."""
-    name, _, loader = spec.partition(":")
+    """A backend name, ``cuda:<loader>`` (extension, cupy-nvrtc) or ``cuda:<loader>:<design>``
+    (tiles, warps): pins the cuda backend's loader through VTOK_CUDA_LOADER, which it reads at its
+    first launch, and its forward design through VTOK_CUDA_FWD, which each forward reads. Returns
+    the backend name."""
+    name, _, pinned = spec.partition(":")
+    loader, _, design = pinned.partition(":")
     if loader:
         os.environ["VTOK_CUDA_LOADER"] = loader
+    if design:
+        os.environ["VTOK_CUDA_FWD"] = design
     return name
 
 

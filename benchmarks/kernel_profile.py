@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", action="append", default=None, help="clip, siglip, ... (repeatable)")
     parser.add_argument("--frames", type=int, action="append", default=None)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--impl", action="append", default=None, help="cuda, triton, compile-naive, ...")
+    parser.add_argument("--impl", action="append", default=None,
+                        help="cuda, cuda-warps, triton, compile-naive, ...")
     parser.add_argument("--op", action="append", default=None, help="encode-mean, encode-attn")
     parser.add_argument("--mode", action="append", default=None, help="fwd, fwd+bwd")
     parser.add_argument("--repeats", type=int, default=20)
@@ -194,7 +195,7 @@ def _run(args) -> int:
     rows = [cases.Case(op, mode, impl, cases.PRESETS[preset], frames, args.batch, torch.bfloat16, args.device)
             for preset in presets for frames in args.frames or [16]
             for op in args.op or ["encode-mean", "encode-attn"] for mode in args.mode or ["fwd", "fwd+bwd"]
-            for impl in args.impl or ["cuda", "triton"]]
+            for impl in args.impl or ["cuda", "cuda-warps", "triton"]]
     if args.once or args.host_profile:
         for case in rows:
             if args.once:

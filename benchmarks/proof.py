@@ -102,7 +102,7 @@ def _checks_job(backend: str, machine: Machine, deadline: float, after=(), fuzz_
     k, n = shard
     name = f"checks:{backend}" + (f":{k}" if n > 1 else "")
     jsonl = name.replace(":", "-") + ".jsonl"
-    checks = "parity,fuzz,nosync,graphs" + (",loaders" if backend == "cuda:extension" else "")
+    checks = "parity,fuzz,nosync,graphs" + (",loaders" if backend.startswith("cuda:extension") else "")
     profile = [] if machine.gpu else ["--profile", "small", "--device", "cpu"]
     command = _py("-m", "benchmarks.proof_checks", "--backend", backend, "--checks", checks,
                   "--parity", parity, "--fuzz-cases", str(fuzz_cases), "--seed", str(machine.seed),
@@ -174,14 +174,15 @@ def plan(stage: str, machine: Machine) -> list[Job]:
     if stage == "quick":
         if machine.gpu:
             workers = [("triton", (k, machine.triton_shards)) for k in range(machine.triton_shards)]
-            workers += [("cuda:cupy-nvrtc", (0, 1)), ("cuda:extension", (0, 1))]
+            # the warp-split forward beside the default, so that one window compares the two
+            workers += [("cuda:cupy-nvrtc", (0, 1)), ("cuda:extension", (0, 1)), ("cuda:extension:warps", (0, 1))]
             fuzz_cases, parity = 300, "presets,odd"
         else:
             # two Triton shards, so that the rehearsal splits cases as the GPU run does
             workers = [("triton", (0, 2)), ("triton", (1, 2)), ("cpu", (0, 1))]
             fuzz_cases, parity = 12, "odd"
         # Triton and NVRTC compile while nvcc builds; only the extension's checks wait for it
-        checks = [_checks_job(backend, machine, 195, ("build",) if backend == "cuda:extension" else (),
+        checks = [_checks_job(backend, machine, 195, ("build",) if backend.startswith("cuda:extension") else (),
                               fuzz_cases, parity, shard) for backend, shard in workers]
         sanitize = [_sanitize_job(tool, "extension", machine, 195, ("build",))
                     for tool in ("memcheck", "racecheck")]

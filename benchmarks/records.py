@@ -35,7 +35,8 @@ SELECTION_MODULE = ROOT / "vtok_kernels" / "_measured_order.py"
 SCHEMA = 1
 BACKENDS = ("cuda", "triton", "cpu", "torch")  # the names "auto" can pick; the rest are baselines
 BASELINES = ("reference", "compile", "naive", "compile-naive")
-IMPL_ORDER = BACKENDS + BASELINES
+VARIANTS = ("cuda-warps",)  # a second design of a backend (benchmarks/cases.py VARIANTS): measured, never picked
+IMPL_ORDER = BACKENDS[:1] + VARIANTS + BACKENDS[1:] + BASELINES
 OP_ORDER = ("encode-mean", "encode-attn", "encode_varlen", "expand")
 # the op of vtok_kernels.selection that each row measures
 SELECTION_OP = {"encode-mean": "encode", "encode-attn": "encode", "encode_varlen": "encode_varlen",
@@ -354,8 +355,8 @@ def plot(record: dict, path: Path) -> None:
     configs = _configs(record["rows"])
     panels = sorted({k[:2] for k in configs}, key=lambda k: (OP_ORDER.index(k[0]) if k[0] in OP_ORDER else 99, k[1]))
     impls = [i for i in IMPL_ORDER if any(i in v for v in configs.values())]
-    colors = dict(zip(IMPL_ORDER, ("#1f77b4", "#9467bd", "#2ca02c", "#8c564b", "#7f7f7f", "#ff7f0e",
-                                   "#bcbd22", "#d62728")))
+    colors = dict(zip(BACKENDS + BASELINES, ("#1f77b4", "#9467bd", "#2ca02c", "#8c564b", "#7f7f7f", "#ff7f0e",
+                                             "#bcbd22", "#d62728")), **{"cuda-warps": "#17becf"})
     cols = min(4, len(panels))
     panel_rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(2 * panel_rows, cols, figsize=(4.6 * cols, 3.6 * 2 * panel_rows), squeeze=False)

@@ -261,7 +261,8 @@ def test_scales_keep_the_slow_baselines_where_they_are_affordable():
     assert {c.impl for c in cpu} == {"cpu", "torch", "reference", "compile", "naive", "compile-naive"}
     assert {(c.preset.name, c.frames, c.batch) for c in cpu} == {("clip", 16, 1), ("siglip", 16, 1)}
     gpu = cases.cases("cuda", cases.SCALES["gpu"])
-    assert {c.impl for c in gpu} == {"cuda", "triton", "reference", "naive", "compile-naive"}
+    assert {c.impl for c in gpu} == {"cuda", "cuda-warps", "triton", "reference", "naive", "compile-naive"}
+    assert {c.op for c in gpu if c.impl == "cuda-warps"} == {"encode-mean", "encode-attn", "encode_varlen"}
     assert {c.frames for c in gpu if c.impl == "compile-naive"} == {16}
     assert {c.frames for c in gpu if c.impl == "cuda"} == {16, 32, 64}
     assert len({c.id for c in cpu + gpu}) == len(cpu) + len(gpu)  # ids select rows with -k

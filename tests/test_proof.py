@@ -7,6 +7,7 @@ driven with plain commands.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -58,6 +59,10 @@ def test_quick_orders_the_work_as_the_gpu_window_needs():
     assert jobs["checks:cuda:cupy-nvrtc"].after == ()
     assert jobs["checks:cuda:extension"].after == ("build",)
     assert "loaders" in " ".join(jobs["checks:cuda:extension"].command)
+    # the warp-split forward's own checks, through the extension and against the CuPy loader
+    warps = jobs["checks:cuda:extension:warps"]
+    assert warps.after == ("build",) and "--backend cuda:extension:warps" in " ".join(warps.command)
+    assert "loaders" in " ".join(warps.command) and warps.outputs["jsonl"] == "checks-cuda-extension-warps.jsonl"
     # the benchmarks run alone, after every check; the compiled baselines last
     checks = [n for n in jobs if n.startswith(("checks:", "memcheck", "racecheck", "build", "warm-up"))]
     assert set(checks) <= set(jobs["kernels"].after)
@@ -142,6 +147,18 @@ def _case(**fields):
     base = dict(op="encode", dtype="float32", frames=[4, 4], grid=[3, 3], channels=12)
     return fuzz.Case(**{**base, **fields})
 
+
+@pytest.mark.parametrize("spec, backend, env", [
+    ("triton", "triton", {}),
+    ("cuda:cupy-nvrtc", "cuda", {"VTOK_CUDA_LOADER": "cupy-nvrtc"}),
+    ("cuda:extension:warps", "cuda", {"VTOK_CUDA_LOADER": "extension", "VTOK_CUDA_FWD": "warps"}),
+])
+def test_a_backend_spec_pins_the_cuda_loader_and_forward_design(monkeypatch, spec, backend, env):
+    for name in ("VTOK_CUDA_LOADER", "VTOK_CUDA_FWD"):  # restored after the test, however pinned
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert fuzz.pin_backend(spec) == backend
+    assert {n: v for n, v in os.environ.items() if n in ("VTOK_CUDA_LOADER", "VTOK_CUDA_FWD")} == env
 
 @pytest.mark.parametrize("layout", fuzz.LAYOUTS["encode"])
 def test_fuzz_layouts_are_the_views_they_name(layout):
