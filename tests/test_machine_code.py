@@ -336,6 +336,33 @@ def test_forward_traffic_reads_the_key_frame_once_per_chunk_of_groups():
     assert merge.writes == {"sequence.residual": 8 * 15 * 1152 * 2, "lse": 8 * 15 * 18 * 4}
 
 
+def test_warp_split_traffic_reads_the_key_rows_from_l2_once_per_block_and_item():
+    """The warp-split forward (design "warps"): each warp loads its key rows once per chunk of
+    groups; the model takes them from L2 once per block for the warps of one (video, segment,
+    split), which are consecutive."""
+    frame = 8 * 729 * 1152 * 2
+    mean = mc.record_launches(8, 16, 729, 1152, torch.bfloat16, "mean", 1, backward=False, design="warps")["fwd"]
+    assert [(l.kernel, l.grid) for l in mean] == [
+        ("vtok::cuda::key_tokens_kernel<vtok::cuda::bf16_t, 8>", (411, 8)),
+        ("vtok::cuda::warp_pool_kernel<vtok::cuda::bf16_t, 8, false, 2>", (8 * 18 * 4 * 8 // 8,)),
+        ("vtok::cuda::residual_fwd_kernel<vtok::cuda::bf16_t, 8, 3, 0>", (1, 15, 8))]
+    plan = mean[1].extra[0]
+    assert (plan["lanes"], plan["num_segments"], plan["splits"], plan["groups_per_block"]) == (4, 18, 4, 2)
+    pooled = mc.kernel_traffic(mean[1])
+    assert pooled.reads == {"x.rest": 15 * frame, "x.key": frame}
+    assert pooled.rereads == 7 * frame  # 8 chunks of 2 groups (the last of 1): the key rows loaded 8 times
+    assert pooled.l2_bytes == 16 * frame  # an item's 8 warps are one block
+    assert pooled.writes == {"workspace.partials": 8 * 15 * 4 * 1152 * 4}
+    # SigLIP's heads of 72 hold one group per warp: an item's 15 warps span 2.75 blocks on average
+    attn = mc.record_launches(8, 16, 729, 1152, torch.bfloat16, "attn", 16, backward=False, design="warps")["fwd"]
+    plan = attn[1].extra[0]
+    assert (plan["lanes"], plan["vecs_per_lane"], plan["splits"], plan["groups_per_block"]) == (4, 3, 3, 1)
+    pooled = mc.kernel_traffic(attn[1])
+    query_loads = 8 * 15 * 3 * 1152 * 4  # every warp's head of the query
+    assert pooled.rereads == 14 * frame + query_loads - 1152 * 4
+    assert pooled.l2_bytes == 15 * frame + frame * 1056 // 384 + query_loads
+
+
 # ------------------------------------------------------------------------------ today's kernels
 
 @pytest.fixture(scope="module")
@@ -387,7 +414,7 @@ def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
     keys = {(op, mode, preset, dtype) for op in ("encode-mean", "encode-attn") for mode in ("fwd", "fwd+bwd")
             for preset in ("siglip", "clip") for dtype in ("bfloat16", "float32")}
     # the cuda kernels, and the triton kernels (their launches, compiled and read the same way)
-    assert set(model) == {(impl,) + k for k in keys for impl in ("cuda", "triton")}
+    assert set(model) == {(impl,) + k for k in keys for impl in ("cuda", "cuda-warps", "triton")}
     for row in model.values():
         assert 0 < row["predicted_gb_per_s"] <= mc.COPY_BANDWIDTH / 1e9 + 1e-6
         assert row["fraction_of_copy"] == pytest.approx(row["predicted_gb_per_s"] / 3000)
@@ -399,7 +426,11 @@ def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
         ("key_tokens_kernel", "T=bf16,V=8"), ("residual_fwd_kernel", "T=bf16,V=8,pool=mean"),
         ("residual_fwd_kernel", "T=bf16,V=8,merge")]
     report = json.loads(paths["report.json"].read_text())
-    assert {k["arch"] for k in report["kernels"]} == {"sm_90a"} and len(report["rows"]) == 32
+    assert {k["arch"] for k in report["kernels"]} == {"sm_90a"} and len(report["rows"]) == 48
+    warps_fwd = model[("cuda-warps", "encode-attn", "fwd", "clip", "bfloat16")]
+    assert [(k["kernel"], k["config"]) for k in warps_fwd["kernels"]] == [
+        ("key_tokens_kernel", "T=bf16,V=8"), ("warp_pool_kernel", "T=bf16,V=8,pool=attn,K=2"),
+        ("residual_fwd_kernel", "T=bf16,V=8,merge")]
     triton_fwd = model[("triton", "encode-attn", "fwd", "siglip", "bfloat16")]
     assert [k["kernel"] for k in triton_fwd["kernels"]] == ["attn_fwd_kernel", "combine_kernel"]
     assert "Triton kernels at the presets" in out and "attn_bwd_kernel" in out
@@ -430,7 +461,7 @@ def test_cuda_kernels_hold_their_machine_code_goals(sm90_codes):
             assert c.registers <= 80, c
         if c.kernel == "encode_bwd_kernel":
             assert 2 * c.stores[128] >= sum(c.stores.values()), c
-    for row in mc.model_rows(sm90_codes, dtypes=("bfloat16",)):
+    for row in mc.model_rows(sm90_codes, dtypes=("bfloat16",), designs=(("cuda", "tiles"),)):
         goal = 0.90 if row["mode"] == "fwd" else 0.80
         assert row["fraction_of_copy"] >= goal, (row["op"], row["mode"], row["preset"],
                                                  row["fraction_of_copy"])
@@ -439,7 +470,7 @@ def test_cuda_kernels_hold_their_machine_code_goals(sm90_codes):
 def test_forward_reads_x_from_l2_about_once(sm90_codes):
     """The forward's L2-to-SM bytes at the presets (modelled): x once, the key frame once more
     for the key tokens, and the tiles' partial rows, at most 1.15 x the bytes of x."""
-    for row in mc.model_rows(sm90_codes):
+    for row in mc.model_rows(sm90_codes, designs=(("cuda", "tiles"),)):
         if row["mode"] == "fwd":
             assert row["l2_bytes"] <= 1.15 * row["x_bytes"], (row["op"], row["preset"], row["dtype"],
                                                                row["l2_bytes"] / row["x_bytes"])

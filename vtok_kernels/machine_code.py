@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -642,12 +643,12 @@ def _struct_dict(value) -> Union[dict, int, float]:
 
 
 def record_launches(batch: int, frames: int, num_patches: int, channels: int, dtype, pool: str,
-                    num_heads: int, backward: bool) -> dict[str, list[Launch]]:
+                    num_heads: int, backward: bool, design: str = "tiles") -> dict[str, list[Launch]]:
     """{"fwd": [...], "bwd": [...]}: the kernels and grids the cuda backend launches for
-    ``encode`` (key frame 0, one frame per token) of that shape, from its own launch path:
-    ``backends.cuda`` fills the params from meta tensors (no memory; their null data pointers
-    pass the 16-byte checks as a CUDA allocation does) and the CuPy loader computes every
-    grid, with its launch replaced by a recorder."""
+    ``encode`` (key frame 0, one frame per token) of that shape with the forward ``design``
+    (VTOK_CUDA_FWD), from its own launch path: ``backends.cuda`` fills the params from meta
+    tensors (no memory; their null data pointers pass the 16-byte checks as a CUDA allocation
+    does) and the CuPy loader computes every grid, with its launch replaced by a recorder."""
     from unittest import mock
 
     import torch
@@ -673,6 +674,7 @@ def record_launches(batch: int, frames: int, num_patches: int, channels: int, dt
         stack.enter_context(mock.patch.object(cuda, "_loader", lambda: recorder))
         stack.enter_context(mock.patch.object(cuda, "_stream", lambda t: 0))
         stack.enter_context(mock.patch.object(torch.cuda, "device", lambda d: contextlib.nullcontext()))
+        stack.enter_context(mock.patch.dict(os.environ, {"VTOK_CUDA_FWD": design}))
         sequence, lse, *kept = cuda.encode_fwd(x, key_index, query, pool, heads, 1, (), ())
         out["fwd"], recorder.launches = recorder.launches, []
         if backward:
@@ -758,6 +760,26 @@ def kernel_traffic(launch: Launch) -> Traffic:
         partials = B * G * splits * (C + (2 * H if attn else 0)) * 4
         return Traffic(reads, {"workspace.partials": partials}, rereads,
                        x_rest + chunks * x_key + query_loads, used_vector_share(launch))
+    if kernel == "warp_pool_kernel":
+        # One warp per (video, segment, split of the rows, chunk of groups), warp items numbered
+        # chunk fastest, kWarps to a block: a warp loads its key rows once per chunk (the query
+        # segment once, to shared memory); the warps of a block that pool one (video, segment,
+        # split) load the same key rows at about the same time, which the model takes from L1
+        # after the first: L2 reads the key rows once per such (block, item) pair. The splits'
+        # partial rows (and, attn, softmax states) go to the workspace, for the merge.
+        attn = args[2] == "true"
+        plan = launch.extra[0]
+        splits, per_warp = plan["splits"], plan["groups_per_block"]
+        chunks = -(-G // per_warp)
+        items = B * plan["num_segments"] * splits
+        pairs = sum(((i + 1) * chunks - 1) // (THREADS_PER_BLOCK // WARP) - i * chunks // (THREADS_PER_BLOCK // WARP) + 1
+                    for i in range(items))
+        query_loads = B * chunks * splits * C * 4 if attn else 0
+        reads = {"x.rest": x_rest, "x.key": x_key, **({"query": query} if attn else {})}
+        rereads = (chunks - 1) * x_key + (query_loads - query if attn else 0)
+        partials = B * G * splits * (C + (2 * H if attn else 0)) * 4
+        return Traffic(reads, {"workspace.partials": partials}, rereads,
+                       x_rest + x_key * pairs // items + query_loads, used_vector_share(launch))
     if kernel == "residual_fwd_kernel":
         # The scalar path: one block per (segment, group, video) walks every row, so the key
         # frame is read once per group, and the query segment once per block.
@@ -882,11 +904,16 @@ def _cases():
     return cases
 
 
+# The cuda backend's forward designs (launch.h FwdDesign), by the name of their benchmark rows
+# (benchmarks/cases.py): the default, and the warp-split forward measured beside it.
+MODEL_DESIGNS = (("cuda", "tiles"), ("cuda-warps", "warps"))
+
+
 def model_rows(codes: Sequence[KernelCode], presets: Sequence[str] = MODEL_PRESETS,
                dtypes: Sequence[str] = MODEL_DTYPES, batch: int = MODEL_BATCH,
-               frames: int = MODEL_FRAMES) -> list[dict]:
-    """One row per (op, mode, preset, dtype), keyed as the benchmark rows are (benchmarks/proof.py
-    load_model), with the kernels behind its estimate."""
+               frames: int = MODEL_FRAMES, designs: Sequence[tuple[str, str]] = MODEL_DESIGNS) -> list[dict]:
+    """One row per (design, op, mode, preset, dtype), keyed as the benchmark rows are
+    (benchmarks/proof.py load_model), with the kernels behind its estimate."""
     import torch
 
     by_name = {c.name: c for c in codes if c.arch.startswith("sm_90")}
@@ -894,14 +921,14 @@ def model_rows(codes: Sequence[KernelCode], presets: Sequence[str] = MODEL_PRESE
         raise ValueError("the model reads the sm_90a machine code: analyse sm_90a first")
     cases = _cases()
     rows = []
-    for preset_name in presets:
+    for (impl, design), preset_name in itertools.product(designs, presets):
         preset = cases.PRESETS[preset_name]
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             for op in MODEL_OPS:
                 pool = "attn" if op == "encode-attn" else "mean"
                 launches = record_launches(batch, frames, preset.num_patches, preset.channels, dtype, pool,
-                                           preset.num_heads, backward=True)
+                                           preset.num_heads, backward=True, design=design)
                 passes = {}
                 for name, pass_launches in launches.items():
                     resident: set = set()
@@ -921,7 +948,7 @@ def model_rows(codes: Sequence[KernelCode], presets: Sequence[str] = MODEL_PRESE
                     x_bytes = batch * frames * preset.num_patches * preset.channels * element
                     gbps = moved / seconds / 1e9
                     rows.append({
-                        "impl": "cuda", "op": op, "mode": mode, "preset": preset_name, "dtype": dtype_name,
+                        "impl": impl, "op": op, "mode": mode, "preset": preset_name, "dtype": dtype_name,
                         "batch": batch, "frames": frames, "num_heads": preset.num_heads if pool == "attn" else 1,
                         "bytes_moved": moved, "x_bytes": x_bytes, "predicted_us": seconds * 1e6,
                         "predicted_gb_per_s": gbps, "fraction_of_copy": gbps * 1e9 / COPY_BANDWIDTH,
@@ -984,13 +1011,13 @@ def format_model_table(rows: Sequence[dict]) -> str:
 
 
 def summary_table(rows: Sequence[dict]) -> str:
-    header = (f"{'impl':<7}{'op':<12}{'mode':<8}{'preset':<8}{'dtype':<10}{'us':>7}{'GB/s':>7}{'of copy':>8}"
+    header = (f"{'impl':<11}{'op':<12}{'mode':<8}{'preset':<8}{'dtype':<10}{'us':>7}{'GB/s':>7}{'of copy':>8}"
               f"{'L2/x':>6}  kernels (blocks, blk/SM, waves, KB in flight/SM)")
     lines = [header, "-" * len(header)]
     for r in rows:
         kernels = "; ".join(f"{k['pass'][0]}:{k['kernel'].replace('_kernel', '')} {k['blocks']}, {k['blocks_per_sm']}, "
                             f"{k['waves']:.2f}, {k['bytes_in_flight_per_sm'] / 1024:.0f}" for k in r["kernels"])
-        lines.append(f"{r['impl']:<7}{r['op']:<12}{r['mode']:<8}{r['preset']:<8}{r['dtype']:<10}{r['predicted_us']:>7.0f}"
+        lines.append(f"{r['impl']:<11}{r['op']:<12}{r['mode']:<8}{r['preset']:<8}{r['dtype']:<10}{r['predicted_us']:>7.0f}"
                      f"{r['predicted_gb_per_s']:>7.0f}{100 * r['fraction_of_copy']:>7.0f}%"
                      f"{r['l2_bytes'] / r['x_bytes']:>6.2f}  {kernels}")
     return "\n".join(lines)
