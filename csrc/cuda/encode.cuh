@@ -97,6 +97,17 @@ struct LaneVectors {
   }
   __device__ __forceinline__ bool ok(int k) const { return offset[k] >= 0; }
   __device__ __forceinline__ int32_t at(int k) const { return offset[k] >= 0 ? offset[k] : ~offset[k]; }
+  // at() of every vector, and ok() as bit k of the result: what a forward keeps across its
+  // frame loop (kK offsets and one mask, rather than kK signed offsets to decode each frame).
+  __device__ __forceinline__ unsigned split(int32_t (&at_out)[kK]) const {
+    unsigned ok_bits = 0;
+#pragma unroll
+    for (int k = 0; k < kK; ++k) {
+      at_out[k] = at(k);
+      ok_bits |= (ok(k) ? 1u : 0u) << k;
+    }
+    return ok_bits;
+  }
 };
 
 // Where the encode forward's per-group merge writes (pool_tiles): the block's first group's
@@ -292,15 +303,7 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
   // The lane's vectors, once per block: where each is loaded from (clamped, LaneVectors::at)
   // and, bit k, whether vector k is the lane's to pool.
   int32_t lane_at[kK];
-  unsigned lane_ok = 0;
-  {
-    const LaneVectors<kK, V> vecs(plan, c0, lane_in_row, p.channels);
-#pragma unroll
-    for (int k = 0; k < kK; ++k) {
-      lane_at[k] = vecs.at(k);
-      lane_ok |= (vecs.ok(k) ? 1u : 0u) << k;
-    }
-  }
+  const unsigned lane_ok = LaneVectors<kK, V>(plan, c0, lane_in_row, p.channels).split(lane_at);
   const float* query_lane = query_s + lane_in_row * kElems;
   const int row_stride = lanes * kElems;
   const bool two_buffers = 2 * row_stride <= kSegMax;
@@ -692,15 +695,7 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
   const int64_t stride = p.x_stride_t;
 
   int32_t lane_at[kK];
-  unsigned lane_ok = 0;
-  {
-    const LaneVectors<kK, V> vecs(plan, c0, lane_in_row, p.channels);
-#pragma unroll
-    for (int k = 0; k < kK; ++k) {
-      lane_at[k] = vecs.at(k);
-      lane_ok |= (vecs.ok(k) ? 1u : 0u) << k;
-    }
-  }
+  const unsigned lane_ok = LaneVectors<kK, V>(plan, c0, lane_in_row, p.channels).split(lane_at);
   // The lane's query channels, scaled, in the warp's slice of shared memory (by lane: one base
   // address and constant offsets), zeros where the lane has no vector: read every frame rather
   // than held in kElems registers.
