@@ -7,7 +7,8 @@ A row of the suite is (op, mode, implementation, preset, frames) on one device:
 * mode: ``fwd`` or ``fwd+bwd`` (the forward and the gradient of every input, through
   ``torch.autograd.grad`` so that nothing accumulates between rounds);
 * implementation: a backend through the public API (``cuda``, ``triton``, ``cpu``, ``torch``),
-  a second design of one (``cuda-warps``: the cuda encode forward split by warps), or a baseline: ``reference`` (``vtok_kernels.reference`` called directly, eager), ``compile``
+  a second design of one (``cuda-warps``: the cuda encode forward split by warps), or a
+  baseline: ``reference`` (``vtok_kernels.reference`` called directly, eager), ``compile``
   (``torch.compile`` of the reference), and for batched encode ``naive`` (the vectorised PyTorch a
   user would write, DESIGN section 1: it materialises the residual [B, T-1, N, C]) and
   ``compile-naive``;

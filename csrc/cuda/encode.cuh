@@ -76,6 +76,16 @@ __device__ __forceinline__ float* split_states(const EncodeParams& p, const RowP
   return p.workspace + p.batch * encode_max_groups(p) * plan.splits * p.channels;
 }
 
+// d = x - key, from one 16-byte vector of a frame row and of the key row (unpacked to float).
+template <typename T, int V>
+__device__ __forceinline__ void packed_residual(const Packed<T, V>& x, const Packed<T, V>& key, float (&d)[V]) {
+  float kv[V];
+  unpack(x, d);
+  unpack(key, kv);
+#pragma unroll
+  for (int e = 0; e < V; ++e) d[e] -= kv[e];
+}
+
 // Where each of a lane's kK vectors starts in a row (element offset from channel 0). A vector
 // that is not the lane's to pool (past the plan's vecs_per_lane, past the segment, past C) is
 // loaded from the segment's first vector instead (at()), which is always in bounds and which
@@ -445,13 +455,7 @@ __device__ __forceinline__ void pool_tiles(const EncodeParams& p, const RowPlan&
         keep_packed(key[k]);
       }
       // d = x - key, zero where the lane has no data (both rows are zeroed there).
-      auto residual = [&](int k, float (&d)[V]) {
-        float kv[V];
-        unpack(cur[k], d);
-        unpack(key[k], kv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) d[e] -= kv[e];
-      };
+      auto residual = [&](int k, float (&d)[V]) { packed_residual(cur[k], key[k], d); };
       if constexpr (kAttn) {
         // A row past N scores -inf (its score is 0: + -inf): weight 0 beside any finite score,
         // including in the merges, and its d is 0 in any case, so that it needs no branch.
@@ -753,13 +757,7 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
         }
         // d = x - key, vector k; recomputed from the packed rows where needed rather than held
         // as floats across the row's shuffles.
-        auto residual = [&](int k, float (&d)[V]) {
-          float kv[V];
-          unpack(cur[k], d);
-          unpack(key[k], kv);
-#pragma unroll
-          for (int e = 0; e < V; ++e) d[e] -= kv[e];
-        };
+        auto residual = [&](int k, float (&d)[V]) { packed_residual(cur[k], key[k], d); };
         if constexpr (kAttn) {
           float score = 0.0f;
 #pragma unroll

@@ -261,17 +261,17 @@ def _grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ ops
 
-def _launch_fwd(fields: dict, x: torch.Tensor) -> Optional[torch.Tensor]:
+def _launch_fwd(fields: dict, x: torch.Tensor) -> None:
     """Launches the encode forward of ``fields`` with its workspace (the partial rows of a frame's
     patch splits), sized by the launch plan of the forward design ($VTOK_CUDA_FWD, read once)
     after the checks it makes first: a launch the kernels refuse raises before anything is
-    allocated. Returns the workspace, which the caller holds until the launch is enqueued."""
+    allocated. The workspace goes back to torch's allocator once the launch is enqueued: only
+    work later on the same stream can reuse it."""
     design = cuda_nvrtc.fwd_design()
     elems = cuda_nvrtc.encode_fwd_workspace_elems(fields, design)
     workspace = torch.empty(elems, dtype=torch.float32, device=x.device) if elems else None
     fields = dict(fields, workspace=workspace.data_ptr() if elems else 0, workspace_elems=elems)
     _loader().encode_fwd(fields, _stream(x), x.device.index, design)
-    return workspace
 
 
 def encode_fwd(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid):
