@@ -17,7 +17,9 @@ For each row (cases.py) it measures, in one process:
                                                   # a Triton config tried without a code change
 
 A row whose ``events`` is far above its ``kernels`` sum is host-bound or gap-bound; one whose
-kernels are slow next to the bytes they move is a kernel to fix.
+kernels are slow next to the bytes they move is a kernel to fix. ``VTOK_EAGER_FUNCTIONS=0`` in
+the environment times the rows through the torch.library ops instead of the API's eager path
+(vtok_kernels/ops.py): the ``host`` columns of two runs give what the ops' dispatch costs.
 """
 from __future__ import annotations
 

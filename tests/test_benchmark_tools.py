@@ -310,7 +310,12 @@ def test_suite_runs_end_to_end(tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads(out.read_text())
+    # test_bench_host.py's rows of the same selection (both dispatch paths) stay out of the records
+    host = [b for b in data["benchmarks"] if b["name"].startswith("test_host")]
+    assert {b["extra_info"]["path"] for b in host} == {"eager", "ops"}
+    assert all(b["stats"]["median"] > 0 for b in host)
     (record,) = records.records_from_benchmark_json(data)
+    assert len(record["rows"]) == len(data["benchmarks"]) - len(host)
     impls = {row["impl"] for row in record["rows"]}
     assert {"reference", "naive"} <= impls
     assert {row["mode"] for row in record["rows"]} == {"fwd", "fwd+bwd"}

@@ -254,7 +254,7 @@ def encode(
     B, T, N, C = x.shape
     spatial_list, grid_list = _check_grid_and_spatial(N, grid, spatial, grid_from_shape)
     keys = _key_tensor(key_index, T, B, x.device)
-    sequence = ops.encode(x, keys, q, pool, num_heads, frames_per_token, spatial_list, grid_list, name)[0]
+    sequence = ops.encode_sequence(x, keys, q, pool, num_heads, frames_per_token, spatial_list, grid_list, name)
     S = spatial_list[0] * spatial_list[1] if spatial_list else N
     return EncodeOutput(sequence, sequence[:, :S], sequence[:, S:])
 
@@ -367,10 +367,10 @@ def encode_varlen(
     else:
         max_frames = max(lengths)
         total_tokens = sum(S + num_groups(t, frames_per_token) for t in lengths)
-    sequence = ops.encode_varlen(
+    sequence = ops.encode_varlen_sequence(
         x, offsets, cu_tokens, keys, q, pool, num_heads, frames_per_token, spatial_list, grid_list,
         max_frames, total_tokens, name,
-    )[0]
+    )
     return EncodeVarlenOutput(sequence, cu_tokens, S, S + num_groups(max_frames, frames_per_token))
 
 
@@ -406,7 +406,7 @@ def expand(
         key_tokens = key_tokens.contiguous()
     if residual_tokens.stride(-1) != 1:
         residual_tokens = residual_tokens.contiguous()
-    return ops.expand(key_tokens, residual_tokens, keys, num_frames, frames_per_token, name)
+    return ops.expand_frames(key_tokens, residual_tokens, keys, num_frames, frames_per_token, name)
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> list[str]:

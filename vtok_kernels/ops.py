@@ -4,13 +4,22 @@ A pybind11 call is opaque to torch.compile; these ops give it a fake (meta) impl
 registered autograd formula, so ``torch.compile(fullgraph=True)`` traces through ``encode``
 without a graph break. The ``backend`` argument names the registry entry that runs the kernel;
 arguments arrive normalised by ``vtok_kernels.api`` (see ``vtok_kernels.backends``).
+
+The API calls ``encode_sequence``, ``encode_varlen_sequence`` and ``expand_frames``: the ops
+when anything traces or intercepts the call, else the same bodies without the ops' dispatch
+(the eager path at the end of this module; ``VTOK_EAGER_FUNCTIONS=0`` always takes the ops).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import functools
+import os
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.profiler import record_function
+from torch.utils import _python_dispatch
 
 from vtok_kernels import backends
 from vtok_kernels.reference import num_groups
@@ -67,6 +76,10 @@ def encode(
     x: Tensor, key_index: Tensor, query: Optional[Tensor], pool: str, num_heads: int,
     frames_per_token: int, spatial: list[int], grid: list[int], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _encode_forward(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid, backend)
+
+
+def _encode_forward(x, key_index, query, pool, num_heads, frames_per_token, spatial, grid, backend):
     outputs = backends.get(backend).encode_fwd(
         x, key_index, query, pool, num_heads, frames_per_token, tuple(spatial), tuple(grid)
     )
@@ -87,11 +100,19 @@ def encode_backward(
     sequence: Tensor, lse: Tensor, residual32: Tensor, pool: str, num_heads: int,
     frames_per_token: int, spatial: list[int], grid: list[int], backend: str,
 ) -> tuple[Tensor, Tensor]:
+    grad_x, grad_query = _encode_backward(grad_sequence, x, key_index, query, sequence, lse, residual32,
+                                          pool, num_heads, frames_per_token, spatial, grid, backend)
+    return grad_x, _grad_query_or_empty(grad_query, x)
+
+
+def _encode_backward(grad_sequence, x, key_index, query, sequence, lse, residual32, pool, num_heads,
+                     frames_per_token, spatial, grid, backend):
+    """(grad_x, grad_query or None)."""
     grad_x, grad_query = backends.get(backend).encode_bwd(
         grad_sequence.contiguous(), x, key_index, query, sequence, lse, pool, num_heads,
         frames_per_token, tuple(spatial), tuple(grid), **_kept(residual32),
     )
-    return grad_x, _grad_query_or_empty(_like_query(grad_query, query), x)
+    return grad_x, _like_query(grad_query, query)
 
 
 @encode_backward.register_fake
@@ -125,6 +146,12 @@ def encode_varlen(
     pool: str, num_heads: int, frames_per_token: int, spatial: list[int], grid: list[int],
     max_frames: int, total_tokens: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _encode_varlen_forward(x, cu_frames, cu_tokens, key_index, query, pool, num_heads,
+                                  frames_per_token, spatial, grid, max_frames, total_tokens, backend)
+
+
+def _encode_varlen_forward(x, cu_frames, cu_tokens, key_index, query, pool, num_heads, frames_per_token,
+                           spatial, grid, max_frames, total_tokens, backend):
     outputs = backends.get(backend).encode_varlen_fwd(
         x, cu_frames, cu_tokens, key_index, query, pool, num_heads, frames_per_token,
         tuple(spatial), tuple(grid), max_frames, total_tokens,
@@ -150,11 +177,21 @@ def encode_varlen_backward(
     num_heads: int, frames_per_token: int, spatial: list[int], grid: list[int], max_frames: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    grad_x, grad_query = _encode_varlen_backward(
+        grad_sequence, x, cu_frames, cu_tokens, key_index, query, sequence, lse, residual32, pool,
+        num_heads, frames_per_token, spatial, grid, max_frames, backend)
+    return grad_x, _grad_query_or_empty(grad_query, x)
+
+
+def _encode_varlen_backward(grad_sequence, x, cu_frames, cu_tokens, key_index, query, sequence, lse,
+                            residual32, pool, num_heads, frames_per_token, spatial, grid, max_frames,
+                            backend):
+    """(grad_x, grad_query or None)."""
     grad_x, grad_query = backends.get(backend).encode_varlen_bwd(
         grad_sequence.contiguous(), x, cu_frames, cu_tokens, key_index, query, sequence, lse,
         pool, num_heads, frames_per_token, tuple(spatial), tuple(grid), max_frames, **_kept(residual32),
     )
-    return grad_x, _grad_query_or_empty(_like_query(grad_query, query), x)
+    return grad_x, _like_query(grad_query, query)
 
 
 @encode_varlen_backward.register_fake
@@ -191,9 +228,11 @@ def expand(
     key_tokens: Tensor, residual_tokens: Tensor, key_index: Tensor, num_frames: int,
     frames_per_token: int, backend: str,
 ) -> Tensor:
-    return backends.get(backend).expand_fwd(
-        key_tokens, residual_tokens, key_index, num_frames, frames_per_token
-    )
+    return _expand_forward(key_tokens, residual_tokens, key_index, num_frames, frames_per_token, backend)
+
+
+def _expand_forward(key_tokens, residual_tokens, key_index, num_frames, frames_per_token, backend):
+    return backends.get(backend).expand_fwd(key_tokens, residual_tokens, key_index, num_frames, frames_per_token)
 
 
 @expand.register_fake
@@ -206,9 +245,11 @@ def _(key_tokens, residual_tokens, key_index, num_frames, frames_per_token, back
 def expand_backward(
     grad_frames: Tensor, key_index: Tensor, num_residual: int, frames_per_token: int, backend: str
 ) -> tuple[Tensor, Tensor]:
-    return backends.get(backend).expand_bwd(
-        grad_frames.contiguous(), key_index, num_residual, frames_per_token
-    )
+    return _expand_backward(grad_frames, key_index, num_residual, frames_per_token, backend)
+
+
+def _expand_backward(grad_frames, key_index, num_residual, frames_per_token, backend):
+    return backends.get(backend).expand_bwd(grad_frames.contiguous(), key_index, num_residual, frames_per_token)
 
 
 @expand_backward.register_fake
@@ -230,3 +271,179 @@ def _expand_grad(ctx, grad_frames):
 
 
 expand.register_autograd(_expand_grad, setup_context=_expand_setup)
+
+
+# ----------------------------------------------------------------------------------- eager path
+# In eager mode on plain tensors, the torch.library dispatch of a custom op with a registered
+# autograd formula costs more host time than a small launch takes on the GPU (argument schema
+# checks, fill_defaults, the generated autograd node). There the API runs the same bodies under
+# one torch.autograd.Function instead: the same backends, the same bits, a third of the host
+# time. Tracing (torch.compile, export), torch dispatch modes, tensor subclasses and functorch
+# transforms keep the ops, which carry the fake implementations and the schema those need.
+def eager_functions_enabled(environ=os.environ) -> bool:
+    value = environ.get("VTOK_EAGER_FUNCTIONS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"VTOK_EAGER_FUNCTIONS: expected 0 (always the ops) or 1 (default), got {value!r}")
+    return value == "1"
+
+
+EAGER_FUNCTIONS = eager_functions_enabled()
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call may bypass the ops: nothing traces or intercepts it."""
+    return (EAGER_FUNCTIONS
+            and not torch.compiler.is_compiling()
+            and not _python_dispatch.is_in_torch_dispatch_mode()
+            and not torch._C._are_functorch_transforms_active()
+            and not torch.overrides.has_torch_function(tensors))
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _first_order(backward):
+    """The backward runs without a graph; under create_graph its gradients raise once something
+    differentiates them, as the ops' backward ops (no autograd formula) do. once_differentiable
+    raises only where the upstream gradient requires grad, which suits a linear op (``linear``:
+    its gradients do not depend on its inputs) but would let a second derivative of encode through
+    x alone silently miss its terms."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        if ctx.eager.linear and not any(g is not None and g.requires_grad for g in grads):
+            return outputs
+        message = f"vtok_kernels: {ctx.eager.name}'s backward has no derivative (no second-order gradients)"
+        raising = torch._C._functions.DelayedError(message.encode(), len(outputs))
+
+        def tracked(t):
+            if t is None:
+                return None
+            t = t.detach()
+            t.requires_grad_(True)
+            return t
+
+        return raising(*[tracked(t) for t in outputs])
+
+    return wrapper
+
+
+def _profiled(name: str):
+    """The op's name in torch.profiler traces, at no cost when no profiler runs."""
+    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
+
+
+def _first(outputs: tuple) -> Tensor:
+    return outputs[0]
+
+
+def _whole(output: Tensor) -> Tensor:
+    return output
+
+
+class _Eager(NamedTuple):
+    """An op's eager path: its name, the bodies the op runs, its autograd.Function, and for
+    encode the count of leading tensor arguments (x first, query last) and the options its
+    backward body takes of the forward's. ``linear``: the op's gradients do not depend on its
+    inputs (expand)."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+    function: type
+    tensors: int = 0
+    backward_options: Callable[[tuple], tuple] = tuple
+    result: Callable = _first  # what the API takes of the op's outputs
+    linear: bool = False
+
+
+class _EncodeFunction(torch.autograd.Function):
+    """Both encode ops: apply(eager, x, ..., query, *options) -> sequence. The op's other outputs
+    (lse, residual32) stay saved for the backward: returning them costs autograd their wrapping."""
+
+    @staticmethod
+    def forward(ctx, eager, *args):
+        inputs, options = args[:eager.tensors], args[eager.tensors:]
+        with _profiled(eager.name):
+            sequence, lse, residual32 = eager.forward(*args)
+        ctx.save_for_backward(*inputs, sequence, lse, residual32)
+        ctx.eager, ctx.options, ctx.trailing = eager, eager.backward_options(options), len(options)
+        return sequence
+
+    @staticmethod
+    @_first_order
+    def backward(ctx, grad_sequence):
+        eager = ctx.eager
+        with _profiled(eager.name + "_backward"):
+            grad_x, grad_query = eager.backward(grad_sequence, *ctx.saved_tensors, *ctx.options)
+        between = (None,) * (eager.tensors - 2)
+        return (None, grad_x, *between, grad_query) + (None,) * ctx.trailing
+
+
+class _ExpandFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, eager, key_tokens, residual_tokens, key_index, num_frames, frames_per_token, backend):
+        with _profiled(eager.name):
+            frames = eager.forward(key_tokens, residual_tokens, key_index, num_frames, frames_per_token, backend)
+        ctx.save_for_backward(key_index)
+        ctx.eager, ctx.options = eager, (residual_tokens.shape[1], frames_per_token, backend)
+        return frames
+
+    @staticmethod
+    @_first_order
+    def backward(ctx, grad_frames):
+        (key_index,) = ctx.saved_tensors
+        with _profiled(ctx.eager.name + "_backward"):
+            grad_key, grad_residual = ctx.eager.backward(grad_frames, key_index, *ctx.options)
+        return None, grad_key, grad_residual, None, None, None, None
+
+
+def _varlen_backward_options(options: tuple) -> tuple:
+    pool, num_heads, frames_per_token, spatial, grid, max_frames, _total_tokens, backend = options
+    return pool, num_heads, frames_per_token, spatial, grid, max_frames, backend
+
+
+_ENCODE = _Eager("vtok::encode", _encode_forward, _encode_backward, _EncodeFunction, tensors=3)
+_ENCODE_VARLEN = _Eager("vtok::encode_varlen", _encode_varlen_forward, _encode_varlen_backward,
+                        _EncodeFunction, tensors=5, backward_options=_varlen_backward_options)
+_EXPAND = _Eager("vtok::expand", _expand_forward, _expand_backward, _ExpandFunction, result=_whole, linear=True)
+
+
+def _call(op, eager: _Eager, args: tuple, inputs: tuple, differentiable: tuple):
+    """The first output of ``op(*args)`` (its only one for expand): from the op when anything may
+    trace or intercept the call (``inputs``: its tensors), else from the op's body, under the
+    eager path's autograd.Function where an input of ``differentiable`` needs a gradient."""
+    if not _eager(*inputs):
+        return eager.result(op(*args))
+    if _needs_grad(*differentiable):
+        return eager.function.apply(eager, *args)
+    with _profiled(eager.name):
+        return eager.result(eager.forward(*args))
+
+
+def encode_sequence(x: Tensor, key_index: Tensor, query: Optional[Tensor], pool: str, num_heads: int,
+                    frames_per_token: int, spatial: list[int], grid: list[int], backend: str) -> Tensor:
+    """The sequence of ``vtok::encode``, differentiable in x and query."""
+    args = (x, key_index, query, pool, num_heads, frames_per_token, spatial, grid, backend)
+    return _call(encode, _ENCODE, args, (x, key_index, query), (x, query))
+
+
+def encode_varlen_sequence(x: Tensor, cu_frames: Tensor, cu_tokens: Tensor, key_index: Tensor,
+                           query: Optional[Tensor], pool: str, num_heads: int, frames_per_token: int,
+                           spatial: list[int], grid: list[int], max_frames: int, total_tokens: int,
+                           backend: str) -> Tensor:
+    """The sequence of ``vtok::encode_varlen``, differentiable in x and query."""
+    args = (x, cu_frames, cu_tokens, key_index, query, pool, num_heads, frames_per_token, spatial, grid,
+            max_frames, total_tokens, backend)
+    return _call(encode_varlen, _ENCODE_VARLEN, args, (x, cu_frames, cu_tokens, key_index, query), (x, query))
+
+
+def expand_frames(key_tokens: Tensor, residual_tokens: Tensor, key_index: Tensor, num_frames: int,
+                  frames_per_token: int, backend: str) -> Tensor:
+    """``vtok::expand``, differentiable in both token tensors."""
+    args = (key_tokens, residual_tokens, key_index, num_frames, frames_per_token, backend)
+    return _call(expand, _EXPAND, args, (key_tokens, residual_tokens, key_index), (key_tokens, residual_tokens))

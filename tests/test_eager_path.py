@@ -1,0 +1,175 @@
+"""The API's eager path (ops.py): the same bits as the torch.library ops, which still serve every
+call that is traced or intercepted."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vtok_kernels as vk
+from vtok_kernels import ops
+from tests.utils import backend_device
+
+BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=[True, False], ids=["eager", "ops"])
+def path(request, monkeypatch):
+    monkeypatch.setattr(ops, "EAGER_FUNCTIONS", request.param)
+    return request.param
+
+
+def _encode_call(device, dtype, pool, backend):
+    C, heads = 24, 3
+    x = torch.randn(2, 5, 3, 2, C, device=device).to(dtype).requires_grad_()
+    query = torch.randn(C, device=device, requires_grad=True) if pool == "attn" else None
+    keys = torch.tensor([4, 1], device=device)
+
+    def call():
+        out = vk.encode(x, keys, pool, query, heads if pool == "attn" else 1, frames_per_token=2,
+                        spatial=(2, 1), backend=backend)
+        return out.sequence, [t for t in (x, query) if t is not None]
+
+    return call
+
+
+def _varlen_call(device, dtype, pool, backend):
+    C, heads = 24, 3
+    x = torch.randn(9, 4, C, device=device).to(dtype).requires_grad_()
+    query = torch.randn(C, device=device, requires_grad=True) if pool == "attn" else None
+    cu_frames = torch.tensor([0, 1, 6, 9], device=device)
+
+    def call():
+        out = vk.encode_varlen(x, cu_frames, -1, pool, query, heads if pool == "attn" else 1,
+                               frames_per_token=2, backend=backend)
+        return out.sequence, [t for t in (x, query) if t is not None]
+
+    return call
+
+
+def _expand_call(device, dtype, pool, backend):
+    key_tokens = torch.randn(2, 6, 24, device=device).to(dtype).requires_grad_()
+    residual = torch.randn(2, 3, 24, device=device).to(dtype).requires_grad_()
+
+    def call():
+        return vk.expand(key_tokens, residual, torch.tensor([0, 5], device=device), 6, 2,
+                         backend=backend), [key_tokens, residual]
+
+    return call
+
+
+CALLS = {"encode": _encode_call, "encode_varlen": _varlen_call, "expand": _expand_call}
+OP_NODE = {"encode": "GeneratedBackwardFor_vtok_encode_defaultBackward",
+           "encode_varlen": "GeneratedBackwardFor_vtok_encode_varlen_defaultBackward",
+           "expand": "GeneratedBackwardFor_vtok_expand_defaultBackward"}
+EAGER_NODE = {"encode": "_EncodeFunctionBackward", "encode_varlen": "_EncodeFunctionBackward",
+              "expand": "_ExpandFunctionBackward"}
+
+
+def _run(call, grad_seed):
+    out, inputs = call()
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    return out, grads, out.grad_fn.name()
+
+
+@pytest.mark.parametrize("op, pool", [("encode", "mean"), ("encode", "attn"), ("encode_varlen", "mean"),
+                                      ("encode_varlen", "attn"), ("expand", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_path_gives_the_bits_of_the_ops(monkeypatch, backend, op, pool, dtype):
+    call = CALLS[op](backend_device(backend), dtype, pool, backend)
+    seed = int(torch.randint(0, 2**31, ()))
+    monkeypatch.setattr(ops, "EAGER_FUNCTIONS", False)
+    ref_out, ref_grads, ref_node = _run(call, seed)
+    monkeypatch.setattr(ops, "EAGER_FUNCTIONS", True)
+    out, grads, node = _run(call, seed)
+    assert (ref_node, node) == (OP_NODE[op], EAGER_NODE[op])
+    assert out.dtype == ref_out.dtype and torch.equal(out, ref_out)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert grad.dtype == ref.dtype and torch.equal(grad, ref)
+    with torch.no_grad():
+        plain, _ = call()
+    assert plain.grad_fn is None and torch.equal(plain, ref_out)
+
+
+class _OpsSeen(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_intercepted_call_takes_the_ops(path):
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    with _OpsSeen() as seen:
+        seq = vk.encode(x, 0, backend="cpu").sequence
+        seq.sum().backward()
+    assert seen.ops.count("vtok.encode.default") == 1 and seen.ops.count("vtok.encode_backward.default") == 1
+    assert torch.equal(x.grad, torch.autograd.grad(vk.encode(x, 0, backend="cpu").sequence.sum(), x)[0])
+
+
+def test_a_tensor_subclass_takes_the_ops(path):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(2, 3, 4, 8))
+        q = mode.from_tensor(torch.randn(8))
+        assert vk.encode(x, 0, "attn", q, 2, backend="cpu").sequence.shape == (2, 6, 8)
+
+
+def test_a_parameter_query_takes_the_eager_path(path):
+    x = torch.randn(2, 3, 4, 8)
+    query = torch.nn.Parameter(torch.randn(8))
+    seq = vk.encode(x, 0, "attn", query, 2, backend="cpu").sequence
+    assert seq.grad_fn.name() == (EAGER_NODE["encode"] if path else OP_NODE["encode"])
+
+
+def test_compiled_calls_trace_the_ops(path):
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    recorder = AotEagerAndRecordGraphs()
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    fn = torch.compile(lambda x: vk.encode(x, 0, backend="cpu").sequence, backend=recorder, fullgraph=True)
+    fn(x).sum().backward()
+    assert "torch.ops.vtok.encode.default" in "".join(g.code for g in recorder.fw_graphs)
+    assert "torch.ops.vtok.encode_backward.default" in "".join(g.code for g in recorder.bw_graphs)
+
+
+# encode's gradients depend on x: they raise even for an upstream gradient without a graph.
+# expand is linear: its gradients carry a graph only through the upstream gradient.
+@pytest.mark.parametrize("op, pool, upstream_graph", [("encode", "mean", False), ("encode", "attn", False),
+                                                      ("encode_varlen", "attn", False), ("expand", None, True)])
+def test_second_derivatives_raise_on_either_path(path, op, pool, upstream_graph):
+    call = CALLS[op]("cpu", torch.float64, pool, "cpu")
+    out, inputs = call()
+    upstream = torch.ones_like(out, requires_grad=upstream_graph)
+    grads = torch.autograd.grad(out, inputs, upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second-order gradients|no autograd formula"):
+        grads[0].sum().backward()
+    if not upstream_graph:
+        return
+    grads = torch.autograd.grad(out, inputs, upstream.detach(), create_graph=True)
+    assert not any(g.requires_grad for g in grads)
+
+
+def test_the_profiler_names_the_eager_calls(path):
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        vk.encode(x, 0, backend="cpu").sequence.sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"vtok::encode", "vtok::encode_backward"} <= names
+
+
+def test_the_environment_can_keep_the_ops():
+    assert ops.eager_functions_enabled({}) is True
+    assert ops.eager_functions_enabled({"VTOK_EAGER_FUNCTIONS": "1"}) is True
+    assert ops.eager_functions_enabled({"VTOK_EAGER_FUNCTIONS": "0"}) is False
+    with pytest.raises(ValueError, match="VTOK_EAGER_FUNCTIONS"):
+        ops.eager_functions_enabled({"VTOK_EAGER_FUNCTIONS": "no"})
