@@ -9,7 +9,9 @@ For each device in the input it writes, under ``benchmarks/results/``:
   benchmark (median/min/mean time, GB/s, fraction of the copy bandwidth, peak memory, telemetry);
 * ``<device>-<date>.md``: every row as a markdown table;
 * ``<device>-<date>.png``: achieved GB/s against the copy-bandwidth roofline per implementation
-  and shape, and peak memory against the eager reference.
+  and shape, and peak memory against the eager reference;
+* ``host-<device>-<date>.json`` and ``.md`` from the rows of ``benchmarks/test_bench_host.py``:
+  the host time of one call per dispatch path (no roofline: nothing worth moving).
 
 A run at a scale other than the device's default (``--bench-scale cpu-large``) is a record of its
 own, ``<device>-<date>-<scale>.*``, with a table of its own in ``README-table.md``.
@@ -85,41 +87,90 @@ def _row(bench: dict) -> dict:
     return row
 
 
-def records_from_benchmark_json(data: dict) -> list[dict]:
-    """One record per device kind found in a pytest-benchmark JSON of the suite."""
+def _record_of(data: dict, kind: str, rows: list[dict], schema) -> dict:
+    """A record of ``rows`` measured on device ``kind``: the run's machine, versions, load, date."""
     machine = data.get("machine_info", {})
     vtok = machine.get("vtok", {})
+    name, file_slug = device_label(kind, machine)
+    return {
+        "schema": schema,
+        "device": {"kind": kind, "name": name, "slug": file_slug},
+        "date": (data.get("datetime") or vtok.get("finished") or "unknown")[:10],
+        "datetime": data.get("datetime"),
+        "versions": vtok.get("versions", {}),
+        "git_commit": vtok.get("git_commit") or data.get("commit_info", {}).get("id"),
+        "scale": vtok.get("scale", {}).get(kind),
+        "copy_bandwidth": vtok.get("copy_bandwidth", {}).get(kind),
+        "load": {
+            "at_start": (vtok.get("host_at_start") or {}).get("load_average"),
+            "at_end": (vtok.get("host_at_end") or {}).get("load_average"),
+            "uptime_at_end": vtok.get("uptime_at_end"),
+            "cpu_count": (vtok.get("host_at_end") or {}).get("cpu_count"),
+        },
+        "gpu": vtok.get("gpu") if kind == "cuda" else None,
+        "machine": {k: machine.get(k) for k in ("node", "machine", "system", "release", "python_version")},
+        "cpu": (machine.get("cpu") or {}).get("brand_raw"),
+        "cpu_l3_bytes": (machine.get("cpu") or {}).get("l3_cache_size"),
+        "rows": rows,
+    }
+
+
+def records_from_benchmark_json(data: dict) -> list[dict]:
+    """One record per device kind found in a pytest-benchmark JSON of the suite."""
     rows_by_kind = defaultdict(list)
     for bench in data.get("benchmarks", []):
         if "op" not in bench.get("extra_info", {}):
             continue  # not a row of this suite
         rows_by_kind[bench["extra_info"]["device"]].append(_row(bench))
+    return [_record_of(data, kind, sorted(rows, key=_row_key), SCHEMA)
+            for kind, rows in sorted(rows_by_kind.items())]
+
+
+# ------------------------------------------------------------------------------ host records
+# benchmarks/test_bench_host.py: the host time of one call at a tiny shape, per dispatch path.
+HOST_SCHEMA = "host-1"
+HOST_PATHS = ("eager", "ops")
+
+
+def host_records_from_benchmark_json(data: dict) -> list[dict]:
+    """One host-time record per device kind found in a pytest-benchmark JSON."""
+    rows_by_kind = defaultdict(list)
+    for bench in data.get("benchmarks", []):
+        info, stats = bench.get("extra_info", {}), bench["stats"]
+        if "host_op" not in info:
+            continue
+        rows_by_kind[info["device"]].append({
+            "op": info["host_op"], **{k: info[k] for k in ("mode", "impl", "path", "shape", "dtype", "timer", "threads")},
+            "name": bench["name"], "median_s": stats["median"], "min_s": stats["min"], "iqr_s": stats["iqr"],
+            "rounds": stats["rounds"]})
+    order = lambda row: (row["impl"], OP_ORDER.index(row["op"]), row["mode"], HOST_PATHS.index(row["path"]))  # noqa: E731
     records = []
     for kind, rows in sorted(rows_by_kind.items()):
-        name, file_slug = device_label(kind, machine)
-        date = (data.get("datetime") or vtok.get("finished") or "unknown")[:10]
-        records.append({
-            "schema": SCHEMA,
-            "device": {"kind": kind, "name": name, "slug": file_slug},
-            "date": date,
-            "datetime": data.get("datetime"),
-            "versions": vtok.get("versions", {}),
-            "git_commit": vtok.get("git_commit") or data.get("commit_info", {}).get("id"),
-            "scale": vtok.get("scale", {}).get(kind),
-            "copy_bandwidth": vtok.get("copy_bandwidth", {}).get(kind),
-            "load": {
-                "at_start": (vtok.get("host_at_start") or {}).get("load_average"),
-                "at_end": (vtok.get("host_at_end") or {}).get("load_average"),
-                "uptime_at_end": vtok.get("uptime_at_end"),
-                "cpu_count": (vtok.get("host_at_end") or {}).get("cpu_count"),
-            },
-            "gpu": vtok.get("gpu") if kind == "cuda" else None,
-            "machine": {k: machine.get(k) for k in ("node", "machine", "system", "release", "python_version")},
-            "cpu": (machine.get("cpu") or {}).get("brand_raw"),
-            "cpu_l3_bytes": (machine.get("cpu") or {}).get("l3_cache_size"),
-            "rows": sorted(rows, key=_row_key),
-        })
+        record = _record_of(data, kind, sorted(rows, key=order), HOST_SCHEMA)
+        record["cpu_l3_bytes"] = None  # no row moves data worth caching
+        records.append(record)
     return records
+
+
+def host_markdown(record: dict) -> str:
+    """Both dispatch paths of each op side by side."""
+    shape = "×".join(str(n) for n in record["rows"][0]["shape"]) if record["rows"] else ""
+    lines = [f"# vtok_kernels host time per call: {record['device']['name']}", ""]
+    lines += record_header(record)
+    lines += ["", f"benchmarks/test_bench_host.py: one call of the API at x = [{shape}] "
+              f"({record['rows'][0]['dtype'] if record['rows'] else ''}), host clock, kernels not awaited. "
+              "`eager`: the API's default path (one torch.autograd.Function around the backend); `ops`: the "
+              "torch.library ops (`VTOK_EAGER_FUNCTIONS=0`). Medians of each row's rounds.", "",
+              "| backend | op | mode | eager µs | ops µs | eager / ops |", "|---|---|---|---:|---:|---:|"]
+    paired = defaultdict(dict)
+    for row in record["rows"]:
+        paired[(row["impl"], row["op"], row["mode"])][row["path"]] = row["median_s"]
+    for (impl, op, mode), times in paired.items():
+        eager, ops = times.get("eager"), times.get("ops")
+        cell = lambda t: f"{t * 1e6:.1f}" if t else "-"  # noqa: E731
+        ratio = f"{eager / ops:.2f}" if eager and ops else "-"
+        lines.append(f"| {impl} | {op} | {mode} | {cell(eager)} | {cell(ops)} | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def _row_key(row: dict):
@@ -417,6 +468,15 @@ def write_record(record: dict, folder: Path = RESULTS, with_plot: bool = True) -
     return paths
 
 
+def write_host_record(record: dict, folder: Path = RESULTS) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"host-{record['device']['slug']}-{record['date']}"
+    paths = [folder / f"{stem}.json", folder / f"{stem}.md"]
+    paths[0].write_text(json.dumps(record, indent=1) + "\n")
+    paths[1].write_text(host_markdown(record))
+    return paths
+
+
 def regenerate(folder: Path = RESULTS, selection_path: Optional[Path] = SELECTION_MODULE) -> list[Path]:
     """README-table.md (and the selection table) from every record in ``folder``."""
     records = load_records(folder)
@@ -443,12 +503,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     written = []
     for path in args.inputs:
-        records = records_from_benchmark_json(json.loads(path.read_text()))
-        if not records:
-            print(f"{path}: no row of the vtok suite", file=sys.stderr)
+        data = json.loads(path.read_text())
+        records, host = records_from_benchmark_json(data), host_records_from_benchmark_json(data)
+        if not records and not host:
+            print(f"{path}: no row of the vtok suites", file=sys.stderr)
             return 1
         for record in records:
             written += write_record(record, args.results, with_plot=not args.no_plot)
+        for record in host:
+            written += write_host_record(record, args.results)
     written += regenerate(args.results, None if args.no_selection else SELECTION_MODULE)
     for path in written:
         print(path)

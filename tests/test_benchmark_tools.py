@@ -316,6 +316,19 @@ def test_suite_runs_end_to_end(tmp_path):
     assert all(b["stats"]["median"] > 0 for b in host)
     (record,) = records.records_from_benchmark_json(data)
     assert len(record["rows"]) == len(data["benchmarks"]) - len(host)
+    (host_record,) = records.host_records_from_benchmark_json(data)
+    assert host_record["schema"] == records.HOST_SCHEMA and len(host_record["rows"]) == len(host)
+    table = records.host_markdown(host_record).splitlines()
+    for mode in ("fwd", "fwd+bwd"):
+        (line,) = [row for row in table if row.startswith(f"| cpu | encode-attn | {mode} |")]
+        eager, ops, ratio = (float(cell) for cell in line.strip("|").split("|")[3:])
+        assert eager > 0 and ops > 0 and abs(ratio - eager / ops) < 0.01
+    assert records.main([str(out), "--results", str(tmp_path / "results"), "--no-plot", "--no-selection"]) == 0
+    written = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert f"host-{host_record['device']['slug']}-{host_record['date']}.md" in written
+    assert host_record["date"] in " ".join(written) and "README-table.md" in written
+    # the host record is no throughput record: the README table and auto's ranking never read it
+    assert len(records.load_records(tmp_path / "results")) == 1
     impls = {row["impl"] for row in record["rows"]}
     assert {"reference", "naive"} <= impls
     assert {row["mode"] for row in record["rows"]} == {"fwd", "fwd+bwd"}
