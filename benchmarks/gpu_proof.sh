@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_proof.sh OUTDIR full:tests       # every GPU test (<= 9 min)
 #   bash benchmarks/gpu_proof.sh OUTDIR full:sanitize    # the sanitizers' other tools and loader
 #   bash benchmarks/gpu_proof.sh OUTDIR full:bench-encode   # benchmark rows, records and plots
-#   bash benchmarks/gpu_proof.sh OUTDIR full:bench-other      # (varlen, expand)
+#   bash benchmarks/gpu_proof.sh OUTDIR full:bench-other      # (varlen, expand; host time per call first)
 #   bash benchmarks/gpu_proof.sh OUTDIR full:bench-compiled   # (torch.compile baselines)
 #   bash benchmarks/gpu_proof.sh OUTDIR full             # the full stages back to back (each in a
 #                                                        # folder of its own; more than one call)

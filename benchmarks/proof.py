@@ -140,6 +140,16 @@ def _bench_job(name: str, machine: Machine, deadline: float, after, select: str,
                outputs={"json": json_name}, partial_ok=True)
 
 
+def _host_job(machine: Machine, deadline: float, after) -> Job:
+    """benchmarks/test_bench_host.py: the host time of one call through the API's eager path and
+    through the torch.library ops, where a small GPU row spends most of its time."""
+    marker = "gpu" if machine.gpu else "not gpu"
+    command = _py("-m", "pytest", "benchmarks/test_bench_host.py", "-m", marker, "--benchmark-only", "-q",
+                  "-p", "no:cacheprovider", "--benchmark-json", "{work}/bench-host.json")
+    return Job("host", command, deadline, after, "bench", env={"VTOK_TRITON_AUTOTUNE": "0"},
+               outputs={"json": "bench-host.json"}, partial_ok=True)
+
+
 def _warm_job(machine: Machine, deadline: float) -> Job:
     """Runs the headline Triton rows and the compiled baselines once (--benchmark-disable) while
     the checks run: every autotune config and inductor's graphs land in the on-disk caches, so
@@ -216,13 +226,16 @@ def plan(stage: str, machine: Machine) -> list[Job]:
                   "full:bench-other": "(encode_varlen or expand) and not compile",
                   "full:bench-compiled": "compile"}[stage]
         name = stage.split(":")[1]
-        bench = _bench_job(name, machine, 480, ("build",), select, "gpu")
-        records = Job("records", _py("-m", "benchmarks.records", "{work}/" + bench.outputs["json"], "--results",
-                                     "{work}/results", "--no-selection"), 505, (name,))
+        # bench-other's rows take the least time: the host rows go first there
+        host = [_host_job(machine, 240, ("build",))] if stage == "full:bench-other" else []
+        bench = _bench_job(name, machine, 480, ("build",) + tuple(j.name for j in host), select, "gpu")
+        inputs = ["{work}/" + job.outputs["json"] for job in host + [bench]]
+        records = Job("records", _py("-m", "benchmarks.records", *inputs, "--results", "{work}/results",
+                                     "--no-selection"), 505, (name,))
         economy = Job("token-economy", _py("-m", "benchmarks.token_economy", "--device",
                                            "cuda" if machine.gpu else "cpu", "--out", "{work}/results"),
                       525, ("records",), optional=True)
-        return [build, bench, records, economy]
+        return [build] + host + [bench, records, economy]
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES} or 'full'")
 
 

@@ -74,6 +74,18 @@ def test_quick_orders_the_work_as_the_gpu_window_needs():
     assert all(jobs[n].env.get("VTOK_TRITON_AUTOTUNE") == "0" for n in jobs if n.startswith("checks:"))
 
 
+def test_bench_other_times_the_host_first_and_records_it():
+    jobs = {job.name: job for job in proof.plan("full:bench-other", HOPPER)}
+    build, host, bench, records = jobs["build"], jobs["host"], jobs["bench-other"], jobs["records"]
+    assert host.after == ("build",) and "host" in bench.after
+    assert build.deadline_s + 60 <= host.deadline_s <= bench.deadline_s - 240
+    assert "benchmarks/test_bench_host.py" in host.command and "gpu" in host.command
+    assert host.env["VTOK_TRITON_AUTOTUNE"] == "0"  # the host rows time launches, not tuning
+    command = " ".join(records.command)
+    assert "{work}/bench-host.json" in command and "{work}/bench-bench-other.json" in command
+    assert all("host" not in job for job in (j.name for j in proof.plan("full:bench-encode", HOPPER)))
+
+
 def test_a_built_extension_is_not_rebuilt():
     machine = proof.Machine(**{**HOPPER.__dict__, "extension_ready": True})
     build = proof.plan("quick", machine)[0]
