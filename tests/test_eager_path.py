@@ -121,6 +121,24 @@ def test_a_tensor_subclass_takes_the_ops(path):
         assert vk.encode(x, 0, "attn", q, 2, backend="cpu").sequence.shape == (2, 6, 8)
 
 
+@pytest.mark.parametrize("pool", ["mean", "attn"])
+def test_meta_tensors_take_the_ops_fakes(path, pool):
+    x = torch.randn(2, 3, 4, 8, device="meta", requires_grad=True)
+    query = torch.randn(8, device="meta") if pool == "attn" else None
+    seq = vk.encode(x, 0, pool, query, 2 if query is not None else 1).sequence
+    seq.sum().backward()
+    assert seq.shape == (2, 6, 8) and seq.grad_fn.name() == OP_NODE["encode"] and x.grad.shape == x.shape
+
+
+def test_a_jit_trace_records_the_ops(path):
+    x = torch.randn(2, 3, 4, 8)
+    fn = lambda x: vk.encode(x, 1, backend="cpu").sequence  # noqa: E731
+    traced = torch.jit.trace(fn, (x,), check_trace=False)
+    assert "vtok::encode" in str(traced.graph)
+    other = torch.randn(2, 3, 4, 8)
+    assert torch.equal(traced(other), fn(other))
+
+
 def test_a_parameter_query_takes_the_eager_path(path):
     x = torch.randn(2, 3, 4, 8)
     query = torch.nn.Parameter(torch.randn(8))

@@ -290,13 +290,20 @@ def eager_functions_enabled(environ=os.environ) -> bool:
 EAGER_FUNCTIONS = eager_functions_enabled()
 
 
+# The devices whose tensors hold data the backends read (meta tensors take the ops' fakes).
+_EAGER_DEVICES = ("cpu", "cuda")
+
+
 def _eager(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call may bypass the ops: nothing traces or intercepts it."""
+    """Whether a call may bypass the ops: nothing traces or intercepts it (``tensors``: its
+    tensor arguments, the features first)."""
     return (EAGER_FUNCTIONS
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and not _python_dispatch.is_in_torch_dispatch_mode()
             and not torch._C._are_functorch_transforms_active()
-            and not torch.overrides.has_torch_function(tensors))
+            and not torch.overrides.has_torch_function(tensors)
+            and tensors[0].device.type in _EAGER_DEVICES)
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
