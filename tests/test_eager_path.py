@@ -158,21 +158,74 @@ def test_compiled_calls_trace_the_ops(path):
     assert "torch.ops.vtok.encode_backward.default" in "".join(g.code for g in recorder.bw_graphs)
 
 
-# encode's gradients depend on x: they raise even for an upstream gradient without a graph.
-# expand is linear: its gradients carry a graph only through the upstream gradient.
-@pytest.mark.parametrize("op, pool, upstream_graph", [("encode", "mean", False), ("encode", "attn", False),
-                                                      ("encode_varlen", "attn", False), ("expand", None, True)])
-def test_second_derivatives_raise_on_either_path(path, op, pool, upstream_graph):
-    call = CALLS[op]("cpu", torch.float64, pool, "cpu")
-    out, inputs = call()
-    upstream = torch.ones_like(out, requires_grad=upstream_graph)
+# A gradient penalty: the second derivative of encode reaches its backward through x alone (the
+# upstream gradient seq * 2 depends on x too). Neither path has that formula: both must raise,
+# never return a gradient short of its terms, or None.
+@pytest.mark.parametrize("op, pool", [("encode", "mean"), ("encode", "attn"), ("encode_varlen", "attn")])
+def test_second_derivatives_raise_on_either_path(path, op, pool):
+    lin = torch.nn.Linear(24, 24).double()
+    seq, inputs = CALLS[op]("cpu", torch.float64, pool, "cpu")()
+    x = inputs[0]
+    if op == "encode":  # x through a layer, whose weight's second derivative passes encode's
+        query = inputs[1] if pool == "attn" else None
+        seq = vk.encode(lin(x), torch.tensor([4, 1]), pool, query, 3 if query is not None else 1,
+                        frames_per_token=2, spatial=(2, 1), backend="cpu").sequence
+    (grad_x,) = torch.autograd.grad(seq.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(grad_x.pow(2).sum(), lin.weight if op == "encode" else x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad_x.pow(2).sum().backward(inputs=[x])
+
+
+def test_expand_second_derivatives_follow_the_upstream_gradient(path):
+    out, inputs = _expand_call("cpu", torch.float64, None, "cpu")()
+    upstream = torch.randn(out.shape, dtype=torch.float64, requires_grad=True)
     grads = torch.autograd.grad(out, inputs, upstream, create_graph=True)
-    with pytest.raises(RuntimeError, match="no second-order gradients|no autograd formula"):
-        grads[0].sum().backward()
-    if not upstream_graph:
-        return
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(grads[0].sum(), upstream)
+    # expand is linear: without a graph upstream its gradients carry none
     grads = torch.autograd.grad(out, inputs, upstream.detach(), create_graph=True)
     assert not any(g.requires_grad for g in grads)
+
+
+@pytest.mark.parametrize("op, pool", [("encode", "attn"), ("encode_varlen", "mean"), ("expand", None)])
+def test_a_batched_backward_equals_one_backward_per_gradient(path, op, pool):
+    out, inputs = CALLS[op]("cpu", torch.float32, pool, "cpu")()
+    upstream = torch.randn(3, *out.shape)
+    batched = torch.autograd.grad(out, inputs, upstream, is_grads_batched=True, retain_graph=True)
+    for k in range(upstream.shape[0]):
+        single = torch.autograd.grad(out, inputs, upstream[k], retain_graph=True)
+        for b, s in zip(batched, single, strict=True):
+            assert torch.equal(b[k], s)
+
+
+def test_a_dispatch_subclass_takes_the_ops(path):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = torch.randn(2, 3, 4, 8)
+    out = vk.encode(TwoTensor(x, 2 * x), 0, backend="cpu").sequence
+    plain = vk.encode(x, 0, backend="cpu").sequence
+    assert isinstance(out, TwoTensor) and torch.equal(out.a, plain) and torch.equal(out.b, 2 * plain)
+
+
+@pytest.mark.parametrize("op", ["encode", "encode_varlen", "expand"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_forward_mode_ad_is_refused_not_dropped(path, op, backend):
+    import torch.autograd.forward_ad as fwAD
+
+    out, inputs = CALLS[op]("cpu", torch.float32, "mean", backend)()
+    primal = inputs[0].detach()
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(primal, torch.randn_like(primal))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            if op == "encode":
+                vk.encode(dual, 4, backend=backend)
+            elif op == "encode_varlen":
+                vk.encode_varlen(dual, torch.tensor([0, 1, 6, 9]), -1, backend=backend)
+            else:
+                vk.expand(dual, inputs[1].detach(), 0, 6, 2, backend=backend)
+        # a dual level alone, with no tangent on the inputs, changes nothing
+        assert vk.encode(torch.randn(2, 3, 4, 8), 0, backend=backend).sequence.shape == (2, 6, 8)
 
 
 def test_the_profiler_names_the_eager_calls(path):

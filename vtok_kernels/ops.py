@@ -12,12 +12,12 @@ when anything traces or intercepts the call, else the same bodies without the op
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.profiler import record_function
 from torch.utils import _python_dispatch
 
@@ -277,9 +277,11 @@ expand.register_autograd(_expand_grad, setup_context=_expand_setup)
 # In eager mode on plain tensors, the torch.library dispatch of a custom op with a registered
 # autograd formula costs more host time than a small launch takes on the GPU (argument schema
 # checks, fill_defaults, the generated autograd node). There the API runs the same bodies under
-# one torch.autograd.Function instead: the same backends, the same bits, a third of the host
-# time. Tracing (torch.compile, export), torch dispatch modes, tensor subclasses and functorch
-# transforms keep the ops, which carry the fake implementations and the schema those need.
+# one torch.autograd.Function instead: the same backends, the same bits, 55-60 % of the host
+# time. Tracing (torch.compile, export, torch.jit.trace), torch dispatch modes, tensor
+# subclasses, functorch transforms, batched gradients and meta tensors keep the ops, which carry
+# the fake implementations and the schema those need; so does a backward under create_graph,
+# whose backward op raises where a second derivative reaches it.
 def eager_functions_enabled(environ=os.environ) -> bool:
     value = environ.get("VTOK_EAGER_FUNCTIONS", "1")
     if value not in ("0", "1"):
@@ -294,6 +296,18 @@ EAGER_FUNCTIONS = eager_functions_enabled()
 _EAGER_DEVICES = ("cpu", "cuda")
 
 
+# Plain tensors: a subclass may intercept torch's dispatch (DTensor, FakeTensor, TwoTensor)
+# without overriding __torch_function__, which has_torch_function would see; and autograd's
+# batched gradients (is_grads_batched, vectorized jacobians) are plain Tensors holding no data.
+_PLAIN = (Tensor, torch.nn.Parameter)
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None) or (
+    lambda t: "Batched" in str(torch._C._dispatch_keys(t)))
+
+
+def _plain(t: Optional[Tensor]) -> bool:
+    return t is None or (type(t) in _PLAIN and not _legacy_batched(t))
+
+
 def _eager(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may bypass the ops: nothing traces or intercepts it (``tensors``: its
     tensor arguments, the features first)."""
@@ -303,40 +317,12 @@ def _eager(*tensors: Optional[Tensor]) -> bool:
             and not _python_dispatch.is_in_torch_dispatch_mode()
             and not torch._C._are_functorch_transforms_active()
             and not torch.overrides.has_torch_function(tensors)
+            and all(_plain(t) for t in tensors)
             and tensors[0].device.type in _EAGER_DEVICES)
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _first_order(backward):
-    """The backward runs without a graph; under create_graph its gradients raise once something
-    differentiates them, as the ops' backward ops (no autograd formula) do. once_differentiable
-    raises only where the upstream gradient requires grad, which suits a linear op (``linear``:
-    its gradients do not depend on its inputs) but would let a second derivative of encode through
-    x alone silently miss its terms."""
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled():
-            return outputs
-        if ctx.eager.linear and not any(g is not None and g.requires_grad for g in grads):
-            return outputs
-        message = f"vtok_kernels: {ctx.eager.name}'s backward has no derivative (no second-order gradients)"
-        raising = torch._C._functions.DelayedError(message.encode(), len(outputs))
-
-        def tracked(t):
-            if t is None:
-                return None
-            t = t.detach()
-            t.requires_grad_(True)
-            return t
-
-        return raising(*[tracked(t) for t in outputs])
-
-    return wrapper
 
 
 def _profiled(name: str):
@@ -353,19 +339,29 @@ def _whole(output: Tensor) -> Tensor:
 
 
 class _Eager(NamedTuple):
-    """An op's eager path: its name, the bodies the op runs, its autograd.Function, and for
-    encode the count of leading tensor arguments (x first, query last) and the options its
-    backward body takes of the forward's. ``linear``: the op's gradients do not depend on its
-    inputs (expand)."""
+    """An op's eager path: its name, the bodies the op runs, the backward op, its
+    autograd.Function, and for encode the count of leading tensor arguments (x first, query
+    last) and the options its backward takes of the forward's."""
 
     name: str
     forward: Callable
     backward: Callable
+    backward_op: Callable
     function: type
     tensors: int = 0
     backward_options: Callable[[tuple], tuple] = tuple
     result: Callable = _first  # what the API takes of the op's outputs
-    linear: bool = False
+
+
+def _backward_of(eager: _Eager, grad: Tensor, saved: tuple, options: tuple) -> tuple:
+    """The backward body on the eager path, else the backward op: under create_graph (grad mode
+    on in a backward), whose missing autograd formula raises wherever a second derivative reaches
+    it, as on the ops path; or where the backward is intercepted (a batched backward runs it
+    under vmap)."""
+    if torch.is_grad_enabled() or not _eager(grad, *saved):
+        return eager.backward_op(grad, *saved, *options)
+    with _profiled(eager.name + "_backward"):
+        return eager.backward(grad, *saved, *options)
 
 
 class _EncodeFunction(torch.autograd.Function):
@@ -382,11 +378,11 @@ class _EncodeFunction(torch.autograd.Function):
         return sequence
 
     @staticmethod
-    @_first_order
     def backward(ctx, grad_sequence):
-        eager = ctx.eager
-        with _profiled(eager.name + "_backward"):
-            grad_x, grad_query = eager.backward(grad_sequence, *ctx.saved_tensors, *ctx.options)
+        eager, saved = ctx.eager, ctx.saved_tensors
+        grad_x, grad_query = _backward_of(eager, grad_sequence, saved, ctx.options)
+        query = saved[eager.tensors - 1]
+        grad_query = None if query is None else _like_query(grad_query, query)
         between = (None,) * (eager.tensors - 2)
         return (None, grad_x, *between, grad_query) + (None,) * ctx.trailing
 
@@ -401,11 +397,8 @@ class _ExpandFunction(torch.autograd.Function):
         return frames
 
     @staticmethod
-    @_first_order
     def backward(ctx, grad_frames):
-        (key_index,) = ctx.saved_tensors
-        with _profiled(ctx.eager.name + "_backward"):
-            grad_key, grad_residual = ctx.eager.backward(grad_frames, key_index, *ctx.options)
+        grad_key, grad_residual = _backward_of(ctx.eager, grad_frames, ctx.saved_tensors, ctx.options)
         return None, grad_key, grad_residual, None, None, None, None
 
 
@@ -414,16 +407,29 @@ def _varlen_backward_options(options: tuple) -> tuple:
     return pool, num_heads, frames_per_token, spatial, grid, max_frames, backend
 
 
-_ENCODE = _Eager("vtok::encode", _encode_forward, _encode_backward, _EncodeFunction, tensors=3)
+_ENCODE = _Eager("vtok::encode", _encode_forward, _encode_backward, encode_backward, _EncodeFunction,
+                 tensors=3)
 _ENCODE_VARLEN = _Eager("vtok::encode_varlen", _encode_varlen_forward, _encode_varlen_backward,
-                        _EncodeFunction, tensors=5, backward_options=_varlen_backward_options)
-_EXPAND = _Eager("vtok::expand", _expand_forward, _expand_backward, _ExpandFunction, result=_whole, linear=True)
+                        encode_varlen_backward, _EncodeFunction, tensors=5,
+                        backward_options=_varlen_backward_options)
+_EXPAND = _Eager("vtok::expand", _expand_forward, _expand_backward, expand_backward, _ExpandFunction,
+                 result=_whole)
+
+
+def _refuse_tangents(name: str, differentiable: tuple) -> None:
+    """Forward-mode AD has no formula here: a tangent would be dropped silently."""
+    if forward_ad._current_level < 0:
+        return
+    if any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in differentiable):
+        raise NotImplementedError(f"{name}: forward-mode AD (dual tensors, jvp) is not implemented; "
+                                  "use reverse mode (backward, torch.autograd.grad)")
 
 
 def _call(op, eager: _Eager, args: tuple, inputs: tuple, differentiable: tuple):
     """The first output of ``op(*args)`` (its only one for expand): from the op when anything may
     trace or intercept the call (``inputs``: its tensors), else from the op's body, under the
     eager path's autograd.Function where an input of ``differentiable`` needs a gradient."""
+    _refuse_tangents(eager.name, differentiable)
     if not _eager(*inputs):
         return eager.result(op(*args))
     if _needs_grad(*differentiable):
