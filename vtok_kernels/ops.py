@@ -277,8 +277,8 @@ expand.register_autograd(_expand_grad, setup_context=_expand_setup)
 # In eager mode on plain tensors, the torch.library dispatch of a custom op with a registered
 # autograd formula costs more host time than a small launch takes on the GPU (argument schema
 # checks, fill_defaults, the generated autograd node). There the API runs the same bodies under
-# one torch.autograd.Function instead: the same backends, the same bits, 55-60 % of the host
-# time. Tracing (torch.compile, export, torch.jit.trace), torch dispatch modes, tensor
+# one torch.autograd.Function instead: the same backends, the same bits, about 60 % of the
+# host time. Tracing (torch.compile, export, torch.jit.trace), torch dispatch modes, tensor
 # subclasses, functorch transforms, batched gradients and meta tensors keep the ops, which carry
 # the fake implementations and the schema those need; so does a backward under create_graph,
 # whose backward op raises where a second derivative reaches it.
