@@ -498,11 +498,16 @@ def main(argv=None) -> int:
     parser.add_argument("inputs", nargs="*", type=Path, help="pytest-benchmark JSON files of the suite")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the records")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    parser.add_argument("--missing-ok", action="store_true",
+                        help="skip an input that does not exist (a benchmark job stopped before writing it)")
     parser.add_argument("--no-selection", action="store_true",
                         help="do not rewrite vtok_kernels/_measured_order.py")
     args = parser.parse_args(argv)
     written = []
     for path in args.inputs:
+        if args.missing_ok and not path.exists():
+            print(f"{path}: not written (its run was cut): skipped", file=sys.stderr)
+            continue
         data = json.loads(path.read_text())
         records, host = records_from_benchmark_json(data), host_records_from_benchmark_json(data)
         if not records and not host:

@@ -323,7 +323,11 @@ def test_suite_runs_end_to_end(tmp_path):
         (line,) = [row for row in table if row.startswith(f"| cpu | encode-attn | {mode} |")]
         eager, ops, ratio = (float(cell) for cell in line.strip("|").split("|")[3:])
         assert eager > 0 and ops > 0 and abs(ratio - eager / ops) < 0.01
-    assert records.main([str(out), "--results", str(tmp_path / "results"), "--no-plot", "--no-selection"]) == 0
+    missing = tmp_path / "cut.json"
+    with pytest.raises(FileNotFoundError):
+        records.main([str(missing), "--results", str(tmp_path / "results"), "--no-plot", "--no-selection"])
+    assert records.main([str(missing), str(out), "--results", str(tmp_path / "results"), "--no-plot",
+                         "--no-selection", "--missing-ok"]) == 0
     written = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert f"host-{host_record['device']['slug']}-{host_record['date']}.md" in written
     assert host_record["date"] in " ".join(written) and "README-table.md" in written

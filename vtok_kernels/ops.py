@@ -381,8 +381,8 @@ class _EncodeFunction(torch.autograd.Function):
     def backward(ctx, grad_sequence):
         eager, saved = ctx.eager, ctx.saved_tensors
         grad_x, grad_query = _backward_of(eager, grad_sequence, saved, ctx.options)
-        query = saved[eager.tensors - 1]
-        grad_query = None if query is None else _like_query(grad_query, query)
+        if saved[eager.tensors - 1] is None:  # mean pooling: the op returns an empty grad_query
+            grad_query = None
         between = (None,) * (eager.tensors - 2)
         return (None, grad_x, *between, grad_query) + (None,) * ctx.trailing
 
