@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_proof.sh OUTDIR quick            # <= 5 min, build included: parity, fuzz,
 #                                                        # no host sync, graphs, loaders, memcheck,
 #                                                        # racecheck, the headline benchmark rows
+#   bash benchmarks/gpu_proof.sh OUTDIR full:profile     # kernels, graph, host (eager path and
+#                                                        # ops), ncu per kernel beside the model
 #   bash benchmarks/gpu_proof.sh OUTDIR full:tests       # every GPU test (<= 9 min)
 #   bash benchmarks/gpu_proof.sh OUTDIR full:sanitize    # the sanitizers' other tools and loader
 #   bash benchmarks/gpu_proof.sh OUTDIR full:bench-encode   # benchmark rows, records and plots
@@ -16,8 +18,8 @@
 #   ... --rehearse   the stage on the CPU: the cpu backend and Triton's interpreter (CI runs it)
 #
 # The build is offline (pip --no-build-isolation --no-deps --no-index) for the arch of the GPU
-# present. OUTDIR gets at most 5 files: summary.txt (printed last), proof.json, machine.txt,
-# logs.tar.gz and bench.json. benchmarks/proof.py is the scheduler; PYTHON picks the interpreter
+# present. OUTDIR gets at most 8 files: summary.txt (printed last), proof.json, machine.txt,
+# logs.tar.gz, and bench.json or calibration.txt and calibration.json. benchmarks/proof.py is the scheduler; PYTHON picks the interpreter
 # (default python3). Exits 0 when everything ran and passed (PASS); FAIL and INCOMPLETE exit 1.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

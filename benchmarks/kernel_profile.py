@@ -7,9 +7,12 @@ For each row (cases.py) it measures, in one process:
 * ``host``: host seconds to enqueue the call (no synchronisation), the floor of ``events`` when
   the device waits on the host;
 * ``kernels``: every kernel the call launches with its device time (torch.profiler), and their
-  sum, the floor of ``events`` when the host keeps ahead.
+  sum, the floor of ``events`` when the host keeps ahead;
+* ``host ops`` (``--host-ops``): ``host`` again with the API's calls taken through the
+  torch.library ops instead of its eager path (vtok_kernels/ops.py), in the same process.
 
     python -m benchmarks.kernel_profile --preset clip --frames 16 --json out.json
+    python -m benchmarks.kernel_profile --host-ops            # what the ops' dispatch costs per call
     python -m benchmarks.kernel_profile --host-profile 50     # where the host time goes (cProfile)
     ncu ... python -m benchmarks.kernel_profile --once       # each row's call once, for a profiler
     python -m benchmarks.kernel_profile --impl triton --op encode-mean \
@@ -18,8 +21,8 @@ For each row (cases.py) it measures, in one process:
 
 A row whose ``events`` is far above its ``kernels`` sum is host-bound or gap-bound; one whose
 kernels are slow next to the bytes they move is a kernel to fix. ``VTOK_EAGER_FUNCTIONS=0`` in
-the environment times the rows through the torch.library ops instead of the API's eager path
-(vtok_kernels/ops.py): the ``host`` columns of two runs give what the ops' dispatch costs.
+the environment times every column through the torch.library ops instead of the API's eager path.
+The JSON is rewritten after each row, so a run stopped from outside keeps the rows it measured.
 """
 from __future__ import annotations
 
@@ -94,7 +97,24 @@ def _kernels(call, device, repeats):
     return rows
 
 
-def profile_row(case: cases.Case, repeats: int) -> dict:
+@contextlib.contextmanager
+def _through_ops():
+    """The API's calls taken through the torch.library ops, as with VTOK_EAGER_FUNCTIONS=0."""
+    from vtok_kernels import ops
+
+    saved, ops.EAGER_FUNCTIONS = ops.EAGER_FUNCTIONS, False
+    try:
+        yield
+    finally:
+        ops.EAGER_FUNCTIONS = saved
+
+
+def _row_key(case: cases.Case) -> dict:
+    return {"impl": case.impl, "op": case.op, "mode": case.mode, "preset": case.preset.name,
+            "dtype": str(case.dtype).replace("torch.", ""), "batch": case.batch, "frames": case.frames}
+
+
+def profile_row(case: cases.Case, repeats: int, host_ops: bool = False) -> dict:
     device = torch.device(case.device)
     work = cases.workload(case)
     work.call()
@@ -103,10 +123,15 @@ def profile_row(case: cases.Case, repeats: int) -> dict:
     events = _events(work.call, device, repeats)
     graph, graph_error = _graph(work.call, device, repeats)
     host = _host(work.call, device, repeats)
+    ops_host = None
+    if host_ops:
+        with _through_ops():
+            work.call()  # the ops' first call compiles nothing, but registers their autograd nodes
+            ops_host = _host(work.call, device, repeats)
     kernels = _kernels(work.call, device, repeats)
     kernel_sum = sum(k["median_s"] * k["calls_per_row"] for k in kernels)
-    return {"row": case.id, "bytes_moved": moved, "events_s": events, "graph_s": graph,
-            "graph_error": graph_error, "host_s": host, "kernel_sum_s": kernel_sum, "kernels": kernels}
+    return {"row": case.id, **_row_key(case), "bytes_moved": moved, "events_s": events, "graph_s": graph, "graph_error": graph_error,
+            "host_s": host, "host_ops_s": ops_host, "kernel_sum_s": kernel_sum, "kernels": kernels}
 
 
 def _sync(device: str) -> None:
@@ -173,7 +198,9 @@ def main(argv=None) -> int:
     parser.add_argument("--op", action="append", default=None, help="encode-mean, encode-attn")
     parser.add_argument("--mode", action="append", default=None, help="fwd, fwd+bwd")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="write the rows here (rewritten after each row)")
+    parser.add_argument("--host-ops", action="store_true",
+                        help="also time the host through the torch.library ops (column 'host ops')")
     parser.add_argument("--host-profile", type=int, default=0, metavar="CALLS",
                         help="print a cProfile of CALLS calls per row instead of timing it")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself")
@@ -203,34 +230,38 @@ def _run(args) -> int:
             if args.once:
                 cases.workload(case).call()
                 _sync(case.device)
-                print(f"{case.id}: ran once", flush=True)
+                # the row's key, for benchmarks.calibrate to tell whose kernels a profiler saw
+                print(f"{case.id}: ran once {json.dumps(_row_key(case))}", flush=True)
             else:
                 print(f"==== {case.id}: {args.host_profile} calls\n{host_profile(case, args.host_profile)}", flush=True)
         return 0
     results = []
     bandwidth = roofline.copy_bandwidth(torch.device("cuda"))["bytes_per_s"]
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; GB/s columns: bytes moved over each time")
-    print(f"{'row':58s} {'events':>8s} {'graph':>8s} {'host':>8s} {'kernels':>8s}  (us)   GB/s ev  graph  kern")
+    ops_column = f" {'host ops':>8s}" if args.host_ops else ""
+    print(f"{'row':58s} {'events':>8s} {'graph':>8s} {'host':>8s}{ops_column} {'kernels':>8s}  (us)   "
+          f"GB/s ev  graph  kern")
     us = lambda s: f"{s * 1e6:8.1f}" if s else "       -"  # noqa: E731
     for case in rows:
         try:
-            row = profile_row(case, args.repeats)
+            row = profile_row(case, args.repeats, args.host_ops)
         except Exception as exc:  # noqa: BLE001: one row's failure is reported
             print(f"{case.id}: {type(exc).__name__}: {exc}".splitlines()[0], flush=True)
             continue
         results.append(row)
         moved = row["bytes_moved"]
-        print(f"{row['row']:58s} {us(row['events_s'])} {us(row['graph_s'])} {us(row['host_s'])} "
+        ops_host = f" {us(row['host_ops_s'])}" if args.host_ops else ""
+        print(f"{row['row']:58s} {us(row['events_s'])} {us(row['graph_s'])} {us(row['host_s'])}{ops_host} "
               f"{us(row['kernel_sum_s'])}        {_gbs(moved, row['events_s'])} "
               f"{_gbs(moved, row['graph_s'])} {_gbs(moved, row['kernel_sum_s'])}", flush=True)
         if row["graph_error"]:
             print(f"    graph: {row['graph_error']}")
         for k in row["kernels"]:
             print(f"    {k['median_s'] * 1e6:8.1f} us x{k['calls_per_row']:.0f}  {k['kernel'][:110]}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"copy_bytes_per_s": bandwidth, "rows": results,
-                       "torch": torch.__version__, "device": torch.cuda.get_device_name()}, f, indent=1)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"copy_bytes_per_s": bandwidth, "rows": results, "torch": torch.__version__,
+                           "device": torch.cuda.get_device_name()}, f, indent=1)
     return 0
 
 

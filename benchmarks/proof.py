@@ -2,6 +2,7 @@
 
     bash benchmarks/gpu_proof.sh OUTDIR quick          # <= 5 minutes from a fresh checkout
     bash benchmarks/gpu_proof.sh OUTDIR full:tests     # one stage of the rest, <= 9 minutes
+    bash benchmarks/gpu_proof.sh OUTDIR full:profile   # where the time goes, against the model
     bash benchmarks/gpu_proof.sh OUTDIR full           # every full stage back to back (more
                                                        # than one call holds: a machine to spare)
     bash benchmarks/gpu_proof.sh OUTDIR quick --plan   # what would run, and its time budget
@@ -17,8 +18,10 @@ bits, memcheck and racecheck, then the headline benchmark rows.
 OUTDIR receives at most 8 files (all a GPU call brings back): ``summary.txt`` (one screen, also
 printed last), ``proof.json`` (every job and every check line), ``machine.txt``, ``logs.tar.gz``
 (every log), and ``bench.json`` (the stage's pytest-benchmark rows, for ``benchmarks.records``)
-where the stage benchmarks. They are rewritten after every job, so a run killed from outside
-still leaves what it had proved.
+where the stage benchmarks; ``full:profile`` adds ``calibration.txt`` and ``calibration.json``
+(``benchmarks.calibrate``: each kernel's model estimate beside what ncu measured, the rows' host
+time through the eager path and the ops, which CUDA forward design is faster). They are rewritten
+after every job, so a run killed from outside still leaves what it had proved.
 
 Without a GPU, ``--rehearse`` runs the same scheduler, files and summary on the CPU (the cpu
 backend and Triton's interpreter, tiny benchmark rows; no build, no sanitizer): CI runs it.
@@ -46,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_FILES = 8
 QUICK_BUDGET_S = 300
 FULL_STAGE_BUDGET_S = 540
-STAGES = ("quick", "full:tests", "full:sanitize", "full:bench-encode", "full:bench-other",
+STAGES = ("quick", "full:profile", "full:tests", "full:sanitize", "full:bench-encode", "full:bench-other",
           "full:bench-compiled")
 FULL_STAGES = tuple(s for s in STAGES if s.startswith("full:"))
 STATIC_MODEL = ROOT / "benchmarks" / "results" / "static-model.json"
@@ -73,6 +76,7 @@ class Job:
     # stopped at its deadline, it still leaves every result it had (streamed lines): the stage
     # is INCOMPLETE rather than FAIL
     partial_ok: bool = False
+    returns: tuple = ()  # files of the work folder that come back in OUTDIR, when it writes them
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Machine:
     jobs: int = os.cpu_count() or 2
     seed: int = 0
     sanitizer: Optional[str] = None
+    ncu: Optional[str] = None
     extension_ready: bool = False
     # Triton compiles one kernel per new specialisation, single-threaded: its parity and fuzz
     # cases are split over this many processes. Three took 133-161 s of the 195 s on an H100
@@ -178,6 +183,44 @@ def _build_job(machine: Machine) -> Job:
     return build
 
 
+# The rows full:profile measures: the headline presets at the GPU scale's 16 frames (the static
+# model's shape, benchmarks/results/static-model.json).
+PROFILE_ROWS = ("--preset", "clip", "--preset", "siglip", "--frames", "16")
+PROFILE_IMPLS = ("cuda", "cuda-warps", "triton")
+
+
+def _profile_jobs(machine: Machine, after: tuple) -> list[Job]:
+    """kernel_profile over the rows (events, graph, host through both paths, kernels), then ncu
+    over them one backend per process (ncu prints its report when its process ends: a cut run
+    loses one backend's), then the calibration report of both against the static model."""
+    profile = Job("profile", _py("-m", "benchmarks.kernel_profile", *PROFILE_ROWS, "--host-ops",
+                                 "--json", "{work}/kernel-profile.json"),
+                  240, after, "profile", env={"VTOK_TRITON_AUTOTUNE": "0"},
+                  outputs={"json": "kernel-profile.json"}, partial_ok=True)
+    jobs, last = [profile], "profile"
+    for index, impl in enumerate(PROFILE_IMPLS):
+        log = f"ncu-{impl}.txt"
+        job = Job(f"ncu:{impl}", _py("-m", "benchmarks.calibrate", "ncu", "--out", "{work}/" + log,
+                                     "--deadline", "{deadline}", "--", "--impl", impl, *PROFILE_ROWS),
+                  330 + 75 * index, (last,), "profile", env={"VTOK_TRITON_AUTOTUNE": "0"},
+                  outputs={"log": log}, partial_ok=True)
+        if machine.gpu and machine.ncu is None:
+            job.skip = "ncu not found (Nsight Compute, part of the CUDA toolkit)"
+        jobs.append(job)
+        last = job.name
+    report = Job("calibration", _py("-m", "benchmarks.calibrate", "report", "--ncu",
+                                    *["{work}/" + j.outputs["log"] for j in jobs[1:]],
+                                    "--profile", "{work}/kernel-profile.json", "--txt", "{work}/calibration.txt",
+                                    "--json", "{work}/calibration.json"),
+                 525, tuple(j.name for j in jobs), "calibration",
+                 outputs={"txt": "calibration.txt", "json": "calibration.json"},
+                 returns=("calibration.txt", "calibration.json"))
+    if not machine.gpu:
+        for job in jobs:
+            job.skip, job.optional = "no GPU (rehearsal)", True
+    return jobs + [report]
+
+
 def plan(stage: str, machine: Machine) -> list[Job]:
     """The jobs of ``stage`` on ``machine``, in the order the summary lists them."""
     build = _build_job(machine)
@@ -205,6 +248,8 @@ def plan(stage: str, machine: Machine) -> list[Job]:
         if not machine.gpu:
             compiled.skip = "no GPU (rehearsal): the tiny scale compiles nothing"
         return [build] + checks + sanitize + [warm, bench, compiled]
+    if stage == "full:profile":
+        return [build] + _profile_jobs(machine, ("build",))
     if stage == "full:tests":
         tests = Job("tests", _py("-m", "pytest", "tests", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                                  "--junitxml", "{work}/tests.xml"), 420, ("build",), outputs={"xml": "tests.xml"})
@@ -517,8 +562,24 @@ def summary_text(proof: dict, width: int = 100) -> str:
         copy = next((r["copy_gb_per_s"] for r in rows if r.get("copy_gb_per_s")), None)
         lines.append(f"  copy bandwidth {_num(copy)} GB/s; model: "
                      f"{'benchmarks/results/static-model.json' if any(r['model_gb_per_s'] for r in rows) else 'no static-model record yet'}")
+    lines += calibration_summary(proof.get("calibration", ""))
     lines.append(f"files: {', '.join(proof.get('files', []))}")
     return "\n".join(lines)
+
+
+def calibration_summary(text: str, most: int = 45) -> list[str]:
+    """The calibration report's verdict on the model, the CUDA forward designs and the rows
+    (its per-kernel table stays in calibration.txt): at most ``most`` lines."""
+    if not text:
+        return []
+    lines = text.splitlines()
+    keep = [line for line in lines if line.startswith("  model within")]
+    designs = next((i for i, line in enumerate(lines) if line.startswith("CUDA forward designs")), None)
+    rows = next((i for i, line in enumerate(lines) if line.startswith("Rows,")), len(lines))
+    if designs is not None:
+        keep += [line for line in lines[designs:] if line.startswith(("CUDA forward", "  encode"))]
+    keep += lines[rows:designs if designs is not None and designs > rows else len(lines)]
+    return ["calibration (calibration.txt has every kernel):"] + [line[:100] for line in keep[:most - 1]]
 
 
 def verdict(jobs: list[dict]) -> str:
@@ -606,6 +667,12 @@ def gpu_arch() -> Optional[str]:
     major, _, minor = capability.partition(".")
     arch = f"{major}{minor}"
     return arch + "a" if arch == "90" else arch
+
+
+def find_ncu() -> Optional[str]:
+    from benchmarks import calibrate
+
+    return calibrate.find_ncu()
 
 
 def find_sanitizer() -> Optional[str]:
@@ -697,6 +764,11 @@ def run_stage(stage: str, outdir: Path, machine: Machine, python: str) -> dict:
         proof["seconds"] = round(time.monotonic() - started, 1)
         proof["verdict"] = verdict(proof["jobs"])
         files = ["summary.txt", "proof.json", "machine.txt", "logs.tar.gz"] + (["bench.json"] if merged else [])
+        for name in (n for job in jobs for n in job.returns if (work / n).exists()):
+            shutil.copyfile(work / name, outdir / name)
+            files.append(name)
+        if (work / "calibration.txt").exists():
+            proof["calibration"] = (work / "calibration.txt").read_text(errors="replace")
         proof["files"] = files
         if merged:
             (outdir / "bench.json").write_text(json.dumps(merged))
@@ -753,12 +825,12 @@ def main(argv=None) -> int:
     arch = None if args.rehearse else gpu_arch()
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000
     machine = Machine(gpu=arch is not None, arch=arch or "", python=python, seed=seed,
-                      sanitizer=find_sanitizer() if arch else None)
+                      sanitizer=find_sanitizer() if arch else None, ncu=find_ncu() if arch else None)
     if args.plan:
         if not machine.gpu and not args.rehearse:
             # planned as for the Hopper machines the proof is meant for
             machine.arch, machine.gpu, machine.jobs = "90a", True, 16
-            machine.sanitizer = "compute-sanitizer"
+            machine.sanitizer, machine.ncu = "compute-sanitizer", "ncu"
         for stage in stages:
             print(format_plan(stage, plan(stage, machine), machine))
         return 0

@@ -839,6 +839,7 @@ class KernelEstimate:
     t_latency_us: float
     time_us: float
     bound: str
+    name: str = ""  # as the launch names it (KernelCode.name): what a profiler's report matches
 
 
 def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident: set,
@@ -882,7 +883,7 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
         blocks_per_sm=code.blocks_per_sm, waves=waves, tail=tail, bytes_in_flight_per_sm=in_flight_sm,
         littles_law_gb_per_s=littles / 1e9, hbm_bytes=hbm, l2_bytes=traffic.l2_bytes,
         thread_hbm_bytes=hbm_reads, thread_cached_bytes=thread_cached, t_hbm_us=t_hbm * 1e6,
-        t_latency_us=t_lat * 1e6, time_us=total * 1e6, bound=bound)
+        t_latency_us=t_lat * 1e6, time_us=total * 1e6, bound=bound, name=launch.kernel)
 
 
 # The benchmark's GPU scale: 8 videos of 16 frames (benchmarks/cases.py SCALES["gpu"], the

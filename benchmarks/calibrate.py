@@ -1,0 +1,488 @@
+"""The static model against a GPU run, kernel by kernel.
+
+``python -m vtok_kernels sass-report`` predicts each kernel's time from its machine code
+(``benchmarks/results/static-model.json``); this module sets what Nsight Compute measured for
+the same launches beside it, so that one GPU window says where the model holds, where it misses
+and by how much (the CUDA issue's goal: within 15 %), and what a missing term would have to
+explain: the warp instructions each kernel executes per KiB it moves and the rate it issues them.
+
+    python -m benchmarks.calibrate ncu --out ncu-cuda.txt -- --impl cuda --preset clip --frames 16
+        # ncu over ``kernel_profile --once`` (forward+backward rows: every kernel of a pass once)
+    python -m benchmarks.calibrate report --ncu ncu-*.txt --profile kernel-profile.json \\
+        --txt calibration.txt --json calibration.json
+
+``report`` reads ncu's text output, in which every kernel the run launched follows the line
+``==PROF== Profiling "name"`` and every row ends with ``ROW: ran once {key}``
+(``kernel_profile --once``), so each measured kernel belongs to one benchmark row. It pairs them
+with the model row's kernels in launch order by name, and prints per kernel: the model's time,
+HBM and L2 bytes against the measured duration, DRAM and L2-to-SM bytes; and the executed
+instructions per KiB of DRAM traffic with the IPC per SM. ``--profile`` adds the rows of
+``kernel_profile --json`` (CUDA events, graph replay, kernel sum and host time, eager path and
+``--host-ops``) and the goals: forward and forward+backward fractions of the run's copy
+bandwidth, and which CUDA forward design is faster per row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+STATIC_MODEL = ROOT / "benchmarks" / "results" / "static-model.json"
+
+# Every kernel of the cuda and triton backends' encode passes: what ncu profiles (-k).
+KERNELS = ("residual_fwd_kernel", "warp_pool_kernel", "key_tokens_kernel", "encode_bwd_kernel",
+           "attn_delta_kernel", "grad_query_reduce_kernel", "mean_fwd_kernel", "mean_bwd_kernel",
+           "attn_fwd_kernel", "attn_bwd_kernel", "combine_kernel")
+# The sections the committed H100 record used, and the two that count instructions.
+SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "MemoryWorkloadAnalysis",
+            "ComputeWorkloadAnalysis", "InstructionStats")
+# Bytes each kernel moves, counted by the hardware: DRAM reads and writes, and the sectors the
+# SMs read from L2 (32 bytes each), the model's l2_bytes.
+METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_sectors_srcunit_tex_op_read.sum")
+L2_SECTOR_BYTES = 32
+# The CUDA issue's goal for the model: within 15 % of the measurement.
+MODEL_TOLERANCE = 0.15
+# Goals, as fractions of the run's copy bandwidth (the CUDA and Triton issues).
+GOALS = {("cuda", "fwd"): 0.90, ("cuda", "fwd+bwd"): 0.80, ("cuda-warps", "fwd"): 0.90,
+         ("cuda-warps", "fwd+bwd"): 0.80, ("triton", "fwd"): 0.85, ("triton", "fwd+bwd"): 0.75}
+# Kernels shorter than this are launch-bound on any model: their error is reported, not judged.
+JUDGED_US = 5.0
+
+
+# ------------------------------------------------------------------------------ ncu's text
+_KERNEL = re.compile(r"^  (?:void )?(?P<name>\S.*?) \((?P<grid>\d+, \d+, \d+)\)x\((?P<block>\d+, \d+, \d+)\), "
+                     r"Context \d+, Stream \d+")
+_SECTION = re.compile(r"^    Section: (?P<name>.+?)\s*$")
+_DASHES = re.compile(r"^    -+(?: +-+)+\s*$")
+_PROFILING = re.compile(r'^==PROF== Profiling "(?P<name>[^"]+)"')
+_RAN = re.compile(r"^(?P<id>\S+): ran once(?: (?P<key>\{.*\}))?\s*$")
+# kernel_profile's row id without the key (records written before it printed one)
+_ROW_ID = re.compile(r"^(?P<device>cuda|cpu)-(?P<op>encode-mean|encode-attn)-(?P<mode>fwd\+bwd|fwd)-"
+                     r"(?P<impl>.+)-(?P<preset>[a-z0-9_]+)-B(?P<batch>\d+)xT(?P<frames>\d+)-(?P<dtype>\w+)$")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3, "s": 1.0, "second": 1.0,
+          "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
+          "byte/s": 1, "Kbyte/s": 1e3, "Mbyte/s": 1e6, "Gbyte/s": 1e9, "Tbyte/s": 1e12}
+
+
+def _number(text: str):
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return text
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without return type, namespaces, arguments or config: what matches across
+    ncu, the extension, NVRTC and the model (``residual_fwd_kernel<bf16_t, 8, 0>``)."""
+    name = name.strip()
+    if name.startswith("void "):
+        name = name[5:]
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch in "([" and depth == 0:
+            cut = i
+            break
+    name = name[:cut]
+    return re.sub(r"\b(?:vtok|cuda)::", "", name).replace(" ", "")
+
+
+def base_name(name: str) -> str:
+    return short_name(name).split("<")[0]
+
+
+def parse_ncu(text: str) -> dict:
+    """{"kernels": [...], "rows": [...]} from ncu's text output of a ``kernel_profile --once`` run.
+
+    A kernel: name, grid, block, and its metrics by name ({"Duration": (unit, value), ...}; a
+    name two sections share is kept as ``Section/Name`` too). A row: its key and the kernels
+    ncu profiled for it (``profiled``: the ``==PROF== Profiling`` lines before its ``ran once``)."""
+    kernels: list[dict] = []
+    rows: list[dict] = []
+    profiled: list[str] = []
+    current: Optional[dict] = None
+    section, state, name_end = "", "", 0
+    for line in text.splitlines():
+        m = _PROFILING.match(line)
+        if m:
+            profiled.append(m.group("name"))
+            continue
+        m = _RAN.match(line)
+        if m:
+            rows.append({"key": row_key(m.group("id"), m.group("key")), "profiled": profiled})
+            profiled = []
+            continue
+        m = _KERNEL.match(line)
+        if m:
+            current = {"name": m.group("name"), "grid": [int(v) for v in m.group("grid").split(", ")],
+                       "block": [int(v) for v in m.group("block").split(", ")], "metrics": {}}
+            kernels.append(current)
+            section, state = "", ""
+            continue
+        if current is None:
+            continue
+        m = _SECTION.match(line)
+        if m:
+            section, state = m.group("name"), "section"
+            continue
+        # A section's table: a rule whose dashes give the columns, the header, a rule, the rows,
+        # a rule. Other rules (the boxes around ncu's advice) are not tables.
+        rule = bool(_DASHES.match(line))
+        if state == "section" and rule:
+            name_end, state = re.search(r"-+", line).end(), "header"
+        elif state == "header" and line.strip().startswith("Metric Name"):
+            state = "header-rule"
+        elif state == "header-rule" and rule:
+            state = "rows"
+        elif state == "rows" and rule:
+            state = ""
+        elif state == "rows" and line.strip():
+            name, tail = line[:name_end].strip(), line[name_end:].split()
+            if not name or not tail:
+                continue
+            if tail[-2:] == ["no", "data"]:
+                unit, value = " ".join(tail[:-2]), None
+            else:
+                unit, value = " ".join(tail[:-1]), _number(tail[-1])
+            # a name two sections share (Memory Throughput) is also kept under its section's
+            current["metrics"].setdefault(name, (unit, value))
+            current["metrics"][f"{section}/{name}"] = (unit, value)
+    return {"kernels": kernels, "rows": rows, "unclaimed": profiled}
+
+
+def row_key(row_id: str, key_json: Optional[str] = None) -> dict:
+    if key_json:
+        return json.loads(key_json)
+    m = _ROW_ID.match(row_id)
+    if not m:
+        return {"id": row_id}
+    key = m.groupdict()
+    key.pop("device")
+    key["batch"], key["frames"] = int(key["batch"]), int(key["frames"])
+    return key
+
+
+def _scaled(metrics: dict, *names: str) -> Optional[float]:
+    for name in names:
+        if name in metrics:
+            unit, value = metrics[name]
+            if isinstance(value, float):
+                return value * _UNITS.get(unit, 1.0)
+    return None
+
+
+def measured(kernel: dict) -> dict:
+    """What one profiled kernel did: seconds, DRAM bytes, L2-to-SM bytes, warp instructions
+    executed, IPC per SM, achieved warps per SM, registers, blocks."""
+    m = kernel["metrics"]
+    seconds = _scaled(m, "Duration", "gpu__time_duration.sum")
+    sms = _scaled(m, "# SMs")
+    active = _scaled(m, "SM Active Cycles")
+    warps = _scaled(m, "Achieved Active Warps Per SM")
+    dram = None
+    if "dram__bytes_read.sum" in m and "dram__bytes_write.sum" in m:
+        dram = _scaled(m, "dram__bytes_read.sum") + _scaled(m, "dram__bytes_write.sum")
+    elif seconds is not None:
+        # Memory Workload Analysis' throughput is the DRAM's (dram__bytes.sum.per_second)
+        rate = _scaled(m, "Memory Workload Analysis/Memory Throughput")
+        dram = rate * seconds if rate is not None else None
+    sectors = _scaled(m, "lts__t_sectors_srcunit_tex_op_read.sum")
+    inst = _scaled(m, "Executed Instructions")
+    derived = False
+    if inst is None and None not in (active, warps, sms):
+        per_inst = _scaled(m, "Warp Cycles Per Executed Instruction", "Warp Cycles Per Issued Instruction")
+        if per_inst:
+            # every active warp executes one instruction per per_inst cycles
+            inst, derived = active * warps / per_inst * sms, True
+    ipc = _scaled(m, "Executed Ipc Active")
+    if ipc is None and inst is not None and active and sms:
+        ipc = inst / (active * sms)
+    blocks = math.prod(kernel["grid"])
+    return {"name": short_name(kernel["name"]), "grid": kernel["grid"], "blocks": blocks,
+            "seconds": seconds, "dram_bytes": dram,
+            "l2_bytes": sectors * L2_SECTOR_BYTES if sectors is not None else None,
+            "instructions": inst, "instructions_derived": derived, "ipc": ipc, "warps_per_sm": warps,
+            "registers": _scaled(m, "Registers Per Thread"), "waves": _scaled(m, "Waves Per SM")}
+
+
+def attribute(parsed: dict) -> list[dict]:
+    """[{"key": row key, "kernels": [measured kernel, ...]}]: ncu reports its kernels in launch
+    order, and each row claimed as many as it had ``Profiling`` lines."""
+    out, kernels = [], iter(parsed["kernels"])
+    for row in parsed["rows"]:
+        taken = [k for _, k in zip(row["profiled"], kernels)]
+        names = [base_name(k["name"]) for k in taken]
+        out.append({"key": row["key"], "kernels": [measured(k) for k in taken],
+                    "consistent": names == [base_name(n) for n in row["profiled"]]})
+    return out
+
+
+# ------------------------------------------------------------------------------ the model beside it
+def load_model(path: Path = STATIC_MODEL) -> dict:
+    data = json.loads(Path(path).read_text())
+    return {model_key(r): r for r in data["rows"]}
+
+
+def model_key(row: dict) -> tuple:
+    return (row["impl"], row["op"], row["mode"], row["preset"], row["dtype"])
+
+
+def _model_name(kernel: dict) -> str:
+    return short_name(kernel.get("name") or kernel["kernel"])
+
+
+def pair_kernels(model_kernels: Sequence[dict], kernels: Sequence[dict]) -> list[tuple]:
+    """(model kernel or None, measured kernel or None) in launch order: each measured kernel with
+    the next model kernel of its name (a name match is exact where both carry template
+    arguments, else by base name); the model's kernels ncu skipped stand alone."""
+    pairs, start = [], 0
+    for kernel in kernels:
+        found = None
+        for index in range(start, len(model_kernels)):
+            a, b = _model_name(model_kernels[index]), kernel["name"]
+            exact = "<" in a and "<" in b
+            if (a == b) if exact else (a.split("<")[0] == b.split("<")[0]):
+                found = index
+                break
+        if found is None:
+            pairs.append((None, kernel))
+            continue
+        pairs.extend((m, None) for m in model_kernels[start:found])
+        pairs.append((model_kernels[found], kernel))
+        start = found + 1
+    pairs.extend((m, None) for m in model_kernels[start:])
+    return pairs
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def compare(attributed: list[dict], model: dict, copy_bytes_per_s: Optional[float] = None) -> list[dict]:
+    """One entry per (row, kernel): the model's estimate beside the measurement."""
+    out = []
+    for row in attributed:
+        key = row["key"]
+        mrow = model.get((key.get("impl"), key.get("op"), key.get("mode"), key.get("preset"), key.get("dtype")))
+        for m, k in pair_kernels(mrow["kernels"] if mrow else [], row["kernels"]):
+            entry = {"row": {n: key.get(n) for n in ("impl", "op", "mode", "preset", "dtype")},
+                     "pass": m["pass"] if m else None, "kernel": (k or {}).get("name") or _model_name(m),
+                     "config": m.get("config") if m else None, "model": None, "measured": k}
+            if m:
+                entry["model"] = {"us": m["time_us"], "hbm_bytes": m["hbm_bytes"], "l2_bytes": m["l2_bytes"],
+                                  "blocks": m["blocks"], "bound": m["bound"], "waves": m["waves"]}
+            if m and k and k["seconds"]:
+                us = k["seconds"] * 1e6
+                entry["error"] = m["time_us"] / us - 1
+                entry["judged"] = us >= JUDGED_US
+                entry["grid_matches"] = k["blocks"] == m["blocks"]
+                moved = k["dram_bytes"] or m["hbm_bytes"]
+                entry["instructions_per_kib"] = _ratio(k["instructions"], moved / 1024) if moved else None
+                if copy_bytes_per_s and k["dram_bytes"]:
+                    entry["dram_fraction_of_copy"] = k["dram_bytes"] / k["seconds"] / copy_bytes_per_s
+            out.append(entry)
+    return out
+
+
+def profile_rows(profile: dict, model: dict) -> list[dict]:
+    """kernel_profile's rows with the model's prediction, the fraction of the run's copy
+    bandwidth their kernels reach, and the goal of their backend and mode."""
+    copy = profile.get("copy_bytes_per_s")
+    out = []
+    for row in profile.get("rows", []):
+        key = (row.get("impl"), row.get("op"), row.get("mode"), row.get("preset"), row.get("dtype"))
+        mrow = model.get(key)
+        kernels = row.get("kernel_sum_s")
+        fraction = row["bytes_moved"] / kernels / copy if kernels and copy else None
+        goal = GOALS.get((row.get("impl"), row.get("mode")))
+        out.append({"key": dict(zip(("impl", "op", "mode", "preset", "dtype"), key)),
+                    "events_us": _us(row.get("events_s")), "graph_us": _us(row.get("graph_s")),
+                    "kernels_us": _us(kernels), "host_us": _us(row.get("host_s")),
+                    "host_ops_us": _us(row.get("host_ops_s")),
+                    "model_us": mrow["predicted_us"] if mrow else None,
+                    "model_error": mrow["predicted_us"] / (kernels * 1e6) - 1 if mrow and kernels else None,
+                    "fraction_of_copy": fraction, "goal": goal,
+                    "meets_goal": fraction >= goal if fraction is not None and goal else None})
+    return out
+
+
+def faster_design(rows: list[dict]) -> list[dict]:
+    """Per (op, mode, preset, dtype) measured for both CUDA forward designs: which one's
+    kernels took less time, and by how much."""
+    by = {}
+    for r in rows:
+        k = r["key"]
+        by.setdefault((k["op"], k["mode"], k["preset"], k["dtype"]), {})[k["impl"]] = r["kernels_us"]
+    out = []
+    for (op, mode, preset, dtype), impls in by.items():
+        tiles, warps = impls.get("cuda"), impls.get("cuda-warps")
+        if tiles and warps:
+            out.append({"op": op, "mode": mode, "preset": preset, "dtype": dtype, "tiles_us": tiles,
+                        "warps_us": warps, "faster": "warps" if warps < tiles else "tiles",
+                        "speedup": max(tiles, warps) / min(tiles, warps)})
+    return out
+
+
+def _us(seconds: Optional[float]) -> Optional[float]:
+    return seconds * 1e6 if seconds else None
+
+
+# ------------------------------------------------------------------------------ the report
+def _f(value, fmt: str = ".1f", none: str = "-") -> str:
+    return none if value is None else format(value, fmt)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:+.0f}%"
+
+
+def report_text(kernels: list[dict], rows: list[dict], designs: list[dict], notes: Sequence[str] = ()) -> str:
+    lines = []
+    if kernels:
+        lines.append("Kernels, ncu (one call per row; model: benchmarks/results/static-model.json):")
+        lines.append(f"  {'row':<34}{'kernel':<38}{'model':>7}{'ncu us':>8}{'err':>6}{'grid':>5}"
+                     f"{'HBM MB m/ncu':>14}{'L2 MB m/ncu':>13}{'ins/KiB':>8}{'IPC':>5}{'warps':>6}")
+        for e in kernels:
+            r, k, m = e["row"], e["measured"] or {}, e["model"] or {}
+            row = f"{r['impl']} {r['op'][7:]} {r['mode']} {r['preset']}"
+            grid = "-" if "grid_matches" not in e else ("ok" if e["grid_matches"] else "DIFF")
+            hbm = f"{_f(m.get('hbm_bytes') and m['hbm_bytes'] / 1e6, '.0f')}/{_f(k.get('dram_bytes') and k['dram_bytes'] / 1e6, '.0f')}"
+            l2 = f"{_f(m.get('l2_bytes') and m['l2_bytes'] / 1e6, '.0f')}/{_f(k.get('l2_bytes') and k['l2_bytes'] / 1e6, '.0f')}"
+            lines.append(f"  {row:<34}{e['kernel'][:37]:<38}{_f(m.get('us')):>7}"
+                         f"{_f(k.get('seconds') and k['seconds'] * 1e6):>8}{_pct(e.get('error')):>6}{grid:>5}"
+                         f"{hbm:>14}{l2:>13}{_f(e.get('instructions_per_kib'), '.0f'):>8}"
+                         f"{_f(k.get('ipc'), '.2f'):>5}{_f(k.get('warps_per_sm'), '.0f'):>6}")
+        judged = [e for e in kernels if e.get("judged")]
+        within = [e for e in judged if abs(e["error"]) <= MODEL_TOLERANCE]
+        lines.append("  err: model / measured - 1; ins/KiB: warp instructions executed per KiB of DRAM traffic; "
+                     "IPC: per SM (of 4); warps: achieved per SM")
+        lines.append(f"  model within {MODEL_TOLERANCE:.0%} of ncu: {len(within)} of {len(judged)} kernels "
+                     f"of {JUDGED_US:.0f} us or more")
+    if rows:
+        lines.append("Rows, kernel_profile (us; of copy: bytes moved over the kernels' time, of the run's copy):")
+        lines.append(f"  {'row':<30}{'events':>7}{'graph':>7}{'kernels':>8}{'model':>7}{'err':>5}{'host':>7}"
+                     f"{'host ops':>9}{'of copy':>8}{'goal':>6}")
+        for r in rows:
+            k = r["key"]
+            row = f"{k['impl']} {k['op'][7:]} {k['mode']} {k['preset']}"
+            goal = "-" if r["goal"] is None else f"{r['goal']:.0%}" + ("" if r["meets_goal"] else "!")
+            lines.append(f"  {row:<30}{_f(r['events_us'], '.0f'):>7}{_f(r['graph_us'], '.0f'):>7}"
+                         f"{_f(r['kernels_us']):>8}{_f(r['model_us']):>7}{_pct(r['model_error']):>5}"
+                         f"{_f(r['host_us'], '.0f'):>7}{_f(r['host_ops_us'], '.0f'):>9}"
+                         f"{_f(r['fraction_of_copy'] and 100 * r['fraction_of_copy'], '.0f'):>7}%{goal:>6}")
+        lines.append("  goal: '!' marks a row under its backend's goal")
+    if designs:
+        lines.append("CUDA forward designs (kernels' time, us):")
+        for d in designs:
+            lines.append(f"  {d['op']:<12}{d['mode']:<8}{d['preset']:<8}tiles {d['tiles_us']:8.1f}  warps "
+                         f"{d['warps_us']:8.1f}  faster: {d['faster']} ({d['speedup']:.2f}x)")
+    lines += list(notes)
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ running ncu
+def find_ncu() -> Optional[str]:
+    for candidate in (shutil.which("ncu"), "/usr/local/cuda/bin/ncu"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def ncu_command(ncu: str, python: str, profile_args: Sequence[str], metrics: bool = True) -> list[str]:
+    command = [ncu, "--clock-control", "none", "--target-processes", "all",
+               "-k", "regex:^(" + "|".join(KERNELS) + ")$"]
+    for section in SECTIONS:
+        command += ["--section", section]
+    if metrics:
+        command += ["--metrics", ",".join(METRICS)]
+    return command + [python, "-m", "benchmarks.kernel_profile", "--once", "--mode", "fwd+bwd", *profile_args]
+
+
+def run_ncu(out: Path, profile_args: Sequence[str], python: str = sys.executable,
+            deadline: Optional[float] = None) -> int:
+    """ncu over kernel_profile --once, its whole output in ``out``. Where this ncu lacks one of
+    METRICS, runs again without them (the sections still give time, DRAM bytes and
+    instructions)."""
+    ncu = find_ncu()
+    if ncu is None:
+        out.write_text("ncu not found (Nsight Compute: the CUDA toolkit's ncu)\n")
+        return 2
+    code = 1
+    for metrics in (True, False):
+        timeout = None if deadline is None else max(1.0, deadline - time.time())
+        command = ncu_command(ncu, python, profile_args, metrics)
+        try:
+            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            text, code = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            text, code = text + "\ncalibrate: ncu stopped at the deadline\n", 124
+        out.write_text(f"$ {' '.join(command)}\n{text}")
+        if code == 0 or not (metrics and re.search(r"Failed to find metric|[Uu]nknown metric|invalid metric", text)):
+            break
+    return code
+
+
+# ------------------------------------------------------------------------------ main
+def build_report(ncu_paths: Sequence[Path], profile_path: Optional[Path], model_path: Path) -> dict:
+    model = load_model(model_path)
+    profile = json.loads(profile_path.read_text()) if profile_path and profile_path.exists() else {}
+    copy = profile.get("copy_bytes_per_s")
+    kernels, notes = [], []
+    for path in ncu_paths:
+        if not path.exists():
+            notes.append(f"{path.name}: missing (its job did not run or was stopped)")
+            continue
+        parsed = parse_ncu(path.read_text(errors="replace"))
+        attributed = attribute(parsed)
+        for row in attributed:
+            if not row["consistent"]:
+                notes.append(f"{path.name}: the kernels claimed by {row['key']} do not match its Profiling lines")
+        if parsed["unclaimed"]:
+            notes.append(f"{path.name}: {len(parsed['unclaimed'])} profiled kernels after the last row (cut run)")
+        kernels += compare(attributed, model, copy)
+    rows = profile_rows(profile, model)
+    return {"kernels": kernels, "rows": rows, "designs": faster_design(rows), "notes": notes,
+            "copy_bytes_per_s": copy, "device": profile.get("device"), "torch": profile.get("torch")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.calibrate", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("ncu", help="ncu over kernel_profile --once (forward+backward rows)")
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--deadline", type=float, default=None, help="epoch seconds: ncu is stopped then")
+    run.add_argument("profile_args", nargs="*", help="after --: kernel_profile's options (--impl, --preset, ...)")
+    rep = sub.add_parser("report", help="the model beside the measurements")
+    rep.add_argument("--ncu", type=Path, nargs="*", default=[])
+    rep.add_argument("--profile", type=Path, default=None, help="kernel_profile --json output")
+    rep.add_argument("--model", type=Path, default=STATIC_MODEL)
+    rep.add_argument("--txt", type=Path, default=None)
+    rep.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "ncu":
+        code = run_ncu(args.out, args.profile_args, deadline=args.deadline)
+        print(args.out.read_text()[-4000:])
+        return code
+    report = build_report(args.ncu, args.profile, args.model)
+    text = report_text(report["kernels"], report["rows"], report["designs"], report["notes"])
+    print(text, end="")
+    if args.txt:
+        args.txt.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
