@@ -433,3 +433,102 @@ def test_warp_split_workspace_is_what_both_loaders_ask_for(pool):
     assert str(refused.value) == message
     with pytest.raises(RuntimeError, match="launch of key_tokens_kernel failed"):
         ExtensionLoader(module).encode_fwd(dict(short, workspace_elems=elems), 0, 0, "warps")
+
+
+# ------------------------------------------------------------------------------ the cached plan
+def _random_fields(rng) -> dict:
+    """Forward params of a random shape and layout: sizes that pass or fail the checks, pointers
+    aligned, misaligned or null, batched or varlen."""
+    channels = rng.choice([8, 24, 72, 1024, 1152, 1030])
+    heads = rng.choice([1, 2, 8, 16])
+    fields = dict(x=rng.choice([4096, 4096 + 2, 4096 + 8]), x_stride_b=T * N * channels,
+                  x_stride_t=rng.choice([N * channels, N * channels + 1]), x_stride_n=channels,
+                  batch=rng.choice([1, 8, 70000]), num_frames=rng.choice([1, 2, 16]), num_patches=N,
+                  channels=channels, dtype=rng.choice([0, 1, 2, 5]), key_index=64, cu_frames=0, cu_tokens=0,
+                  pool=rng.choice([0, 1]), query=rng.choice([0, 512]), num_heads=heads,
+                  frames_per_token=rng.choice([1, 3]), spatial=False, grid_h=0, grid_w=0, out_h=0, out_w=0,
+                  num_key_tokens=N, sequence=rng.choice([8192, 8192 + 4]), lse=1024)
+    fields["num_groups"] = cuda_nvrtc.num_groups(fields["num_frames"], fields["frames_per_token"])
+    if rng.random() < 0.3:
+        fields.update(cu_frames=128, cu_tokens=rng.choice([0, 256]), num_groups=0, x_stride_b=0)
+    return fields
+
+
+def _outcome(function, *args):
+    try:
+        return function(*args)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+@pytest.mark.parametrize("design", cuda_nvrtc.FWD_DESIGNS)
+def test_the_cached_plan_is_the_plan(design):
+    """encode_fwd_workspace_elems computes once per plan_key: every shape, layout and refusal
+    gets what the uncached plan gives, pointers standing for their kind."""
+    import random
+
+    rng = random.Random()
+    seen = set()
+    for _ in range(400):
+        fields = _random_fields(rng)
+        seen.add(_outcome(cuda_nvrtc._encode_fwd_workspace_elems, fields, design) == 0)
+        assert _outcome(cuda_nvrtc.encode_fwd_workspace_elems, fields, design) == \
+            _outcome(cuda_nvrtc._encode_fwd_workspace_elems, fields, design), fields
+    assert seen == {True, False}  # some launches need no workspace (or are refused), some do
+    # only sizes, options and each pointer's kind make the key
+    a = _encode_fields()
+    b = dict(a, x=a["x"] + 4096, sequence=a["sequence"] + 16 * 7)
+    assert cuda_nvrtc.plan_key(a) == cuda_nvrtc.plan_key(b)
+    assert cuda_nvrtc.plan_key(a) != cuda_nvrtc.plan_key(dict(a, x=a["x"] + 2))
+    assert cuda_nvrtc.plan_key(a) != cuda_nvrtc.plan_key(dict(a, cu_frames=0, lse=0))
+
+
+def test_a_misaligned_view_is_not_served_a_cached_aligned_plan():
+    aligned = _encode_fields()
+    misaligned = dict(aligned, x=aligned["x"] + 2)
+    first = cuda_nvrtc.encode_fwd_workspace_elems(aligned)
+    assert first > 0  # the 16-byte path splits a frame's rows over blocks
+    assert cuda_nvrtc.encode_fwd_workspace_elems(misaligned) == 0  # the scalar path needs none
+    assert cuda_nvrtc.encode_fwd_workspace_elems(aligned) == first
+
+
+def test_a_refused_launch_is_refused_every_time():
+    fields = dict(_encode_fields(), batch=70000)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="at most 65535 videos per call"):
+            cuda_nvrtc.encode_fwd_workspace_elems(fields)
+
+
+# ------------------------------------------------------------------------------ the loader per device
+def test_the_loader_is_chosen_once_per_device(monkeypatch):
+    from vtok_kernels.backends import cuda
+
+    asked = []
+    monkeypatch.setattr(cuda, "_index_loader", {})
+    monkeypatch.setattr(cuda, "_device_loader", {})
+    monkeypatch.setattr(cuda, "_loaders", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: asked.append(index) or (9, 0))
+    monkeypatch.setattr(cuda, "_default_loader_name", lambda: "cupy-nvrtc")
+    monkeypatch.setattr(cuda, "loader_reason", lambda name: None)
+    monkeypatch.setattr(cuda, "get_loader", lambda name: object())
+    current = [0]
+    first = cuda._loader()
+    assert cuda._loader() is first and asked == [0]
+    current[0] = 1
+    assert cuda._loader() is first and asked == [0, 1]  # one loader object per loader, for every device
+
+
+def test_the_stream_is_the_current_raw_stream(monkeypatch):
+    from vtok_kernels.backends import cuda
+
+    x = torch.empty(0)
+    monkeypatch.setattr(cuda, "_current_raw_stream", lambda index: 1000 + (index or 0))
+    assert cuda._stream(x) == 1000
+    monkeypatch.setattr(cuda, "_current_raw_stream", None)
+
+    class Stream:
+        cuda_stream = 77
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    assert cuda._stream(x) == 77

@@ -149,12 +149,20 @@ def _extension_arch_reason(module, capability: tuple[int, int]) -> Optional[str]
             f"rebuild with VTOK_CUDA_ARCHS=\"{sm}\" pip install --no-build-isolation -e .")
 
 
-_device_loader: dict = {}
+_device_loader: dict = {}  # by compute capability
+_index_loader: dict = {}  # by device index: what a launch asks, without reading the device's properties
 
 
 def _device_loader_name() -> tuple[str, Optional[str]]:
     """(loader for the current CUDA device, None) or ("", why none can run there)."""
-    capability = torch.cuda.get_device_capability()
+    index = torch.cuda.current_device()
+    result = _index_loader.get(index)
+    if result is None:
+        result = _index_loader[index] = _capability_loader_name(torch.cuda.get_device_capability(index))
+    return result
+
+
+def _capability_loader_name(capability: tuple[int, int]) -> tuple[str, Optional[str]]:
     if capability in _device_loader:
         return _device_loader[capability]
     name = _default_loader_name()
@@ -184,16 +192,32 @@ def availability(device_type: str) -> Optional[str]:
     return _device_loader_name()[1]
 
 
+_loaders: dict = {}
+
+
 def _loader():
+    """The loader serving the current device: one object per loader for the process (the choice
+    per device is made once, _device_loader_name)."""
     name, reason = _device_loader_name()
     if reason is not None:
         raise RuntimeError(f"cuda backend: {reason}")
-    return get_loader(name)
+    loader = _loaders.get(name)
+    if loader is None:
+        loader = _loaders[name] = get_loader(name)
+    return loader
 
 
 # ------------------------------------------------------------------ marshalling
 
+try:  # the raw handle, without a torch.cuda.Stream built per launch (as Triton's driver reads it)
+    from torch._C import _cuda_getCurrentRawStream as _current_raw_stream
+except ImportError:  # a CPU-only torch
+    _current_raw_stream = None
+
+
 def _stream(t: torch.Tensor) -> int:
+    if _current_raw_stream is not None:
+        return _current_raw_stream(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
 
 

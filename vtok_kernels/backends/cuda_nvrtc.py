@@ -359,9 +359,35 @@ def encode_fwd_grid(p: dict, design: str = "tiles", plan=None) -> tuple[int, int
     return splits, per_block, chunks, splits * segments * chunks * _get(p, "batch")
 
 
+# The params fields that hold device pointers. The launch plan reads of a pointer only whether
+# it is set and whether it is 16-byte aligned (encode_vector_width, the varlen checks).
+POINTER_FIELDS = frozenset({"x", "key_index", "query", "sequence", "lse", "residual32", "cu_frames",
+                            "cu_tokens", "workspace", "grad_sequence", "grad_x", "grad_query"})
+
+
+def plan_key(p: dict) -> tuple:
+    """What the launch plan of params ``p`` depends on: every size and option, and of each pointer
+    (set, 16-byte aligned). Two calls with equal keys get the same grid and workspace."""
+    return tuple((name, (value != 0, value % 16 == 0) if name in POINTER_FIELDS else value)
+                 for name, value in p.items())
+
+
+@functools.lru_cache(maxsize=256)
+def _workspace_elems_of(key: tuple, design: str) -> int:
+    # a pointer stands for any of its kind: set and aligned (16), set and misaligned (8), null
+    p = {name: (16 if value == (True, True) else 8 if value[0] else 0) if name in POINTER_FIELDS else value
+         for name, value in key}
+    return _encode_fwd_workspace_elems(p, design)
+
+
 def encode_fwd_workspace_elems(p: dict, design: str = "tiles") -> int:
     """Floats of workspace the forward of params ``p`` (a fields dict) needs in ``design``,
-    after the checks its launch makes first (ValueError): the partial rows of a frame's splits."""
+    after the checks its launch makes first (ValueError): the partial rows of a frame's splits.
+    Computed once per plan_key (a refused launch is checked again on every call)."""
+    return _workspace_elems_of(plan_key(p), design)
+
+
+def _encode_fwd_workspace_elems(p: dict, design: str) -> int:
     check_encode_args(p)
     plan = encode_plan(p)
     check_encode_launch(p, plan[1])
