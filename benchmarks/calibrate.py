@@ -400,7 +400,7 @@ def find_ncu() -> Optional[str]:
 
 def ncu_command(ncu: str, python: str, profile_args: Sequence[str], metrics: bool = True) -> list[str]:
     command = [ncu, "--clock-control", "none", "--target-processes", "all",
-               "-k", "regex:^(" + "|".join(KERNELS) + ")$"]
+               "-k", "regex:" + "|".join(KERNELS)]
     for section in SECTIONS:
         command += ["--section", section]
     if metrics:
@@ -422,8 +422,10 @@ def run_ncu(out: Path, profile_args: Sequence[str], python: str = sys.executable
         timeout = None if deadline is None else max(1.0, deadline - time.time())
         command = ncu_command(ncu, python, profile_args, metrics)
         try:
-            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-            text, code = proc.stdout + proc.stderr, proc.returncode
+            # one stream: ncu's Profiling lines and the rows' "ran once" in the order they came
+            proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, timeout=timeout)
+            text, code = proc.stdout, proc.returncode
         except subprocess.TimeoutExpired as exc:
             text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             text, code = text + "\ncalibrate: ncu stopped at the deadline\n", 124

@@ -198,7 +198,8 @@ def test_ncu_runs_again_without_metrics_this_ncu_lacks(tmp_path, monkeypatch):
         calls.append(command)
         failed = "--metrics" in command
         text = "==ERROR== Failed to find metric lts__t_sectors_srcunit_tex_op_read.sum\n" if failed else "report\n"
-        return subprocess.CompletedProcess(command, 1 if failed else 0, text, "")
+        assert kwargs["stderr"] == subprocess.STDOUT  # one stream keeps ncu's lines and the rows' in order
+        return subprocess.CompletedProcess(command, 1 if failed else 0, text, None)
 
     monkeypatch.setattr(calibrate, "find_ncu", lambda: "/opt/ncu")
     monkeypatch.setattr(calibrate.subprocess, "run", fake_run)
