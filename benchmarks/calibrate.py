@@ -56,6 +56,8 @@ GOALS = {("cuda", "fwd"): 0.90, ("cuda", "fwd+bwd"): 0.80, ("cuda-warps", "fwd")
          ("cuda-warps", "fwd+bwd"): 0.80, ("triton", "fwd"): 0.85, ("triton", "fwd+bwd"): 0.75}
 # Kernels shorter than this are launch-bound on any model: their error is reported, not judged.
 JUDGED_US = 5.0
+# The exit status of an ncu run stopped at its deadline (benchmarks/proof.py CUT_EXIT).
+CUT_EXIT = 124
 
 
 # ------------------------------------------------------------------------------ ncu's text
@@ -68,8 +70,8 @@ _RAN = re.compile(r"^(?P<id>\S+): ran once(?: (?P<key>\{.*\}))?\s*$")
 # kernel_profile's row id without the key (records written before it printed one)
 _ROW_ID = re.compile(r"^(?P<device>cuda|cpu)-(?P<op>encode-mean|encode-attn)-(?P<mode>fwd\+bwd|fwd)-"
                      r"(?P<impl>.+)-(?P<preset>[a-z0-9_]+)-B(?P<batch>\d+)xT(?P<frames>\d+)-(?P<dtype>\w+)$")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3, "s": 1.0, "second": 1.0,
-          "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
+_UNITS = {"ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3,
+          "s": 1.0, "second": 1.0, "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
           "byte/s": 1, "Kbyte/s": 1e3, "Mbyte/s": 1e6, "Gbyte/s": 1e9, "Tbyte/s": 1e12}
 
 
@@ -172,12 +174,22 @@ def row_key(row_id: str, key_json: Optional[str] = None) -> dict:
     return key
 
 
+def _scale(unit: str) -> Optional[float]:
+    """Seconds, bytes or bytes per second in one of ``unit``; counts (inst, cycle, sector, SM,
+    none) as they are; None for a time or size in a unit this does not know."""
+    unit = unit.replace("/second", "/s")
+    if unit in _UNITS:
+        return _UNITS[unit]
+    return None if "byte" in unit or "second" in unit else 1.0
+
+
 def _scaled(metrics: dict, *names: str) -> Optional[float]:
     for name in names:
         if name in metrics:
             unit, value = metrics[name]
-            if isinstance(value, float):
-                return value * _UNITS.get(unit, 1.0)
+            scale = _scale(unit)
+            if isinstance(value, float) and scale is not None:
+                return value * scale
     return None
 
 
@@ -190,8 +202,9 @@ def measured(kernel: dict) -> dict:
     active = _scaled(m, "SM Active Cycles")
     warps = _scaled(m, "Achieved Active Warps Per SM")
     dram = None
-    if "dram__bytes_read.sum" in m and "dram__bytes_write.sum" in m:
-        dram = _scaled(m, "dram__bytes_read.sum") + _scaled(m, "dram__bytes_write.sum")
+    read, write = _scaled(m, "dram__bytes_read.sum"), _scaled(m, "dram__bytes_write.sum")
+    if read is not None and write is not None:
+        dram = read + write
     elif seconds is not None:
         # Memory Workload Analysis' throughput is the DRAM's (dram__bytes.sum.per_second)
         rate = _scaled(m, "Memory Workload Analysis/Memory Throughput")
@@ -216,14 +229,20 @@ def measured(kernel: dict) -> dict:
 
 
 def attribute(parsed: dict) -> list[dict]:
-    """[{"key": row key, "kernels": [measured kernel, ...]}]: ncu reports its kernels in launch
-    order, and each row claimed as many as it had ``Profiling`` lines."""
-    out, kernels = [], iter(parsed["kernels"])
+    """[{"key": row key, "kernels": [measured kernel, ...], "missing": [...]}]: ncu reports its
+    kernels in launch order and each row owns those it had ``Profiling`` lines for, taken in
+    that order by name: a kernel profiled but absent from the report is ``missing`` from its
+    row and moves no later kernel into it."""
+    out, kernels, at = [], parsed["kernels"], 0
     for row in parsed["rows"]:
-        taken = [k for _, k in zip(row["profiled"], kernels)]
-        names = [base_name(k["name"]) for k in taken]
-        out.append({"key": row["key"], "kernels": [measured(k) for k in taken],
-                    "consistent": names == [base_name(n) for n in row["profiled"]]})
+        taken, missing = [], []
+        for name in row["profiled"]:
+            if at < len(kernels) and base_name(kernels[at]["name"]) == base_name(name):
+                taken.append(measured(kernels[at]))
+                at += 1
+            else:
+                missing.append(name)
+        out.append({"key": row["key"], "kernels": taken, "missing": missing, "consistent": not missing})
     return out
 
 
@@ -268,14 +287,24 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
+def model_row(model: dict, key: dict) -> Optional[dict]:
+    """The model's row for a measured row's key: same backend, op, mode, preset and dtype, and
+    the same batch and frames where the key names them (the model is of one shape)."""
+    row = model.get((key.get("impl"), key.get("op"), key.get("mode"), key.get("preset"), key.get("dtype")))
+    if row is None or any(key.get(n) is not None and row.get(n) is not None and key[n] != row[n]
+                          for n in ("batch", "frames")):
+        return None
+    return row
+
+
 def compare(attributed: list[dict], model: dict, copy_bytes_per_s: Optional[float] = None) -> list[dict]:
     """One entry per (row, kernel): the model's estimate beside the measurement."""
     out = []
     for row in attributed:
         key = row["key"]
-        mrow = model.get((key.get("impl"), key.get("op"), key.get("mode"), key.get("preset"), key.get("dtype")))
+        mrow = model_row(model, key)
         for m, k in pair_kernels(mrow["kernels"] if mrow else [], row["kernels"]):
-            entry = {"row": {n: key.get(n) for n in ("impl", "op", "mode", "preset", "dtype")},
+            entry = {"row": {n: key.get(n) for n in ("impl", "op", "mode", "preset", "dtype", "batch", "frames")},
                      "pass": m["pass"] if m else None, "kernel": (k or {}).get("name") or _model_name(m),
                      "config": m.get("config") if m else None, "model": None, "measured": k}
             if m:
@@ -300,12 +329,16 @@ def profile_rows(profile: dict, model: dict) -> list[dict]:
     copy = profile.get("copy_bytes_per_s")
     out = []
     for row in profile.get("rows", []):
-        key = (row.get("impl"), row.get("op"), row.get("mode"), row.get("preset"), row.get("dtype"))
-        mrow = model.get(key)
+        # rows written before kernel_profile recorded their key carry only their id
+        key = {n: row[n] for n in ("impl", "op", "mode", "preset", "dtype", "batch", "frames") if n in row} \
+            if "impl" in row else row_key(row.get("row", ""))
+        if "impl" not in key:
+            continue
+        mrow = model_row(model, key)
         kernels = row.get("kernel_sum_s")
         fraction = row["bytes_moved"] / kernels / copy if kernels and copy else None
-        goal = GOALS.get((row.get("impl"), row.get("mode")))
-        out.append({"key": dict(zip(("impl", "op", "mode", "preset", "dtype"), key)),
+        goal = GOALS.get((key["impl"], key["mode"]))
+        out.append({"key": key,
                     "events_us": _us(row.get("events_s")), "graph_us": _us(row.get("graph_s")),
                     "kernels_us": _us(kernels), "host_us": _us(row.get("host_s")),
                     "host_ops_us": _us(row.get("host_ops_s")),
@@ -322,12 +355,14 @@ def faster_design(rows: list[dict]) -> list[dict]:
     by = {}
     for r in rows:
         k = r["key"]
-        by.setdefault((k["op"], k["mode"], k["preset"], k["dtype"]), {})[k["impl"]] = r["kernels_us"]
+        shape = (k["op"], k["mode"], k["preset"], k["dtype"], k.get("batch"), k.get("frames"))
+        by.setdefault(shape, {})[k["impl"]] = r["kernels_us"]
     out = []
-    for (op, mode, preset, dtype), impls in by.items():
+    for (op, mode, preset, dtype, batch, frames), impls in by.items():
         tiles, warps = impls.get("cuda"), impls.get("cuda-warps")
         if tiles and warps:
-            out.append({"op": op, "mode": mode, "preset": preset, "dtype": dtype, "tiles_us": tiles,
+            out.append({"op": op, "mode": mode, "preset": preset, "dtype": dtype, "batch": batch,
+                        "frames": frames, "tiles_us": tiles,
                         "warps_us": warps, "faster": "warps" if warps < tiles else "tiles",
                         "speedup": max(tiles, warps) / min(tiles, warps)})
     return out
@@ -354,7 +389,7 @@ def report_text(kernels: list[dict], rows: list[dict], designs: list[dict], note
                      f"{'HBM MB m/ncu':>14}{'L2 MB m/ncu':>13}{'ins/KiB':>8}{'IPC':>5}{'warps':>6}")
         for e in kernels:
             r, k, m = e["row"], e["measured"] or {}, e["model"] or {}
-            row = f"{r['impl']} {r['op'][7:]} {r['mode']} {r['preset']}"
+            row = f"{r['impl']} {(r['op'] or '')[7:]} {r['mode']} {r['preset']}"
             grid = "-" if "grid_matches" not in e else ("ok" if e["grid_matches"] else "DIFF")
             hbm = f"{_f(m.get('hbm_bytes') and m['hbm_bytes'] / 1e6, '.0f')}/{_f(k.get('dram_bytes') and k['dram_bytes'] / 1e6, '.0f')}"
             l2 = f"{_f(m.get('l2_bytes') and m['l2_bytes'] / 1e6, '.0f')}/{_f(k.get('l2_bytes') and k['l2_bytes'] / 1e6, '.0f')}"
@@ -375,16 +410,18 @@ def report_text(kernels: list[dict], rows: list[dict], designs: list[dict], note
         for r in rows:
             k = r["key"]
             row = f"{k['impl']} {k['op'][7:]} {k['mode']} {k['preset']}"
-            goal = "-" if r["goal"] is None else f"{r['goal']:.0%}" + ("" if r["meets_goal"] else "!")
+            mark = {True: "", False: "!", None: "?"}[r["meets_goal"]]
+            goal = "-" if r["goal"] is None else f"{r['goal']:.0%}{mark}"
             lines.append(f"  {row:<30}{_f(r['events_us'], '.0f'):>7}{_f(r['graph_us'], '.0f'):>7}"
                          f"{_f(r['kernels_us']):>8}{_f(r['model_us']):>7}{_pct(r['model_error']):>5}"
                          f"{_f(r['host_us'], '.0f'):>7}{_f(r['host_ops_us'], '.0f'):>9}"
                          f"{_f(r['fraction_of_copy'] and 100 * r['fraction_of_copy'], '.0f'):>7}%{goal:>6}")
-        lines.append("  goal: '!' marks a row under its backend's goal")
+        lines.append("  goal: '!' marks a row under its backend's goal, '?' one without a kernel time")
     if designs:
         lines.append("CUDA forward designs (kernels' time, us):")
         for d in designs:
-            lines.append(f"  {d['op']:<12}{d['mode']:<8}{d['preset']:<8}tiles {d['tiles_us']:8.1f}  warps "
+            shape = f"B{d['batch']}xT{d['frames']}" if d.get("frames") else ""
+            lines.append(f"  {d['op']:<12}{d['mode']:<8}{d['preset']:<7}{shape:<8}tiles {d['tiles_us']:8.1f}  warps "
                          f"{d['warps_us']:8.1f}  faster: {d['faster']} ({d['speedup']:.2f}x)")
     lines += list(notes)
     return "\n".join(lines) + "\n"
@@ -412,35 +449,60 @@ def run_ncu(out: Path, profile_args: Sequence[str], python: str = sys.executable
             deadline: Optional[float] = None) -> int:
     """ncu over kernel_profile --once, its whole output in ``out``. Where this ncu lacks one of
     METRICS, runs again without them (the sections still give time, DRAM bytes and
-    instructions)."""
+    instructions). Stopped at ``deadline`` (epoch seconds) with the process it profiles, it
+    returns 124 (ncu prints its report at the end: a cut run has none)."""
     ncu = find_ncu()
     if ncu is None:
         out.write_text("ncu not found (Nsight Compute: the CUDA toolkit's ncu)\n")
         return 2
     code = 1
     for metrics in (True, False):
-        timeout = None if deadline is None else max(1.0, deadline - time.time())
         command = ncu_command(ncu, python, profile_args, metrics)
-        try:
-            # one stream: ncu's Profiling lines and the rows' "ran once" in the order they came
-            proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, timeout=timeout)
-            text, code = proc.stdout, proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            text, code = text + "\ncalibrate: ncu stopped at the deadline\n", 124
+        text, code = _run_until(command, deadline)
         out.write_text(f"$ {' '.join(command)}\n{text}")
         if code == 0 or not (metrics and re.search(r"Failed to find metric|[Uu]nknown metric|invalid metric", text)):
             break
     return code
 
 
+def _run_until(command: list[str], deadline: Optional[float]) -> tuple[str, int]:
+    """(output, exit code) of ``command`` run in a process group of its own, stopped whole at
+    ``deadline``: ncu's profiled process is its child, which a kill of ncu alone would leave
+    on the GPU."""
+    import signal
+
+    # one stream: ncu's Profiling lines and the rows' "ran once" in the order they came
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        timeout = None if deadline is None else max(1.0, deadline - time.time())
+        return proc.communicate(timeout=timeout)[0], proc.returncode
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                text = proc.communicate(timeout=5)[0]
+                break
+            except subprocess.TimeoutExpired:
+                text = ""
+        return (text or "") + "\ncalibrate: ncu stopped at the deadline\n", CUT_EXIT
+
+
 # ------------------------------------------------------------------------------ main
 def build_report(ncu_paths: Sequence[Path], profile_path: Optional[Path], model_path: Path) -> dict:
     model = load_model(model_path)
-    profile = json.loads(profile_path.read_text()) if profile_path and profile_path.exists() else {}
+    kernels, notes, profile = [], [], {}
+    if profile_path and profile_path.exists():
+        try:
+            profile = json.loads(profile_path.read_text())
+        except ValueError as exc:
+            notes.append(f"{profile_path.name}: not JSON ({exc}): no rows")
+    elif profile_path:
+        notes.append(f"{profile_path.name}: missing (its job did not run or was stopped)")
     copy = profile.get("copy_bytes_per_s")
-    kernels, notes = [], []
     for path in ncu_paths:
         if not path.exists():
             notes.append(f"{path.name}: missing (its job did not run or was stopped)")
@@ -448,8 +510,10 @@ def build_report(ncu_paths: Sequence[Path], profile_path: Optional[Path], model_
         parsed = parse_ncu(path.read_text(errors="replace"))
         attributed = attribute(parsed)
         for row in attributed:
-            if not row["consistent"]:
-                notes.append(f"{path.name}: the kernels claimed by {row['key']} do not match its Profiling lines")
+            if row["missing"]:
+                notes.append(f"{path.name}: {row['key']}: profiled but not in the report: {', '.join(row['missing'])}")
+            if any(k["seconds"] is None for k in row["kernels"]):
+                notes.append(f"{path.name}: {row['key']}: a kernel without a Duration (its sections were not read)")
         if parsed["unclaimed"]:
             notes.append(f"{path.name}: {len(parsed['unclaimed'])} profiled kernels after the last row (cut run)")
         kernels += compare(attributed, model, copy)

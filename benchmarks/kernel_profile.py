@@ -31,6 +31,7 @@ import contextlib
 import cProfile
 import io
 import json
+import os
 import pstats
 import statistics
 import sys
@@ -259,10 +260,17 @@ def _run(args) -> int:
         for k in row["kernels"]:
             print(f"    {k['median_s'] * 1e6:8.1f} us x{k['calls_per_row']:.0f}  {k['kernel'][:110]}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"copy_bytes_per_s": bandwidth, "rows": results, "torch": torch.__version__,
-                           "device": torch.cuda.get_device_name()}, f, indent=1)
+            _write_json(args.json, {"copy_bytes_per_s": bandwidth, "rows": results, "torch": torch.__version__,
+                                    "device": torch.cuda.get_device_name()})
     return 0
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Whole or not at all: a run stopped while writing keeps the rows of the last write."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,30 @@ def test_counters_are_read_with_their_units():
     assert not any("OPT" in name or "advice" in name for name in kernel["metrics"])
 
 
+def test_a_kernel_missing_from_the_report_moves_no_other():
+    """Profiled but not reported (ncu could not finish it): its row lacks it, the next row keeps
+    its own kernels."""
+    text = "\n".join(['==PROF== Profiling "mean_fwd_kernel": 0%', '==PROF== Profiling "combine_kernel": 0%',
+                      "cuda-encode-mean-fwd-triton-clip-B8xT16-bfloat16: ran once",
+                      '==PROF== Profiling "attn_fwd_kernel": 0%',
+                      "cuda-encode-attn-fwd-triton-clip-B8xT16-bfloat16: ran once"]
+                     + _kernel("mean_fwd_kernel", (32, 8, 8), 32, 50.0, 10, 1e6, 1e6, 10)
+                     + _kernel("attn_fwd_kernel", (32, 4, 16), 32, 60.0, 10, 1e6, 1e6, 10))
+    first, second = calibrate.attribute(calibrate.parse_ncu(text))
+    assert [k["name"] for k in first["kernels"]] == ["mean_fwd_kernel"] and first["missing"] == ["combine_kernel"]
+    assert [k["name"] for k in second["kernels"]] == ["attn_fwd_kernel"] and second["consistent"]
+    assert second["kernels"][0]["seconds"] == pytest.approx(60e-6)
+
+
+def test_units_it_does_not_know_give_no_number():
+    metrics = {"Duration": ("ksecond", 3.0), "Elapsed Cycles": ("cycle", 5.0), "Memory Throughput": ("Gbyte/second", 2.0),
+               "Odd Bytes": ("Pbyte", 1.0)}
+    assert calibrate._scaled(metrics, "Duration") is None and calibrate._scaled(metrics, "Odd Bytes") is None
+    assert calibrate._scaled(metrics, "Elapsed Cycles") == 5.0
+    assert calibrate._scaled(metrics, "Memory Throughput") == pytest.approx(2e9)
+    assert calibrate._scaled({"Duration": ("msecond", 1.5)}, "Duration") == pytest.approx(1.5e-3)
+
+
 def test_a_cut_run_leaves_its_last_kernels_unclaimed():
     text = "\n".join(['==PROF== Profiling "mean_fwd_kernel": 0%', "cpu-encode-mean-fwd-triton-clip-B8xT16-bfloat16: "
                       "ran once", '==PROF== Profiling "attn_fwd_kernel": 0%'])
@@ -190,19 +214,44 @@ def test_profile_rows_meet_or_miss_their_goals():
     assert "90%!" not in text.splitlines()[2] and "90%!" in text.splitlines()[3] and "faster: tiles" in text
 
 
+def test_rows_of_another_shape_get_no_model():
+    model = _model_rows()
+    key = {"impl": "cuda", "op": "encode-mean", "mode": "fwd", "preset": "clip", "dtype": "bfloat16"}
+    assert calibrate.model_row(model, key) is not None
+    assert calibrate.model_row(model, dict(key, batch=8, frames=16)) is not None
+    assert calibrate.model_row(model, dict(key, frames=64)) is None
+    assert calibrate.model_row(model, dict(key, batch=1)) is None
+
+
+def test_the_h100_profile_record_is_read_without_row_keys():
+    """The committed kernel_profile JSON predates the keys: each row's id gives it."""
+    record = json.loads((RECORD.parent / "kernel-profile-clip.json").read_text())
+    assert "impl" not in record["rows"][0]
+    rows = calibrate.profile_rows(record, _model_rows())
+    assert len(rows) == len(record["rows"])
+    for row, raw in zip(rows, record["rows"]):
+        assert raw["row"].endswith(f"-{row['key']['preset']}-B{row['key']['batch']}xT{row['key']['frames']}-bfloat16")
+        # the model is of 16 frames: the 64-frame rows are measured, not compared
+        assert (row["model_us"] is None) == (row["key"]["frames"] != 16)
+        assert row["fraction_of_copy"] == pytest.approx(raw["bytes_moved"] / raw["kernel_sum_s"] / record["copy_bytes_per_s"])
+    designs = calibrate.faster_design(rows)
+    assert not designs  # that run measured the tiles design only
+    text = calibrate.report_text([], rows, designs)
+    assert "cuda mean fwd clip" in text
+
+
 # ------------------------------------------------------------------------------ running ncu
 def test_ncu_runs_again_without_metrics_this_ncu_lacks(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(command, **kwargs):
+    def fake_run(command, deadline):
         calls.append(command)
         failed = "--metrics" in command
         text = "==ERROR== Failed to find metric lts__t_sectors_srcunit_tex_op_read.sum\n" if failed else "report\n"
-        assert kwargs["stderr"] == subprocess.STDOUT  # one stream keeps ncu's lines and the rows' in order
-        return subprocess.CompletedProcess(command, 1 if failed else 0, text, None)
+        return text, 1 if failed else 0
 
     monkeypatch.setattr(calibrate, "find_ncu", lambda: "/opt/ncu")
-    monkeypatch.setattr(calibrate.subprocess, "run", fake_run)
+    monkeypatch.setattr(calibrate, "_run_until", fake_run)
     out = tmp_path / "ncu.txt"
     assert calibrate.run_ncu(out, ["--impl", "cuda"], python="python3") == 0
     assert len(calls) == 2 and "--metrics" in calls[0] and "--metrics" not in calls[1]
@@ -212,6 +261,24 @@ def test_ncu_runs_again_without_metrics_this_ncu_lacks(tmp_path, monkeypatch):
                             "--impl", "cuda"]
     assert all(s in command for s in ("InstructionStats", "SpeedOfLight"))
     assert "report" in out.read_text()
+
+
+def test_a_run_past_its_deadline_is_stopped_with_what_it_started(tmp_path):
+    """ncu profiles a child process: at the deadline both go, and the run says it was cut."""
+    import time
+
+    marker = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {marker}; echo started; wait"
+    start = time.time()
+    text, code = calibrate._run_until(["bash", "-c", script], time.time() + 2)
+    assert code == calibrate.CUT_EXIT == proof.CUT_EXIT and time.time() - start < 20
+    assert "started" in text and "stopped at the deadline" in text
+    child = Path(f"/proc/{int(marker.read_text())}/status")
+    time.sleep(0.2)
+    # gone, or dead and waiting for its new parent to reap it
+    assert not child.exists() or "State:\tZ" in child.read_text()
+    text, code = calibrate._run_until(["bash", "-c", "echo out; echo err >&2; exit 3"], None)
+    assert code == 3 and "out" in text and "err" in text  # one stream, stderr with stdout
 
 
 def test_without_ncu_the_job_says_so(tmp_path, monkeypatch):

@@ -467,13 +467,14 @@ def test_the_cached_plan_is_the_plan(design):
     gets what the uncached plan gives, pointers standing for their kind."""
     import random
 
-    rng = random.Random()
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
     seen = set()
     for _ in range(400):
         fields = _random_fields(rng)
         seen.add(_outcome(cuda_nvrtc._encode_fwd_workspace_elems, fields, design) == 0)
         assert _outcome(cuda_nvrtc.encode_fwd_workspace_elems, fields, design) == \
-            _outcome(cuda_nvrtc._encode_fwd_workspace_elems, fields, design), fields
+            _outcome(cuda_nvrtc._encode_fwd_workspace_elems, fields, design), (seed, fields)
     assert seen == {True, False}  # some launches need no workspace (or are refused), some do
     # only sizes, options and each pointer's kind make the key
     a = _encode_fields()
@@ -490,6 +491,15 @@ def test_a_misaligned_view_is_not_served_a_cached_aligned_plan():
     assert first > 0  # the 16-byte path splits a frame's rows over blocks
     assert cuda_nvrtc.encode_fwd_workspace_elems(misaligned) == 0  # the scalar path needs none
     assert cuda_nvrtc.encode_fwd_workspace_elems(aligned) == first
+
+
+def test_the_cached_plan_follows_the_sms_it_fills(monkeypatch):
+    """FILL_SMS sizes the grids (tests shrink it to reach small splits): part of the key."""
+    fields = _encode_fields(num_patches=600, num_key_tokens=600)
+    full = cuda_nvrtc.encode_fwd_workspace_elems(fields, "warps")
+    monkeypatch.setattr(cuda_nvrtc, "FILL_SMS", 1)
+    small = cuda_nvrtc.encode_fwd_workspace_elems(fields, "warps")
+    assert small == cuda_nvrtc._encode_fwd_workspace_elems(fields, "warps") and small < full
 
 
 def test_a_refused_launch_is_refused_every_time():
@@ -512,6 +522,7 @@ def test_the_loader_is_chosen_once_per_device(monkeypatch):
     monkeypatch.setattr(cuda, "_default_loader_name", lambda: "cupy-nvrtc")
     monkeypatch.setattr(cuda, "loader_reason", lambda name: None)
     monkeypatch.setattr(cuda, "get_loader", lambda name: object())
+    monkeypatch.setattr(cuda.BACKEND, "loader", cuda.BACKEND.loader)  # what info() says, restored
     current = [0]
     first = cuda._loader()
     assert cuda._loader() is first and asked == [0]
@@ -532,3 +543,15 @@ def test_the_stream_is_the_current_raw_stream(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
     assert cuda._stream(x) == 77
+
+
+@pytest.mark.gpu
+def test_the_raw_stream_is_the_current_stream():
+    from vtok_kernels.backends import cuda
+
+    x = torch.empty(1, device="cuda")
+    assert cuda._current_raw_stream is not None
+    side = torch.cuda.Stream()
+    assert cuda._stream(x) == torch.cuda.current_stream(x.device).cuda_stream
+    with torch.cuda.stream(side):
+        assert cuda._stream(x) == side.cuda_stream != torch.cuda.default_stream(x.device).cuda_stream

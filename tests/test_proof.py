@@ -130,6 +130,17 @@ def test_scheduler_waits_stops_at_deadlines_and_skips(tmp_path):
     assert (tmp_path / "first.log").read_text().startswith("$ ")
 
 
+def test_a_job_that_stops_itself_at_its_deadline_is_cut_not_failed(tmp_path):
+    """benchmarks.calibrate ncu exits 124 when its own deadline stops ncu: a cut run of a job
+    that keeps partial results, a failure of any other."""
+    cut = [sys.executable, "-c", f"import sys; sys.exit({proof.CUT_EXIT})"]
+    jobs = [proof.Job("partial", cut, 20, partial_ok=True), proof.Job("whole", cut, 20)]
+    outcomes = proof.run_jobs(jobs, proof.Machine(gpu=False), tmp_path, lambda o: None, poll_s=0.05)
+    assert outcomes["partial"].status == "timeout" and outcomes["whole"].status == "FAIL"
+    entry = proof._detail(jobs[0], outcomes["partial"], tmp_path)
+    assert proof.verdict([entry]) == "INCOMPLETE (partial)"
+
+
 # ------------------------------------------------------------------------------------ fuzz harness
 def test_fuzz_cases_are_reproducible_and_cover_every_option():
     drawn = [fuzz.draw(11, i, "cpu", fuzz.PROFILES["gpu"]) for i in range(600)]

@@ -373,7 +373,7 @@ def plan_key(p: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _workspace_elems_of(key: tuple, design: str) -> int:
+def _workspace_elems_of(key: tuple, design: str, fill_sms: int) -> int:
     # a pointer stands for any of its kind: set and aligned (16), set and misaligned (8), null
     p = {name: (16 if value == (True, True) else 8 if value[0] else 0) if name in POINTER_FIELDS else value
          for name, value in key}
@@ -383,8 +383,9 @@ def _workspace_elems_of(key: tuple, design: str) -> int:
 def encode_fwd_workspace_elems(p: dict, design: str = "tiles") -> int:
     """Floats of workspace the forward of params ``p`` (a fields dict) needs in ``design``,
     after the checks its launch makes first (ValueError): the partial rows of a frame's splits.
-    Computed once per plan_key (a refused launch is checked again on every call)."""
-    return _workspace_elems_of(plan_key(p), design)
+    Computed once per plan_key (a refused launch is checked again on every call); FILL_SMS, which
+    the grids are sized for, is part of the key."""
+    return _workspace_elems_of(plan_key(p), design, FILL_SMS)
 
 
 def _encode_fwd_workspace_elems(p: dict, design: str) -> int:
