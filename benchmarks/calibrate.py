@@ -381,15 +381,21 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:+.0f}%"
 
 
-def report_text(kernels: list[dict], rows: list[dict], designs: list[dict], notes: Sequence[str] = ()) -> str:
+def _label(key: dict) -> str:
+    frames = f" T{key['frames']}" if key.get("frames") else ""
+    return f"{key['impl']} {(key['op'] or '')[7:]} {key['mode']} {key['preset']}{frames}"
+
+
+def report_text(kernels: list[dict], rows: list[dict], designs: list[dict], notes: Sequence[str] = (),
+                model: str = "benchmarks/results/static-model.json") -> str:
     lines = []
     if kernels:
-        lines.append("Kernels, ncu (one call per row; model: benchmarks/results/static-model.json):")
+        lines.append(f"Kernels, ncu (one call per row; model: {model}):")
         lines.append(f"  {'row':<34}{'kernel':<38}{'model':>7}{'ncu us':>8}{'err':>6}{'grid':>5}"
                      f"{'HBM MB m/ncu':>14}{'L2 MB m/ncu':>13}{'ins/KiB':>8}{'IPC':>5}{'warps':>6}")
         for e in kernels:
             r, k, m = e["row"], e["measured"] or {}, e["model"] or {}
-            row = f"{r['impl']} {(r['op'] or '')[7:]} {r['mode']} {r['preset']}"
+            row = _label(r)
             grid = "-" if "grid_matches" not in e else ("ok" if e["grid_matches"] else "DIFF")
             hbm = f"{_f(m.get('hbm_bytes') and m['hbm_bytes'] / 1e6, '.0f')}/{_f(k.get('dram_bytes') and k['dram_bytes'] / 1e6, '.0f')}"
             l2 = f"{_f(m.get('l2_bytes') and m['l2_bytes'] / 1e6, '.0f')}/{_f(k.get('l2_bytes') and k['l2_bytes'] / 1e6, '.0f')}"
@@ -405,14 +411,13 @@ def report_text(kernels: list[dict], rows: list[dict], designs: list[dict], note
                      f"of {JUDGED_US:.0f} us or more")
     if rows:
         lines.append("Rows, kernel_profile (us; of copy: bytes moved over the kernels' time, of the run's copy):")
-        lines.append(f"  {'row':<30}{'events':>7}{'graph':>7}{'kernels':>8}{'model':>7}{'err':>5}{'host':>7}"
+        lines.append(f"  {'row':<34}{'events':>7}{'graph':>7}{'kernels':>8}{'model':>7}{'err':>5}{'host':>7}"
                      f"{'host ops':>9}{'of copy':>8}{'goal':>6}")
         for r in rows:
-            k = r["key"]
-            row = f"{k['impl']} {k['op'][7:]} {k['mode']} {k['preset']}"
+            row = _label(r["key"])
             mark = {True: "", False: "!", None: "?"}[r["meets_goal"]]
             goal = "-" if r["goal"] is None else f"{r['goal']:.0%}{mark}"
-            lines.append(f"  {row:<30}{_f(r['events_us'], '.0f'):>7}{_f(r['graph_us'], '.0f'):>7}"
+            lines.append(f"  {row:<34}{_f(r['events_us'], '.0f'):>7}{_f(r['graph_us'], '.0f'):>7}"
                          f"{_f(r['kernels_us']):>8}{_f(r['model_us']):>7}{_pct(r['model_error']):>5}"
                          f"{_f(r['host_us'], '.0f'):>7}{_f(r['host_ops_us'], '.0f'):>9}"
                          f"{_f(r['fraction_of_copy'] and 100 * r['fraction_of_copy'], '.0f'):>7}%{goal:>6}")
@@ -541,7 +546,8 @@ def main(argv=None) -> int:
         print(args.out.read_text()[-4000:])
         return code
     report = build_report(args.ncu, args.profile, args.model)
-    text = report_text(report["kernels"], report["rows"], report["designs"], report["notes"])
+    model = str(args.model.resolve().relative_to(ROOT)) if args.model.resolve().is_relative_to(ROOT) else str(args.model)
+    text = report_text(report["kernels"], report["rows"], report["designs"], report["notes"], model)
     print(text, end="")
     if args.txt:
         args.txt.write_text(text)
