@@ -113,7 +113,11 @@ ASSUMPTIONS = (
     "waves: b blocks over a capacity of c run floor(b / c) full waves and one of b mod c blocks, each "
     "moving its share of the bytes in the larger of its two bounds (LL GB/s: the grid's average, "
     "SMs x bytes in flight per SM / HBM latency x b / (ceil(b / c) c))",
-    "no instruction-issue, launch-gap or synchronisation cost",
+    "no instruction-issue, launch-gap or synchronisation cost: the H100 run of 4328726 measured the cuda "
+    "attention kernels issue-bound (2.62-2.67 warp instructions per cycle per SM, 608-739 per KiB moved) and "
+    "its merges launch-bound, this model's times 38-95 % short of those measured "
+    "(benchmarks/results/gpu-nvidia-h100-2026-11-27/calibration-4328726.txt); full:profile of the GPU proof "
+    "sets each kernel's ncu counters beside this model",
 )
 
 
