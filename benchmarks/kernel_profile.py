@@ -127,12 +127,13 @@ def profile_row(case: cases.Case, repeats: int, host_ops: bool = False) -> dict:
     ops_host = None
     if host_ops:
         with _through_ops():
-            work.call()  # the ops' first call compiles nothing, but registers their autograd nodes
+            work.call()  # warm-up on the ops' path, as the eager path had one above
             ops_host = _host(work.call, device, repeats)
     kernels = _kernels(work.call, device, repeats)
     kernel_sum = sum(k["median_s"] * k["calls_per_row"] for k in kernels)
-    return {"row": case.id, **_row_key(case), "bytes_moved": moved, "events_s": events, "graph_s": graph, "graph_error": graph_error,
-            "host_s": host, "host_ops_s": ops_host, "kernel_sum_s": kernel_sum, "kernels": kernels}
+    return {"row": case.id, **_row_key(case), "bytes_moved": moved, "events_s": events, "graph_s": graph,
+            "graph_error": graph_error, "host_s": host, "host_ops_s": ops_host, "kernel_sum_s": kernel_sum,
+            "kernels": kernels}
 
 
 def _sync(device: str) -> None:

@@ -771,8 +771,8 @@ def run_stage(stage: str, outdir: Path, machine: Machine, python: str) -> dict:
         for name in (n for job in jobs for n in job.returns if (work / n).exists()):
             shutil.copyfile(work / name, outdir / name)
             files.append(name)
-        if (work / "calibration.txt").exists():
-            proof["calibration"] = (work / "calibration.txt").read_text(errors="replace")
+        for job in (j for j in jobs if j.kind == "calibration" and (work / j.outputs["txt"]).exists()):
+            proof["calibration"] = (work / job.outputs["txt"]).read_text(errors="replace")
         proof["files"] = files
         if merged:
             (outdir / "bench.json").write_text(json.dumps(merged))
