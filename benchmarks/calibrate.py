@@ -84,7 +84,8 @@ def _number(text: str):
 
 def short_name(name: str) -> str:
     """A kernel's name without return type, namespaces, arguments or config: what matches across
-    ncu, the extension, NVRTC and the model (``residual_fwd_kernel<bf16_t, 8, 0>``)."""
+    ncu, the extension, NVRTC and the model (``residual_fwd_kernel<bf16_t,8,0>``; a bool argument
+    as ncu writes it, ``warp_pool_kernel<bf16_t,8,1,2>``)."""
     name = name.strip()
     if name.startswith("void "):
         name = name[5:]
@@ -95,8 +96,9 @@ def short_name(name: str) -> str:
         if ch in "([" and depth == 0:
             cut = i
             break
-    name = name[:cut]
-    return re.sub(r"\b(?:vtok|cuda)::", "", name).replace(" ", "")
+    name = re.sub(r"\b(?:vtok|cuda)::", "", name[:cut]).replace(" ", "")
+    # ncu writes a bool template argument as a number, the demangler as a word
+    return re.sub(r"(?<=[<,])(true|false)(?=[,>])", lambda m: "1" if m.group(1) == "true" else "0", name)
 
 
 def base_name(name: str) -> str:
@@ -497,6 +499,73 @@ def _run_until(command: list[str], deadline: Optional[float]) -> tuple[str, int]
 
 
 # ------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------ the model, again
+
+def remodel(inputs_path: Path, calibration_path: Path) -> list[dict]:
+    """Today's model of the kernels a GPU run profiled, beside that run's counters.
+
+    ``inputs_path`` (model-inputs-<commit>.json, written when the kernels were replaced) holds
+    each launch of that commit's kernels as its backend planned it (grid, bytes moved, what the
+    pass loop loads) and names the SASS and resource usage of those kernels; the machine code is
+    read with today's :mod:`vtok_kernels.machine_code`, so a change of the model is checked
+    against a measurement even after the kernels it measured are gone. ``calibration_path`` is
+    the ``report --json`` of that run. One entry per launch: the model's time, instructions and
+    bound, and ncu's duration and instructions where it profiled the kernel."""
+    import gzip
+
+    from vtok_kernels import machine_code as mc
+
+    inputs = json.loads(inputs_path.read_text())
+    sass = gzip.decompress((inputs_path.parent / inputs["sass"]).read_bytes()).decode()
+    codes = {c.name: c for c in mc.kernel_codes(sass, inputs["res_usage"], "sm_90a")}
+    calibration = json.loads(calibration_path.read_text())
+    measured_by = {}
+    for k in calibration["kernels"]:
+        r = k["row"]
+        if r["mode"] == "fwd+bwd" and k["measured"]:
+            measured_by[(r["impl"], r["op"], k["pass"], k["measured"]["name"])] = k["measured"]
+    out, resident = [], {}
+    for launch in inputs["launches"]:
+        traffic = mc.Traffic(**launch["traffic"])
+        seen = resident.setdefault((launch["op"], launch["pass"]), set())
+        code = codes.get(launch["kernel"])
+        if code is None:  # not profiled: what it leaves in L2 still counts
+            seen.update(t for t, b in {**traffic.reads, **traffic.writes}.items() if b <= mc.L2_RESIDENT_BYTES)
+            continue
+        record = mc.Launch(launch["kernel"], tuple(launch["grid"]), launch["block"], {})
+        est = mc.estimate_kernel(record, code, traffic, seen)
+        m = measured_by.get(("cuda", launch["op"], launch["pass"], short_name(launch["kernel"])))
+        entry = {"op": launch["op"], "pass": launch["pass"], "kernel": short_name(launch["kernel"]),
+                 "model_us": est.time_us, "model_instructions": est.instructions, "bound": est.bound,
+                 "t_hbm_us": est.t_hbm_us, "t_latency_us": est.t_latency_us, "t_issue_us": est.t_issue_us,
+                 "ncu_us": m["seconds"] * 1e6 if m and m["seconds"] else None,
+                 "ncu_instructions": m["instructions"] if m else None}
+        entry["time_error"] = _ratio(entry["model_us"], entry["ncu_us"]) and entry["model_us"] / entry["ncu_us"] - 1
+        entry["instruction_error"] = (_ratio(entry["model_instructions"], entry["ncu_instructions"])
+                                      and entry["model_instructions"] / entry["ncu_instructions"] - 1)
+        entry["judged"] = entry["ncu_us"] is not None and entry["ncu_us"] >= JUDGED_US
+        out.append(entry)
+    return out
+
+
+def remodel_text(entries: Sequence[dict], inputs: str) -> str:
+    lines = [f"Today's model of the profiled kernels ({inputs}), beside ncu:",
+             f"  {'op':<12}{'pass':<5}{'kernel':<34}{'hbm':>7}{'lat':>7}{'issue':>7}{'model':>7}{'ncu us':>8}"
+             f"{'err':>6}{'M ins':>7}{'ncu':>7}{'err':>6}  bound"]
+    for e in entries:
+        lines.append(f"  {e['op']:<12}{e['pass']:<5}{e['kernel'][:33]:<34}{e['t_hbm_us']:>7.1f}{e['t_latency_us']:>7.1f}"
+                     f"{e['t_issue_us']:>7.1f}{e['model_us']:>7.1f}{_f(e['ncu_us']):>8}{_pct(e['time_error']):>6}"
+                     f"{e['model_instructions'] / 1e6:>7.2f}{_f(e['ncu_instructions'] and e['ncu_instructions'] / 1e6, '.2f'):>7}"
+                     f"{_pct(e['instruction_error']):>6}  {e['bound']}")
+    judged = [e for e in entries if e["judged"]]
+    within = [e for e in judged if abs(e["time_error"]) <= MODEL_TOLERANCE]
+    lines.append("  us: the model's bandwidth, latency and issue bounds, its time, ncu's duration; M ins: warp "
+                 "instructions, the model's and ncu's")
+    lines.append(f"  model within {MODEL_TOLERANCE:.0%} of ncu: {len(within)} of {len(judged)} kernels of "
+                 f"{JUDGED_US:.0f} us or more")
+    return "\n".join(lines) + "\n"
+
+
 def build_report(ncu_paths: Sequence[Path], profile_path: Optional[Path], model_path: Path) -> dict:
     model = load_model(model_path)
     kernels, notes, profile = [], [], {}
@@ -540,7 +609,17 @@ def main(argv=None) -> int:
     rep.add_argument("--model", type=Path, default=STATIC_MODEL)
     rep.add_argument("--txt", type=Path, default=None)
     rep.add_argument("--json", type=Path, default=None)
+    again = sub.add_parser("remodel", help="today's model of a run's kernels (model-inputs-<commit>.json)")
+    again.add_argument("--inputs", type=Path, required=True)
+    again.add_argument("--calibration", type=Path, required=True, help="that run's report --json")
+    again.add_argument("--txt", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.command == "remodel":
+        text = remodel_text(remodel(args.inputs, args.calibration), args.inputs.name)
+        print(text, end="")
+        if args.txt:
+            args.txt.write_text(text)
+        return 0
     if args.command == "ncu":
         code = run_ncu(args.out, args.profile_args, deadline=args.deadline)
         print(args.out.read_text()[-4000:])

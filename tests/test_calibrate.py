@@ -170,6 +170,31 @@ def test_kernels_pair_in_launch_order_by_name():
         (None, "other_kernel"), ("combine_kernel", "combine_kernel")]
 
 
+def test_a_bool_template_argument_pairs_as_ncu_writes_it():
+    """ncu writes a kernel's bool template argument as 0 / 1, the demangler (and so the model)
+    as false / true: both name the same kernel."""
+    model = [{"name": "vtok::cuda::warp_pool_kernel<vtok::cuda::bf16_t, 8, true, 2>", "kernel": "warp_pool_kernel"},
+             {"name": "vtok::cuda::encode_bwd_kernel<vtok::cuda::bf16_t, 8, false, 2>", "kernel": "encode_bwd_kernel"}]
+    measured = [{"name": calibrate.short_name("void vtok::cuda::warp_pool_kernel<vtok::cuda::bf16_t, 8, 1, 2>"
+                                              "(vtok::EncodeParams, vtok::cuda::RowPlan)")},
+                {"name": "encode_bwd_kernel<bf16_t,8,0,2>"}]
+    pairs = calibrate.pair_kernels(model, measured)
+    assert [(m is not None, k is not None) for m, k in pairs] == [(True, True), (True, True)]
+    assert calibrate.short_name("f<true_type, 1>") == "f<true_type,1>"
+
+
+def test_remodel_reads_the_kept_kernels(tmp_path):
+    """``remodel`` on the H100 record: every profiled launch of 34f048b modelled, the merges
+    reported but short (launch-bound), the text written."""
+    record = calibrate.ROOT / "benchmarks" / "results" / "gpu-nvidia-h100-2026-11-27"
+    out = tmp_path / "remodel.txt"
+    assert calibrate.main(["remodel", "--inputs", str(record / "model-inputs-34f048b.json"),
+                           "--calibration", str(record / "calibration-4328726.json"), "--txt", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("residual_fwd_kernel<bf16_t,8,3>") == 2 and "encode_bwd_kernel<bf16_t,8,1>" in text
+    assert "model within 15% of ncu: 4 of 6 kernels of 5 us or more" in text
+
+
 @pytest.mark.parametrize("stretch", [1.1, 1.4])
 def test_the_model_beside_a_run(tmp_path, stretch):
     model = _model_rows()

@@ -1,31 +1,37 @@
 """``python -m vtok_kernels sass-report``: the CUDA kernels' machine code, read without a GPU, and
-a Little's-law bandwidth model of the benchmark presets built on it.
+a model of the benchmark presets built on it (bandwidth, Little's law, instruction issue).
 
 Part one reads the SASS. Every ``csrc/cuda/*.cu`` is compiled to a cubin by nvcc with the
 extension's own flags (``backends.cuda.nvcc_command``), dumped with ``cuobjdump -sass`` and
 ``cuobjdump -res-usage``, and each kernel instantiation gets, per arch: its global loads and
 stores counted by width (8 to 128 bit), its local-memory accesses (LDL / STL), registers, shared
 memory, resident blocks per SM, the most 16-byte loads issued back to back (:func:`load_runs`)
-and the loads and runs of loads of its hot loop (:func:`hot_loop`).
+and the loads and runs of loads of its hot loop (:func:`hot_loop`); and, on its control flow
+(:class:`FlowGraph`: basic blocks, dominators, natural loops), the instructions a warp issues per
+pass of that loop, along the longest path.
 
 Part two is the model. For each preset (the benchmark's shapes) the cuda backend's own launch
 path runs on meta tensors with a loader that records each kernel and grid instead of launching
 (:func:`record_launches`); each launched kernel gets its bytes (from HBM, from L2, loaded per
-thread) and a time, the larger of a bandwidth bound and a Little's-law bound:
+thread) and a time from three bounds:
 
 * ``t_hbm = HBM bytes / COPY_BANDWIDTH``;
 * ``t_latency = (HBM-served bytes x HBM latency + cache-served bytes x L2 latency) / bytes in
   flight``, with bytes in flight = resident blocks x 256 threads x the bytes a thread keeps in
   flight (its hot loop's bytes per run of loads, from the SASS);
+* ``t_issue = warp instructions / (ISSUE_RATE x clock x SMs)``, the instructions from the SASS
+  per pass and the passes from the launch plan (:func:`warp_instructions`);
 
-both per wave of resident blocks, so that a last, partly full wave counts at its own occupancy
+the larger of the first two overlapped with the third (their power mean of order OVERLAP), all
+per wave of resident blocks, so that a last, partly full wave counts at its own occupancy
 (the tail); ``LL GB/s`` in the report is the whole grid's average, SMs x bytes in flight per SM
 / HBM latency x blocks / (ceil(waves) x capacity).
 
 An op's predicted time is the sum over its kernels, and its predicted GB/s the bytes it must move
 (``benchmarks.roofline.encode_bytes``, what the benchmark divides by) over that time. Each
-assumption is one line of :data:`ASSUMPTIONS`; the model is a first estimate that the first GPU
-run calibrates (DESIGN.md section 5).
+assumption is one line of :data:`ASSUMPTIONS`. The H100 run of 4328726 set its issue rate and
+overlap (``benchmarks.calibrate remodel`` holds the model to that run's kernels); the GPU
+proof's ``full:profile`` sets every kernel of today's code beside it (DESIGN.md section 5).
 
 cuobjdump and nvdisasm come with the CUDA toolkit or as the PyPI wheels
 ``nvidia-cuda-cuobjdump`` / ``nvidia-cuda-nvdisasm`` (requirements-dev.txt).
@@ -83,6 +89,18 @@ H100_SM_CLOCK_HZ = 1.98e9  # H100 SXM boost clock, for turning cycles into secon
 # loaded figure is not in the sources read; with the idle one the Little's-law bandwidth is an
 # upper bound, which the first GPU run calibrates.
 HBM_LATENCY_CYCLES = 700
+# Warp instructions an SM issues per cycle (of its 4 schedulers' 4) when issue is what bounds
+# a kernel: the H100 run of 4328726 measured the cuda attention forward and backward, the two
+# kernels of the run that issued most per byte (739 and 608 per KiB of DRAM traffic), at 2.62 and
+# 2.67 per cycle per SM with ncu's clocks at 1.96-1.98 GHz
+# (benchmarks/results/gpu-nvidia-h100-2026-11-27/calibration-4328726.txt).
+ISSUE_RATE = 2.65
+# How a wave's memory time (the larger of its bandwidth and latency bounds) and its issue time
+# combine: their power mean of this order, (t_mem^p + t_issue^p)^(1/p), between their sum (1)
+# and their maximum (infinite). 3 puts the four kernels of 5 us or more that the H100 run of
+# 4328726 measured beside this model (mean and attention, forward and backward) within 12 % of
+# their times; the maximum leaves the mean forward, its two bounds close, 23 % short.
+OVERLAP = 3
 L2_LATENCY_CYCLES = 291
 HBM_LATENCY_S = HBM_LATENCY_CYCLES / H100_SM_CLOCK_HZ
 L2_LATENCY_S = L2_LATENCY_CYCLES / H100_SM_CLOCK_HZ
@@ -111,13 +129,21 @@ ASSUMPTIONS = (
     "each pass (forward, backward) starts cold",
     "resident blocks per SM from registers, threads, blocks and shared memory with the largest carveout",
     "waves: b blocks over a capacity of c run floor(b / c) full waves and one of b mod c blocks, each "
-    "moving its share of the bytes in the larger of its two bounds (LL GB/s: the grid's average, "
+    "doing its share of the work in the time its bounds give (LL GB/s: the grid's average, "
     "SMs x bytes in flight per SM / HBM latency x b / (ceil(b / c) c))",
-    "no instruction-issue, launch-gap or synchronisation cost: the H100 run of 4328726 measured the cuda "
-    "attention kernels issue-bound (2.62-2.67 warp instructions per cycle per SM, 608-739 per KiB moved) and "
-    "its merges launch-bound, this model's times 38-95 % short of those measured "
-    "(benchmarks/results/gpu-nvidia-h100-2026-11-27/calibration-4328726.txt); full:profile of the GPU proof "
-    "sets each kernel's ncu counters beside this model",
+    "issue: a warp issues, per pass of its kernel's pass loop (the innermost loop nest member that loads at "
+    "the hot width), the longest path through that loop in the SASS (every loop inside it once, the longer "
+    "side of each branch; not the out-of-line copies a diverged warp takes), per pass of its parent loop that "
+    "loop's own longest path, and once per warp the longest path outside the nest; the passes come from the "
+    "launch plan (the bytes the loop loads over what one pass loads)",
+    f"issue rate: {ISSUE_RATE} warp instructions per cycle per SM at {H100_SM_CLOCK_HZ / 1e9:.2f} GHz on each SM "
+    "that holds a block of the wave, the rate the H100 run of 4328726 measured in its two most issue-bound "
+    "kernels (2.62-2.67); a wave's memory time (the larger of the bandwidth and latency bounds) and its issue "
+    f"time combine as their power mean of order {OVERLAP}: on that run's four kernels of 5 us or more (merges "
+    "aside) the model's instruction counts are within 9 % of ncu's and its times within 12 % "
+    "(benchmarks/results/gpu-nvidia-h100-2026-11-27/README.md)",
+    "no launch gap or synchronisation cost: the merges of the forward's partial rows, measured at 6-8 us on "
+    "that run, are modelled at 1-2 us",
 )
 
 
@@ -421,34 +447,236 @@ def max_loads_back_to_back(items: Sequence[Item], width: int = 128) -> int:
     return max((len(r) for r in runs), default=0)
 
 
-def loops(items: Sequence[Item]) -> list[tuple[int, int]]:
-    """(first, last address) of every loop: a branch back to an earlier address closes one."""
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A basic block: its instructions, and the blocks control may pass to (by index)."""
+
+    instructions: tuple
+    successors: tuple = ()
+
+    @property
+    def address(self) -> int:
+        return self.instructions[0].address
+
+
+def _branch_target(ins: Instruction, labels: dict) -> Optional[int]:
+    m = _TARGET.search(ins.operands)
+    if not m:
+        return None
+    return labels.get(m.group(1)) if m.group(1) else int(m.group(2), 16)
+
+
+def control_flow(items: Sequence[Item]) -> list[Block]:
+    """The kernel's basic blocks and their edges, as a converged warp runs them.
+
+    ``BRA.DIV`` is taken only by a warp whose threads diverged before a warp-wide collective
+    (a shuffle, a vote): it jumps to an out-of-line copy of the collective that then branches
+    back. The kernels here call their shuffles with every thread of the warp, so that copy
+    never runs, and its branch back is no loop: the edge is left out. A CALL returns to the
+    next instruction (its routine, a slow path of a division, is not followed). An indirect
+    branch (BRX: here a jump into an unrolled run of shuffle rounds, as many as a row has lanes)
+    is followed to the next instruction, as if every round ran."""
     labels, pending = {}, []
+    starts = set()
     for item in items:
         if isinstance(item, Label):
             pending.append(item.name)
         else:
+            if pending:
+                starts.add(item.address)
             labels.update((name, item.address) for name in pending)
             pending = []
-    out = []
-    for item in items:
-        if isinstance(item, Instruction) and item.base in ("BRA", "JMP"):
-            m = _TARGET.search(item.operands)
-            target = None if not m else (labels.get(m.group(1)) if m.group(1) else int(m.group(2), 16))
-            if target is not None and target <= item.address:
-                out.append((target, item.address))
-    return out
-
-
-def loop_nests(items: Sequence[Item]) -> list[tuple[int, int]]:
-    """The outermost loops: overlapping loop ranges merged."""
-    nests: list[list[int]] = []
-    for first, last in sorted(loops(items)):
-        if nests and first <= nests[-1][1]:
-            nests[-1][1] = max(nests[-1][1], last)
+    instructions = [i for i in items if isinstance(i, Instruction)]
+    if not instructions:
+        return []
+    starts.add(instructions[0].address)
+    for ins, nxt in zip(instructions, instructions[1:]):
+        if ins.base in _BLOCK_ENDS:
+            starts.add(nxt.address)
+    groups: list[list[Instruction]] = []
+    for ins in instructions:
+        if ins.address in starts or not groups:
+            groups.append([])
+        groups[-1].append(ins)
+    index = {g[0].address: n for n, g in enumerate(groups)}
+    blocks = []
+    for n, group in enumerate(groups):
+        last = group[-1]
+        following = [n + 1] if n + 1 < len(groups) else []
+        conditional = bool(last.predicate) and last.predicate not in ("@PT", "@UPT")
+        if last.base in ("BRA", "JMP") and "DIV" not in last.modifiers:
+            target = _branch_target(last, labels)
+            taken = [index[target]] if target in index else []
+            succ = taken + following if conditional or not taken else taken
+        elif last.base in ("EXIT", "RET", "KILL", "BPT") and not conditional:
+            succ = []
         else:
-            nests.append([first, last])
-    return [(a, b) for a, b in nests]
+            succ = following
+        blocks.append(Block(tuple(group), tuple(dict.fromkeys(succ))))
+    return blocks
+
+
+def _dominators(blocks: Sequence[Block]) -> list[Optional[int]]:
+    """Immediate dominators (Cooper, Harvey and Kennedy's iteration) of the blocks reachable
+    from the first; None for the entry and the unreachable."""
+    order: list[int] = []
+    seen = set()
+    stack = [(0, iter(blocks[0].successors))] if blocks else []
+    seen.add(0)
+    while stack:
+        node, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            order.append(node)
+            stack.pop()
+        elif nxt not in seen:
+            seen.add(nxt)
+            stack.append((nxt, iter(blocks[nxt].successors)))
+    rpo = order[::-1]
+    position = {b: n for n, b in enumerate(rpo)}
+    predecessors: dict[int, list[int]] = {b: [] for b in rpo}
+    for b in rpo:
+        for s in blocks[b].successors:
+            predecessors[s].append(b)
+    idom: dict[int, int] = {0: 0} if blocks else {}
+
+    def intersect(a, b):
+        while a != b:
+            while position[a] > position[b]:
+                a = idom[a]
+            while position[b] > position[a]:
+                b = idom[b]
+        return a
+
+    changed = True
+    while changed:
+        changed = False
+        for b in rpo[1:]:
+            done = [p for p in predecessors[b] if p in idom]
+            new = done[0]
+            for other in done[1:]:
+                new = intersect(other, new)
+            if idom.get(b) != new:
+                idom[b], changed = new, True
+    return [None if b == 0 else idom.get(b) for b in range(len(blocks))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """A natural loop: its header (the target of its back edges, which it dominates) and every
+    instruction that can reach a back edge without passing the header."""
+
+    header: int  # address
+    addresses: frozenset
+    blocks: frozenset = frozenset()  # indices into FlowGraph.blocks
+
+    @property
+    def first(self) -> int:
+        return min(self.addresses)
+
+    @property
+    def last(self) -> int:
+        return max(self.addresses)
+
+    def __contains__(self, address: int) -> bool:
+        return address in self.addresses
+
+
+@dataclasses.dataclass
+class FlowGraph:
+    """A kernel's control flow (:func:`control_flow`), its dominators and natural loops."""
+
+    blocks: list
+    reachable: set  # block indices a converged warp can reach from the entry
+    back_edges: set  # (from, to) block indices: to dominates from
+    loops: list  # Loop, ordered by address
+
+    @classmethod
+    def of(cls, items: Sequence[Item]) -> "FlowGraph":
+        blocks = control_flow(items)
+        idom = _dominators(blocks)
+        reachable = {n for n in range(len(blocks)) if n == 0 or idom[n] is not None}
+
+        def dominates(a, b):
+            while True:
+                if a == b:
+                    return True
+                if b == 0:
+                    return False
+                b = idom[b]
+
+        predecessors: dict[int, list[int]] = {n: [] for n in range(len(blocks))}
+        for n, block in enumerate(blocks):
+            for s in block.successors:
+                predecessors[s].append(n)
+        back_edges, bodies = set(), {}
+        for n in sorted(reachable):
+            for header in blocks[n].successors:
+                if dominates(header, n):
+                    back_edges.add((n, header))
+                    body = bodies.setdefault(header, {header})
+                    work = [n]
+                    while work:
+                        b = work.pop()
+                        if b not in body and b in reachable:
+                            body.add(b)
+                            work.extend(predecessors[b])
+        found = [Loop(blocks[h].address, frozenset(i.address for b in body for i in blocks[b].instructions),
+                      frozenset(body)) for h, body in bodies.items()]
+        return cls(blocks, reachable, back_edges, sorted(found, key=lambda lp: (lp.first, -len(lp.addresses))))
+
+    def longest_path(self, nodes: set, start: int, weight, ends: Optional[set] = None) -> int:
+        """The most instructions (``weight(block)`` each) on a path from ``start`` through
+        ``nodes`` that takes no back edge, ending anywhere (or in ``ends``): one trip through a
+        loop body, every loop inside it run once, the longer side of every branch."""
+        order, seen, stack = [], {start}, [(start, iter(self.blocks[start].successors))]
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                order.append(node)
+                stack.pop()
+            elif nxt in nodes and nxt not in seen and (node, nxt) not in self.back_edges:
+                seen.add(nxt)
+                stack.append((nxt, iter(self.blocks[nxt].successors)))
+        best: dict[int, int] = {}
+        for node in order:  # successors first
+            tails = [best[s] for s in self.blocks[node].successors
+                     if s in best and (node, s) not in self.back_edges]
+            if ends is None or node in ends or tails:
+                best[node] = weight(node) + max(tails, default=0)
+            if ends is not None and node not in ends and not tails:
+                best.pop(node, None)
+        return best.get(start, 0)
+
+    def trip(self, loop: Loop, weight) -> int:
+        """Instructions of one trip through ``loop``: its longest path from the header to a
+        block that branches back to it."""
+        header = next(n for n in loop.blocks if self.blocks[n].address == loop.header)
+        latches = {n for n, h in self.back_edges if h == header}
+        return self.longest_path(set(loop.blocks), header, weight, latches)
+
+
+def loops(items: Sequence[Item]) -> list[Loop]:
+    """The natural loops of the kernel's control flow (:func:`control_flow`), ordered by address.
+    An edge back to an earlier address that is no loop (the branch back from an out-of-line
+    block) is not one."""
+    return FlowGraph.of(items).loops
+
+
+def loop_nests(items: Sequence[Item]) -> list[Loop]:
+    """The outermost loops: those inside no other."""
+    all_loops = loops(items)
+    return [lp for lp in all_loops
+            if not any(other is not lp and lp.addresses < other.addresses for other in all_loops)]
+
+
+def inner_loops(items: Sequence[Item], holds) -> list[Loop]:
+    """The innermost loops that hold an instruction for which ``holds`` is true: no loop inside
+    them holds one."""
+    instructions = {i.address: i for i in items if isinstance(i, Instruction)}
+    holding = [lp for lp in loops(items) if any(holds(instructions[a]) for a in lp.addresses)]
+    return [lp for lp in holding if not any(other.addresses < lp.addresses for other in holding)]
 
 
 def hot_width(items: Sequence[Item]) -> int:
@@ -463,7 +691,9 @@ def hot_width(items: Sequence[Item]) -> int:
 @dataclasses.dataclass(frozen=True)
 class HotLoop:
     """The loop nest a thread spends its time in, as far as the code tells: the one holding the
-    most loads of the hot width (the whole kernel when no loop loads)."""
+    most loads of the hot width (the whole kernel when no loop loads); and inside it the pass
+    loop, the innermost loop that loads at that width (a frame's rows, once per pass), whose
+    instructions per pass set what the kernel issues per byte."""
 
     first: int
     last: int
@@ -473,6 +703,14 @@ class HotLoop:
     instructions: int = 0  # in it, every path: what the nest costs in code, not per pass
     shuffles: int = 0  # SHFL
     barriers: int = 0  # BAR
+    # The pass loop: its instructions (every path, a loop inside it once), and the bytes its
+    # loads of the hot width bring a thread per pass; the average over its copies where the
+    # compiler made several (one per group of a chunk). Its parent loop's own instructions (none
+    # of a loop inside it) run once per pass of the parent; those outside the nest once per warp.
+    pass_instructions: float = 0.0
+    pass_bytes: float = 0.0
+    outer_instructions: int = 0
+    rest_instructions: int = 0
 
     @property
     def bytes_per_run(self) -> float:
@@ -481,27 +719,57 @@ class HotLoop:
         return self.bytes / self.runs if self.runs else 0.0
 
 
+def reachable_addresses(items: Sequence[Item]) -> set[int]:
+    """The instructions a converged warp can reach from the kernel's entry (:func:`control_flow`):
+    not the out-of-line copies of its collectives, nor the routines it calls."""
+    graph = FlowGraph.of(items)
+    return {i.address for n in graph.reachable for i in graph.blocks[n].instructions}
+
+
 def hot_loop(items: Sequence[Item]) -> Optional[HotLoop]:
     width = hot_width(items)
     if not width:
         return None
-    def inside(first, last):
-        return [i for i in items if isinstance(i, Instruction) and first <= i.address <= last]
+    instructions = [i for i in items if isinstance(i, Instruction)]
+    graph = FlowGraph.of(items)
 
-    def hot_count(rng):
-        return sum(is_global_load(i) and access_width(i) == width for i in inside(*rng))
+    def hot(ins):
+        return is_global_load(ins) and access_width(ins) == width
 
-    nests = [n for n in loop_nests(items) if hot_count(n)]
+    def hot_count(lp):
+        return sum(hot(i) for i in instructions if i.address in lp)
+
+    def size(n):
+        return len(graph.blocks[n].instructions)
+
+    nests = [lp for lp in graph.loops if hot_count(lp)
+             and not any(lp.addresses < other.addresses for other in graph.loops)]
     if nests:
-        first, last = max(nests, key=hot_count)  # ties: the first
+        nest = max(nests, key=hot_count)  # ties: the first
+        inside = nest.addresses
     else:
-        addresses = [i.address for i in items if isinstance(i, Instruction)]
-        first, last = min(addresses), max(addresses)
-    runs = [r for r in load_runs(items) if first <= r[0].address <= last]
-    body = inside(first, last)
+        nest, inside = None, frozenset(i.address for i in instructions)
+    runs = [r for r in load_runs(items) if r[0].address in inside]
+    body = [i for i in instructions if i.address in inside]
     loads = [i for i in body if is_global_load(i)]
-    return HotLoop(first, last, len(loads), len(runs), sum(access_width(i) // 8 for i in loads), len(body),
-                   sum(i.base == "SHFL" for i in body), sum(i.base == "BAR" for i in body))
+    outer = rest = 0
+    if nest is not None:
+        holding = [lp for lp in graph.loops if lp.addresses <= inside and hot_count(lp)]
+        passes = [lp for lp in holding if not any(other.addresses < lp.addresses for other in holding)]
+        pass_instructions = sum(graph.trip(lp, size) for lp in passes) / len(passes)
+        pass_bytes = sum(width // 8 * hot_count(lp) for lp in passes) / len(passes)
+        in_passes = set().union(*(lp.blocks for lp in passes))
+        parents = [lp for lp in graph.loops if passes[0].addresses < lp.addresses]
+        if parents:
+            parent = min(parents, key=lambda lp: len(lp.addresses))
+            outer = graph.trip(parent, lambda n: 0 if n in in_passes else size(n))
+        rest = graph.longest_path(graph.reachable, 0, lambda n: 0 if n in nest.blocks else size(n))
+    else:  # no loop loads: one pass is one run through the kernel
+        pass_instructions = graph.longest_path(graph.reachable, 0, size)
+        pass_bytes = width // 8 * sum(hot(i) for i in body)
+    return HotLoop(min(inside), max(inside), len(loads), len(runs), sum(access_width(i) // 8 for i in loads),
+                   len(body), sum(i.base == "SHFL" for i in body), sum(i.base == "BAR" for i in body),
+                   pass_instructions, pass_bytes, outer, rest)
 
 
 def max_bytes_in_flight(items: Sequence[Item]) -> int:
@@ -558,6 +826,17 @@ class KernelCode:
     hot_instructions: int = 0  # in the hot loop nest (HotLoop.instructions)
     hot_shuffles: int = 0
     hot_barriers: int = 0
+    # What a warp issues (HotLoop): per pass of the pass loop and the bytes a thread loads in it,
+    # per pass of its parent loop, and once outside the nest.
+    pass_instructions: float = 0.0
+    pass_bytes: float = 0.0
+    outer_instructions: int = 0
+    rest_instructions: int = 0
+
+    @property
+    def instructions_per_kib(self) -> float:
+        """Warp instructions of a pass per KiB its loads bring (every vector counted)."""
+        return self.pass_instructions * 1024 / (WARP * self.pass_bytes) if self.pass_bytes else 0.0
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -594,13 +873,20 @@ def kernel_codes(sass: str, res_usage: str, arch: str) -> list[KernelCode]:
             registers=res.get("registers", 0), shared_bytes=res.get("shared_bytes", 0),
             local_bytes=res.get("local_bytes", 0), stack_bytes=res.get("stack_bytes", 0),
             loads=counts["loads"], stores=counts["stores"], ldl=counts["ldl"], stl=counts["stl"],
-            loads_back_to_back=max_loads_back_to_back(items), hot_loads=hot.loads if hot else 0,
-            hot_runs=hot.runs if hot else 0, bytes_in_flight=hot.bytes_per_run if hot else 0.0,
+            loads_back_to_back=max_loads_back_to_back(items),
             blocks_per_sm=occupancy["blocks"], occupancy_limit=occupancy["by"],
-            instructions=sum(isinstance(i, Instruction) for i in items),
-            hot_instructions=hot.instructions if hot else 0, hot_shuffles=hot.shuffles if hot else 0,
-            hot_barriers=hot.barriers if hot else 0))
+            instructions=sum(isinstance(i, Instruction) for i in items), **hot_fields(hot)))
     return codes
+
+
+def hot_fields(hot: Optional[HotLoop]) -> dict:
+    """KernelCode's fields read from a kernel's hot loop (none: zeros)."""
+    if hot is None:
+        return {"hot_loads": 0, "hot_runs": 0, "bytes_in_flight": 0.0}
+    return {"hot_loads": hot.loads, "hot_runs": hot.runs, "bytes_in_flight": hot.bytes_per_run,
+            "hot_instructions": hot.instructions, "hot_shuffles": hot.shuffles, "hot_barriers": hot.barriers,
+            "pass_instructions": hot.pass_instructions, "pass_bytes": hot.pass_bytes,
+            "outer_instructions": hot.outer_instructions, "rest_instructions": hot.rest_instructions}
 
 
 def analyse(archs: Sequence[str], sources: Optional[Sequence[Path]] = None) -> list[KernelCode]:
@@ -703,6 +989,12 @@ class Traffic:
     rereads: int
     l2_bytes: int
     used_in_flight: float = 1.0
+    # What the warps issue: passes through the kernel's pass loop (None: as many as the bytes its
+    # loads bring, ``streamed``, take at the pass's bytes), passes of its parent loop, and
+    # ``streamed`` (None: every byte the kernel's threads load).
+    passes: Optional[int] = None
+    outer_passes: int = 0
+    streamed: Optional[int] = None
 
 
 def _template_args(name: str) -> list[str]:
@@ -750,7 +1042,7 @@ def kernel_traffic(launch: Launch) -> Traffic:
         state_loads = B * G * splits * (C // vec) * 8 if attn else 0
         writes = {"sequence.residual": seq_res, **({"lse": lse} if attn else {})}
         return Traffic({"workspace.partials": partials + states}, writes, state_loads - states,
-                       partials + state_loads)
+                       partials + state_loads, streamed=partials)
     if kernel == "residual_fwd_kernel" and int(args[1]) > 1:
         # One block per (segment, tile of rows, chunk of groups, video): a thread loads its key
         # row once and holds it in registers for the chunk's groups, so the key frame is read
@@ -762,8 +1054,12 @@ def kernel_traffic(launch: Launch) -> Traffic:
         reads = {"x.rest": x_rest, "x.key": x_key, **({"query": query} if attn else {})}
         rereads = (chunks - 1) * x_key + (query_loads - query if attn else 0)
         partials = B * G * splits * (C + (2 * H if attn else 0)) * 4
+        # What the frame loop loads: each (segment, split) block's warps load their rows of every
+        # group's frame, the rows past N included.
+        row_bytes = WARP * launch.extra[0]["vecs_per_lane"] * int(args[1]) * e
+        streamed = launch.grid[0] * launch.grid[2] * (THREADS_PER_BLOCK // WARP) * G * row_bytes
         return Traffic(reads, {"workspace.partials": partials}, rereads,
-                       x_rest + chunks * x_key + query_loads, used_vector_share(launch))
+                       x_rest + chunks * x_key + query_loads, used_vector_share(launch), streamed=streamed)
     if kernel == "warp_pool_kernel":
         # One warp per (video, segment, split of the rows, chunk of groups), warp items numbered
         # chunk fastest, kWarps to a block: a warp loads its key rows once per chunk (the query
@@ -782,8 +1078,14 @@ def kernel_traffic(launch: Launch) -> Traffic:
         reads = {"x.rest": x_rest, "x.key": x_key, **({"query": query} if attn else {})}
         rereads = (chunks - 1) * x_key + (query_loads - query if attn else 0)
         partials = B * G * splits * (C + (2 * H if attn else 0)) * 4
+        # What the frame loop loads: a warp's 32 / lanes rows of each frame of its chunk (the
+        # rows past its split's end included); its parent loop runs once per rows and chunk.
+        row_passes = B * plan["num_segments"] * sum(
+            -(-((s + 1) * N // splits - s * N // splits) // (WARP // plan["lanes"])) for s in range(splits))
+        row_bytes = WARP * plan["vecs_per_lane"] * int(args[1]) * e
         return Traffic(reads, {"workspace.partials": partials}, rereads,
-                       x_rest + x_key * pairs // items + query_loads, used_vector_share(launch))
+                       x_rest + x_key * pairs // items + query_loads, used_vector_share(launch),
+                       outer_passes=row_passes * chunks, streamed=row_passes * G * row_bytes)
     if kernel == "residual_fwd_kernel":
         # The scalar path: one block per (segment, group, video) walks every row, so the key
         # frame is read once per group, and the query segment once per block.
@@ -792,7 +1094,7 @@ def kernel_traffic(launch: Launch) -> Traffic:
         rereads = (G - 1) * x_key + (B * G * query - query if attn else 0)
         writes = {"sequence.residual": seq_res, **({"lse": lse} if attn else {})}
         return Traffic(reads, writes, rereads, x_rest + G * x_key + (B * G * query if attn else 0),
-                       used_vector_share(launch))
+                       used_vector_share(launch), streamed=x_rest)
     if kernel == "attn_delta_kernel":
         return Traffic({"sequence.residual": seq_res, "grad_sequence.residual": seq_res},
                        {"workspace.delta": lse}, 0, 2 * seq_res)
@@ -815,7 +1117,9 @@ def kernel_traffic(launch: Launch) -> Traffic:
             rereads = per_frame_rows - seq_res + scalars - 2 * lse + B * tiles * C * 4 - query
             l2 = x_rest + x_key + grad_r_l2 + seq_keys + B * tiles * (T - 1) * segments * 8 + B * tiles * C * 4
             writes["workspace.partials"] = B * tiles * C * 4
-        return Traffic(reads, writes, rereads, l2, used_vector_share(launch))
+        # A pass: a frame's rows, grad r (and, attn, x) loaded
+        streamed = per_frame_rows + (x_rest if attn else 0)
+        return Traffic(reads, writes, rereads, l2, used_vector_share(launch), streamed=streamed)
     if kernel == "grad_query_reduce_kernel":
         partials = launch.extra[0] * C * 4
         return Traffic({"workspace.partials": partials}, {"grad_query": query}, 0, partials)
@@ -844,6 +1148,28 @@ class KernelEstimate:
     time_us: float
     bound: str
     name: str = ""  # as the launch names it (KernelCode.name): what a profiler's report matches
+    instructions: float = 0.0  # warp instructions issued (:func:`warp_instructions`)
+    t_issue_us: float = 0.0
+
+    @property
+    def instructions_per_kib(self) -> float:
+        """Warp instructions per KiB of HBM traffic, as ncu's counters give it."""
+        return self.instructions * 1024 / self.hbm_bytes if self.hbm_bytes else 0.0
+
+
+def warp_instructions(launch: Launch, code: KernelCode, traffic: Traffic) -> float:
+    """What the launch's warps issue: each pass through the pass loop, each pass of its parent
+    loop and, once per warp, the code outside the nest (HotLoop), each the longest path."""
+    passes = traffic.passes
+    if passes is None:
+        streamed = traffic.streamed
+        if streamed is None:
+            streamed = sum(traffic.reads.values()) + traffic.rereads
+        per_pass = WARP * code.pass_bytes * traffic.used_in_flight
+        passes = streamed / per_pass if per_pass else 0
+    warps = launch.blocks * -(-launch.block // WARP)
+    return (passes * code.pass_instructions + traffic.outer_passes * code.outer_instructions
+            + warps * code.rest_instructions)
 
 
 def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident: set,
@@ -851,9 +1177,11 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
     """One launch's time (``resident``: tensors already in L2, updated with this launch's).
 
     The blocks run in waves of the GPU's resident capacity, the last one partly full; each wave
-    moves its share of the bytes (every block does the same work) in the larger of two times:
-    its HBM bytes at the copy bandwidth, and its loads at the bytes that its resident threads
-    keep in flight, a latency per run (Little's law: bandwidth = bytes in flight / latency)."""
+    does its share of the work (every block does the same) in a time made of three: its HBM
+    bytes at the copy bandwidth; its loads at the bytes that its resident threads keep in
+    flight, a latency per run (Little's law: bandwidth = bytes in flight / latency); and its
+    warp instructions at ISSUE_RATE per cycle on each SM that holds one of its blocks. The
+    larger of the first two is its memory time, which the issue time overlaps (OVERLAP)."""
     capacity = sms * code.blocks_per_sm
     waves = launch.blocks / capacity if capacity else math.inf
     tail = launch.blocks / (math.ceil(waves) * capacity) if capacity else 0.0
@@ -864,8 +1192,9 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
     thread_cached = sum(b for t, b in traffic.reads.items() if t in resident) + traffic.rereads
     hbm = hbm_reads + sum(traffic.writes.values())
     waiting = hbm_reads * HBM_LATENCY_S + thread_cached * L2_LATENCY_S  # byte-seconds of loads
+    instructions = warp_instructions(launch, code, traffic)
     full, last = divmod(launch.blocks, capacity) if capacity else (0, launch.blocks)
-    t_hbm = t_lat = total = 0.0
+    t_hbm = t_lat = t_issue = total = 0.0
     bounds = []
     for blocks, count in ((capacity, full), (last, 1 if last else 0)):
         if not count:
@@ -874,9 +1203,11 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
         in_flight = blocks * threads * per_thread
         wave_hbm = share * hbm / COPY_BANDWIDTH
         wave_lat = share * waiting / in_flight if in_flight else math.inf
-        t_hbm, t_lat = t_hbm + count * wave_hbm, t_lat + count * wave_lat
-        total += count * max(wave_hbm, wave_lat)
-        bounds.append("latency" if wave_lat > wave_hbm else "bandwidth")
+        wave_issue = share * instructions / (ISSUE_RATE * H100_SM_CLOCK_HZ * min(sms, blocks))
+        t_hbm, t_lat, t_issue = t_hbm + count * wave_hbm, t_lat + count * wave_lat, t_issue + count * wave_issue
+        times = {"bandwidth": wave_hbm, "latency": wave_lat, "issue": wave_issue}
+        total += count * (max(wave_hbm, wave_lat) ** OVERLAP + wave_issue ** OVERLAP) ** (1 / OVERLAP)
+        bounds.append(max(times, key=times.get))
     bound = bounds[0] if len(set(bounds)) == 1 else f"{bounds[0]}, tail {bounds[-1]}"
     littles = min(COPY_BANDWIDTH, sms * in_flight_sm * tail / HBM_LATENCY_S)
     for tensor, size in {**traffic.reads, **traffic.writes}.items():
@@ -887,7 +1218,8 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
         blocks_per_sm=code.blocks_per_sm, waves=waves, tail=tail, bytes_in_flight_per_sm=in_flight_sm,
         littles_law_gb_per_s=littles / 1e9, hbm_bytes=hbm, l2_bytes=traffic.l2_bytes,
         thread_hbm_bytes=hbm_reads, thread_cached_bytes=thread_cached, t_hbm_us=t_hbm * 1e6,
-        t_latency_us=t_lat * 1e6, time_us=total * 1e6, bound=bound, name=launch.kernel)
+        t_latency_us=t_lat * 1e6, time_us=total * 1e6, bound=bound, name=launch.kernel,
+        instructions=instructions, t_issue_us=t_issue * 1e6)
 
 
 # The benchmark's GPU scale: 8 videos of 16 frames (benchmarks/cases.py SCALES["gpu"], the
@@ -974,7 +1306,7 @@ def _widths(counts: dict) -> str:
 def format_code_table(codes: Sequence[KernelCode]) -> str:
     header = (f"{'kernel':<25}{'config':<29}{'arch':<7}{'regs':>5}{'smem':>7}{'blk/SM':>8}  "
               f"{'loads 8/16/32/64/128':<22}{'stores 8/16/32/64/128':<23}{'b2b16':>6}{'hot':>8}{'B/run':>6}"
-              f"{'ins':>6}{'SHFL':>5}{'BAR':>4}{'LDL/STL':>8}")
+              f"{'ins':>6}{'SHFL':>5}{'BAR':>4}{'LDL/STL':>8}{'pass':>6}{'/KiB':>6}")
     lines = [header, "-" * len(header)]
     for c in codes:
         config = c.config + ("" if c.default else " *")
@@ -982,7 +1314,8 @@ def format_code_table(codes: Sequence[KernelCode]) -> str:
         lines.append(f"{c.kernel:<25}{config:<29}{c.arch:<7}{c.registers:>5}{c.shared_bytes:>7}"
                      f"{c.blocks_per_sm:>4} {c.occupancy_limit[:3]:<3}  {_widths(c.loads):<22}{_widths(c.stores):<23}"
                      f"{c.loads_back_to_back:>6}{hot:>8}{c.bytes_in_flight:>6.1f}{c.hot_instructions:>6}"
-                     f"{c.hot_shuffles:>5}{c.hot_barriers:>4}{f'{c.ldl}/{c.stl}':>8}")
+                     f"{c.hot_shuffles:>5}{c.hot_barriers:>4}{f'{c.ldl}/{c.stl}':>8}"
+                     f"{c.pass_instructions:>6.0f}{c.instructions_per_kib:>6.0f}")
     lines += [
         "* the scalar fallback (V=1): only misaligned views and C not a multiple of 16 bytes take it.",
         "blk/SM: resident blocks of 256 threads and what limits them (reg, thr, sha: registers, threads, shared).",
@@ -992,13 +1325,16 @@ def format_code_table(codes: Sequence[KernelCode]) -> str:
         "frequent width); B/run: its bytes per run, what a thread keeps in flight in the model.",
         "ins / SHFL / BAR: instructions, shuffles and barriers in that nest, on every path through it (code",
         "size, not what one pass issues: a plan takes one of several paths).",
+        "pass: instructions a warp issues per pass of the innermost loop that loads at the hot width (the",
+        "longest path through it, a loop inside it once); /KiB: those per KiB its loads bring.",
     ]
     return "\n".join(lines)
 
 
 def format_model_table(rows: Sequence[dict]) -> str:
-    lines = [f"Little's-law model, H100 SXM ({H100_SMS} SMs), copy bandwidth {COPY_BANDWIDTH / 1e12:.1f} TB/s, "
-             f"B={MODEL_BATCH} T={MODEL_FRAMES}:"]
+    lines = [f"Little's-law and issue model, H100 SXM ({H100_SMS} SMs), copy bandwidth {COPY_BANDWIDTH / 1e12:.1f} "
+             f"TB/s, {ISSUE_RATE} warp instructions per cycle per SM, B={MODEL_BATCH} T={MODEL_FRAMES} "
+             "(ins/KiB: warp instructions per KiB of HBM traffic; issue: their time, us):"]
     for row in rows:
         lines.append("")
         lines.append(f"{row['impl']}: {row['op']} {row['mode']} {row['preset']} {row['dtype']}: "
@@ -1006,12 +1342,14 @@ def format_model_table(rows: Sequence[dict]) -> str:
                      f"{100 * row['fraction_of_copy']:.0f}% of {COPY_BANDWIDTH / 1e12:.1f} TB/s; "
                      f"L2->SM {row['l2_bytes'] / row['x_bytes']:.2f} x bytes of x, HBM {row['hbm_bytes'] / 1e6:.0f} MB")
         lines.append(f"  {'pass':<4} {'kernel':<25}{'config':<27}{'blocks':>7}{'blk/SM':>7}{'waves':>6}"
-                     f"{'KB fly/SM':>10}{'LL GB/s':>8}{'L2/x':>6}{'HBM MB':>8}{'us':>7}  bound")
+                     f"{'KB fly/SM':>10}{'LL GB/s':>8}{'L2/x':>6}{'HBM MB':>8}{'ins/KiB':>8}{'issue':>7}{'us':>7}  bound")
         for k in row["kernels"]:
             lines.append(f"  {k['pass']:<4} {k['kernel']:<25}{k['config']:<27}{k['blocks']:>7}{k['blocks_per_sm']:>7}"
                          f"{k['waves']:>6.2f}{k['bytes_in_flight_per_sm'] / 1024:>10.1f}"
                          f"{k['littles_law_gb_per_s']:>8.0f}{k['l2_bytes'] / row['x_bytes']:>6.2f}"
-                         f"{k['hbm_bytes'] / 1e6:>8.1f}{k['time_us']:>7.1f}  {k['bound']}")
+                         f"{k['hbm_bytes'] / 1e6:>8.1f}"
+                         f"{k['instructions'] * 1024 / k['hbm_bytes'] if k['hbm_bytes'] else 0:>8.0f}"
+                         f"{k['t_issue_us']:>7.1f}{k['time_us']:>7.1f}  {k['bound']}")
     return "\n".join(lines)
 
 

@@ -82,12 +82,9 @@ def kernel_code(launch: dict, arch: str = ARCH) -> mc.KernelCode:
         default=True, arch=arch, registers=registers, shared_bytes=shared,
         local_bytes=usage.get("local_bytes", 0), stack_bytes=usage.get("stack_bytes", 0),
         loads=counts["loads"], stores=counts["stores"], ldl=counts["ldl"], stl=counts["stl"],
-        loads_back_to_back=mc.max_loads_back_to_back(items), hot_loads=hot.loads if hot else 0,
-        hot_runs=hot.runs if hot else 0, bytes_in_flight=hot.bytes_per_run if hot else 0.0,
-        hot_instructions=hot.instructions if hot else 0, hot_shuffles=hot.shuffles if hot else 0,
-        hot_barriers=hot.barriers if hot else 0,
+        loads_back_to_back=mc.max_loads_back_to_back(items),
         blocks_per_sm=occupancy["blocks"], occupancy_limit=occupancy["by"],
-        instructions=sum(isinstance(i, mc.Instruction) for i in items))
+        instructions=sum(isinstance(i, mc.Instruction) for i in items), **mc.hot_fields(hot))
 
 
 def kernel_traffic(launch: dict) -> mc.Traffic:
