@@ -135,7 +135,9 @@ ASSUMPTIONS = (
     "the hot width), the longest path through that loop in the SASS (every loop inside it once, the longer "
     "side of each branch; not the out-of-line copies a diverged warp takes), per pass of its parent loop that "
     "loop's own longest path, and once per warp the longest path outside the nest; the passes come from the "
-    "launch plan (the bytes the loop loads over what one pass loads)",
+    "launch plan (the bytes the loop loads over what one pass loads). Where the data picks a pass's path, the "
+    "longer is counted: the tiles' attention forward takes the shorter at one frame per token (every frame "
+    "starts its group), so its count is an upper bound there",
     f"issue rate: {ISSUE_RATE} warp instructions per cycle per SM at {H100_SM_CLOCK_HZ / 1e9:.2f} GHz on each SM "
     "that holds a block of the wave, the rate the H100 run of 4328726 measured in its two most issue-bound "
     "kernels (2.62-2.67); a wave's memory time (the larger of the bandwidth and latency bounds) and its issue "

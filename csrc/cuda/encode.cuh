@@ -737,6 +737,18 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
     for (int k = 0; k < kK; ++k) next[k] = load_packed_stream<T, V>(at + lane_at[k]);
 #pragma unroll
     for (int k = 0; k < kK; ++k) key[k] = mine(key[k], k);
+    // The lane's share of <q, key row>, once per rows' pass: a frame's score is then <q, x> less
+    // it, and needs neither the key unpacked nor d per frame (16 fewer instructions per vector).
+    float query_key = 0.0f;
+    if constexpr (kAttn) {
+#pragma unroll
+      for (int k = 0; k < kK; ++k) {
+        float kv[V];
+        unpack(key[k], kv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) query_key += query_lane[k * V + e] * kv[e];
+      }
+    }
     int32_t rank = rank_begin;
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
@@ -759,13 +771,13 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
         // as floats across the row's shuffles.
         auto residual = [&](int k, float (&d)[V]) { packed_residual(cur[k], key[k], d); };
         if constexpr (kAttn) {
-          float score = 0.0f;
+          float score = -query_key;
 #pragma unroll
           for (int k = 0; k < kK; ++k) {
-            float d[V];
-            residual(k, d);
+            float xv[V];
+            unpack(cur[k], xv);
 #pragma unroll
-            for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * d[e];
+            for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * xv[e];
           }
           score = sum_in_row(score, lanes) + (row_ok ? 0.0f : -INFINITY);
 #pragma unroll
