@@ -311,7 +311,8 @@ def compare(attributed: list[dict], model: dict, copy_bytes_per_s: Optional[floa
                      "config": m.get("config") if m else None, "model": None, "measured": k}
             if m:
                 entry["model"] = {"us": m["time_us"], "hbm_bytes": m["hbm_bytes"], "l2_bytes": m["l2_bytes"],
-                                  "blocks": m["blocks"], "bound": m["bound"], "waves": m["waves"]}
+                                  "blocks": m["blocks"], "bound": m["bound"], "waves": m["waves"],
+                                  "instructions": m.get("instructions")}
             if m and k and k["seconds"]:
                 us = k["seconds"] * 1e6
                 entry["error"] = m["time_us"] / us - 1
@@ -319,6 +320,9 @@ def compare(attributed: list[dict], model: dict, copy_bytes_per_s: Optional[floa
                 entry["grid_matches"] = k["blocks"] == m["blocks"]
                 moved = k["dram_bytes"] or m["hbm_bytes"]
                 entry["instructions_per_kib"] = _ratio(k["instructions"], moved / 1024) if moved else None
+                # the model's instructions over the same bytes: its issue term against the counters
+                entry["model_instructions_per_kib"] = (_ratio(m.get("instructions"), moved / 1024)
+                                                       if moved else None)
                 if copy_bytes_per_s and k["dram_bytes"]:
                     entry["dram_fraction_of_copy"] = k["dram_bytes"] / k["seconds"] / copy_bytes_per_s
             out.append(entry)
@@ -394,7 +398,7 @@ def report_text(kernels: list[dict], rows: list[dict], designs: list[dict], note
     if kernels:
         lines.append(f"Kernels, ncu (one call per row; model: {model}):")
         lines.append(f"  {'row':<34}{'kernel':<38}{'model':>7}{'ncu us':>8}{'err':>6}{'grid':>5}"
-                     f"{'HBM MB m/ncu':>14}{'L2 MB m/ncu':>13}{'ins/KiB':>8}{'IPC':>5}{'warps':>6}")
+                     f"{'HBM MB m/ncu':>14}{'L2 MB m/ncu':>13}{'ins/KiB m/ncu':>14}{'IPC':>5}{'warps':>6}")
         for e in kernels:
             r, k, m = e["row"], e["measured"] or {}, e["model"] or {}
             row = _label(r)
@@ -403,12 +407,13 @@ def report_text(kernels: list[dict], rows: list[dict], designs: list[dict], note
             l2 = f"{_f(m.get('l2_bytes') and m['l2_bytes'] / 1e6, '.0f')}/{_f(k.get('l2_bytes') and k['l2_bytes'] / 1e6, '.0f')}"
             lines.append(f"  {row:<34}{e['kernel'][:37]:<38}{_f(m.get('us')):>7}"
                          f"{_f(k.get('seconds') and k['seconds'] * 1e6):>8}{_pct(e.get('error')):>6}{grid:>5}"
-                         f"{hbm:>14}{l2:>13}{_f(e.get('instructions_per_kib'), '.0f'):>8}"
+                         f"{hbm:>14}{l2:>13}"
+                         f"{_f(e.get('model_instructions_per_kib'), '.0f') + '/' + _f(e.get('instructions_per_kib'), '.0f'):>14}"
                          f"{_f(k.get('ipc'), '.2f'):>5}{_f(k.get('warps_per_sm'), '.0f'):>6}")
         judged = [e for e in kernels if e.get("judged")]
         within = [e for e in judged if abs(e["error"]) <= MODEL_TOLERANCE]
-        lines.append("  err: model / measured - 1; ins/KiB: warp instructions executed per KiB of DRAM traffic; "
-                     "IPC: per SM (of 4); warps: achieved per SM")
+        lines.append("  err: model / measured - 1; ins/KiB: warp instructions issued (model) and executed (ncu) per "
+                     "KiB of DRAM traffic; IPC: per SM (of 4); warps: achieved per SM")
         lines.append(f"  model within {MODEL_TOLERANCE:.0%} of ncu: {len(within)} of {len(judged)} kernels "
                      f"of {JUDGED_US:.0f} us or more")
     if rows:

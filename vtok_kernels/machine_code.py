@@ -137,9 +137,11 @@ ASSUMPTIONS = (
     "loop's own longest path, and once per warp the longest path outside the nest; the passes come from the "
     "launch plan (the bytes the loop loads over what one pass loads). Where the data picks a pass's path, the "
     "longer is counted: the tiles' attention forward takes the shorter at one frame per token (every frame "
-    "starts its group), so its count is an upper bound there",
-    f"issue rate: {ISSUE_RATE} warp instructions per cycle per SM at {H100_SM_CLOCK_HZ / 1e9:.2f} GHz on each SM "
-    "that holds a block of the wave, the rate the H100 run of 4328726 measured in its two most issue-bound "
+    "starts its group), the backward skips the spatial key's gradient, the merge of the partial rows runs "
+    "one of its two merges, so their counts are upper bounds there; the key tokens' copy, whose longest "
+    "path is the spatial bins', gets no issue time. A loop inside a pass counts once, not once per round",
+    f"issue rate: {ISSUE_RATE} warp instructions per cycle per SM at {H100_SM_CLOCK_HZ / 1e9:.2f} GHz, a wave "
+    "as long as its busiest SM (the most blocks) takes, whatever its warps, the rate the H100 run of 4328726 measured in its two most issue-bound "
     "kernels (2.62-2.67); a wave's memory time (the larger of the bandwidth and latency bounds) and its issue "
     f"time combine as their power mean of order {OVERLAP}: on that run's four kernels of 5 us or more (merges "
     "aside) the model's instruction counts are within 9 % of ncu's and its times within 12 % "
@@ -673,14 +675,6 @@ def loop_nests(items: Sequence[Item]) -> list[Loop]:
             if not any(other is not lp and lp.addresses < other.addresses for other in all_loops)]
 
 
-def inner_loops(items: Sequence[Item], holds) -> list[Loop]:
-    """The innermost loops that hold an instruction for which ``holds`` is true: no loop inside
-    them holds one."""
-    instructions = {i.address: i for i in items if isinstance(i, Instruction)}
-    holding = [lp for lp in loops(items) if any(holds(instructions[a]) for a in lp.addresses)]
-    return [lp for lp in holding if not any(other.addresses < lp.addresses for other in holding)]
-
-
 def hot_width(items: Sequence[Item]) -> int:
     """The load width the model follows: 16 bytes if the kernel issues any, else its most
     frequent global-load width (0: no global loads)."""
@@ -705,10 +699,11 @@ class HotLoop:
     instructions: int = 0  # in it, every path: what the nest costs in code, not per pass
     shuffles: int = 0  # SHFL
     barriers: int = 0  # BAR
-    # The pass loop: its instructions (every path, a loop inside it once), and the bytes its
+    # The pass loop: its instructions (the longest path, a loop inside it once), and the bytes its
     # loads of the hot width bring a thread per pass; the average over its copies where the
     # compiler made several (one per group of a chunk). Its parent loop's own instructions (none
-    # of a loop inside it) run once per pass of the parent; those outside the nest once per warp.
+    # of a loop inside it) run once per pass of the parent; the rest, a loop further out
+    # included, once per warp.
     pass_instructions: float = 0.0
     pass_bytes: float = 0.0
     outer_instructions: int = 0
@@ -760,12 +755,14 @@ def hot_loop(items: Sequence[Item]) -> Optional[HotLoop]:
         passes = [lp for lp in holding if not any(other.addresses < lp.addresses for other in holding)]
         pass_instructions = sum(graph.trip(lp, size) for lp in passes) / len(passes)
         pass_bytes = sum(width // 8 * hot_count(lp) for lp in passes) / len(passes)
-        in_passes = set().union(*(lp.blocks for lp in passes))
+        counted = set().union(*(lp.blocks for lp in passes))
         parents = [lp for lp in graph.loops if passes[0].addresses < lp.addresses]
         if parents:
             parent = min(parents, key=lambda lp: len(lp.addresses))
-            outer = graph.trip(parent, lambda n: 0 if n in in_passes else size(n))
-        rest = graph.longest_path(graph.reachable, 0, lambda n: 0 if n in nest.blocks else size(n))
+            outer = graph.trip(parent, lambda n: 0 if n in counted else size(n))
+            counted |= parent.blocks
+        # the code around them, a loop further out included, once
+        rest = graph.longest_path(graph.reachable, 0, lambda n: 0 if n in counted else size(n))
     else:  # no loop loads: one pass is one run through the kernel
         pass_instructions = graph.longest_path(graph.reachable, 0, size)
         pass_bytes = width // 8 * sum(hot(i) for i in body)
@@ -993,10 +990,14 @@ class Traffic:
     used_in_flight: float = 1.0
     # What the warps issue: passes through the kernel's pass loop (None: as many as the bytes its
     # loads bring, ``streamed``, take at the pass's bytes), passes of its parent loop, and
-    # ``streamed`` (None: every byte the kernel's threads load).
+    # ``streamed`` (None: every byte the kernel's threads load). 0 passes: a loop the launch's
+    # path does not enter.
     passes: Optional[int] = None
-    outer_passes: int = 0
+    outer_passes: Optional[int] = None  # None: once per warp
     streamed: Optional[int] = None
+    # False where the launch's path is not what the code's longest paths count, and no issue
+    # time is modelled
+    issue_counted: bool = True
 
 
 def _template_args(name: str) -> list[str]:
@@ -1032,7 +1033,9 @@ def kernel_traffic(launch: Launch) -> Traffic:
     lse = B * G * H * 4
     query = C * 4
     if kernel == "key_tokens_kernel":
-        return Traffic({"x.key": x_key}, {"sequence.keys": seq_keys}, 0, x_key)
+        # Not spatial: a 16-byte copy per thread, where the code's longest paths are the spatial
+        # bins' (their loops and divisions): no issue time counted.
+        return Traffic({"x.key": x_key}, {"sequence.keys": seq_keys}, 0, x_key, issue_counted=False)
     if kernel == "residual_fwd_kernel" and args[2] == "3":
         # The merge of the tiles' partial rows (kMergeSplits): each thread reads its V channels
         # of every partial row of its group, and its head's softmax state of each (the threads
@@ -1059,7 +1062,7 @@ def kernel_traffic(launch: Launch) -> Traffic:
         # What the frame loop loads: each (segment, split) block's warps load their rows of every
         # group's frame, the rows past N included.
         row_bytes = WARP * launch.extra[0]["vecs_per_lane"] * int(args[1]) * e
-        streamed = launch.grid[0] * launch.grid[2] * (THREADS_PER_BLOCK // WARP) * G * row_bytes
+        streamed = launch.grid[0] * launch.grid[2] * (THREADS_PER_BLOCK // WARP) * (T - 1) * row_bytes
         return Traffic(reads, {"workspace.partials": partials}, rereads,
                        x_rest + chunks * x_key + query_loads, used_vector_share(launch), streamed=streamed)
     if kernel == "warp_pool_kernel":
@@ -1087,7 +1090,7 @@ def kernel_traffic(launch: Launch) -> Traffic:
         row_bytes = WARP * plan["vecs_per_lane"] * int(args[1]) * e
         return Traffic(reads, {"workspace.partials": partials}, rereads,
                        x_rest + x_key * pairs // items + query_loads, used_vector_share(launch),
-                       outer_passes=row_passes * chunks, streamed=row_passes * G * row_bytes)
+                       outer_passes=row_passes * chunks, streamed=row_passes * (T - 1) * row_bytes)
     if kernel == "residual_fwd_kernel":
         # The scalar path: one block per (segment, group, video) walks every row, so the key
         # frame is read once per group, and the query segment once per block.
@@ -1119,8 +1122,9 @@ def kernel_traffic(launch: Launch) -> Traffic:
             rereads = per_frame_rows - seq_res + scalars - 2 * lse + B * tiles * C * 4 - query
             l2 = x_rest + x_key + grad_r_l2 + seq_keys + B * tiles * (T - 1) * segments * 8 + B * tiles * C * 4
             writes["workspace.partials"] = B * tiles * C * 4
-        # A pass: a frame's rows, grad r (and, attn, x) loaded
-        streamed = per_frame_rows + (x_rest if attn else 0)
+        # A pass: a warp's rows of one frame (those past N included), grad r (and, attn, x)
+        row_bytes = WARP * (launch.extra[0]["vecs_per_lane"] * int(args[1]) if launch.extra else 1) * e
+        streamed = launch.blocks * (THREADS_PER_BLOCK // WARP) * (T - 1) * row_bytes * (2 if attn else 1)
         return Traffic(reads, writes, rereads, l2, used_vector_share(launch), streamed=streamed)
     if kernel == "grad_query_reduce_kernel":
         partials = launch.extra[0] * C * 4
@@ -1162,6 +1166,8 @@ class KernelEstimate:
 def warp_instructions(launch: Launch, code: KernelCode, traffic: Traffic) -> float:
     """What the launch's warps issue: each pass through the pass loop, each pass of its parent
     loop and, once per warp, the code outside the nest (HotLoop), each the longest path."""
+    if not traffic.issue_counted:
+        return 0.0
     passes = traffic.passes
     if passes is None:
         streamed = traffic.streamed
@@ -1170,8 +1176,9 @@ def warp_instructions(launch: Launch, code: KernelCode, traffic: Traffic) -> flo
         per_pass = WARP * code.pass_bytes * traffic.used_in_flight
         passes = streamed / per_pass if per_pass else 0
     warps = launch.blocks * -(-launch.block // WARP)
-    return (passes * code.pass_instructions + traffic.outer_passes * code.outer_instructions
-            + warps * code.rest_instructions)
+    # a warp that reaches the pass loop has run its parent's code at least once
+    outer = traffic.outer_passes if traffic.outer_passes is not None else warps
+    return passes * code.pass_instructions + outer * code.outer_instructions + warps * code.rest_instructions
 
 
 def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident: set,
@@ -1182,8 +1189,9 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
     does its share of the work (every block does the same) in a time made of three: its HBM
     bytes at the copy bandwidth; its loads at the bytes that its resident threads keep in
     flight, a latency per run (Little's law: bandwidth = bytes in flight / latency); and its
-    warp instructions at ISSUE_RATE per cycle on each SM that holds one of its blocks. The
-    larger of the first two is its memory time, which the issue time overlaps (OVERLAP)."""
+    warp instructions at ISSUE_RATE per cycle on each SM, for as long as the SM that holds the
+    most of its blocks takes. The larger of the first two is its memory time, which the issue
+    time overlaps (OVERLAP)."""
     capacity = sms * code.blocks_per_sm
     waves = launch.blocks / capacity if capacity else math.inf
     tail = launch.blocks / (math.ceil(waves) * capacity) if capacity else 0.0
@@ -1205,7 +1213,9 @@ def estimate_kernel(launch: Launch, code: KernelCode, traffic: Traffic, resident
         in_flight = blocks * threads * per_thread
         wave_hbm = share * hbm / COPY_BANDWIDTH
         wave_lat = share * waiting / in_flight if in_flight else math.inf
-        wave_issue = share * instructions / (ISSUE_RATE * H100_SM_CLOCK_HZ * min(sms, blocks))
+        # the wave lasts as long as its busiest SM: ceil(blocks / SMs) blocks' instructions
+        busiest = blocks / -(-blocks // sms)
+        wave_issue = share * instructions / (ISSUE_RATE * H100_SM_CLOCK_HZ * busiest)
         t_hbm, t_lat, t_issue = t_hbm + count * wave_hbm, t_lat + count * wave_lat, t_issue + count * wave_issue
         times = {"bandwidth": wave_hbm, "latency": wave_lat, "issue": wave_issue}
         total += count * (max(wave_hbm, wave_lat) ** OVERLAP + wave_issue ** OVERLAP) ** (1 / OVERLAP)
