@@ -646,6 +646,20 @@ __device__ __forceinline__ void merge_splits(const EncodeParams& p, const RowPla
   }
 }
 
+// A lane's share of <q, row>, added to `dot`: its kK vectors of the row, unpacked, against its
+// query channels.
+template <typename T, int V, int kK>
+__device__ __forceinline__ float lane_dot(const float* query_lane, const Packed<T, V> (&row)[kK], float dot = 0.0f) {
+#pragma unroll
+  for (int k = 0; k < kK; ++k) {
+    float v[V];
+    unpack(row[k], v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) dot += query_lane[k * V + e] * v[e];
+  }
+  return dot;
+}
+
 // Groups a warp of the warp-split forward holds at once (warp_pool): its registers keep a
 // group's sums of kElems = V x K channels per lane, kChunk of them (four of 16 elements spill
 // at the 128 registers of two resident blocks).
@@ -739,16 +753,7 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
     for (int k = 0; k < kK; ++k) key[k] = mine(key[k], k);
     // The lane's share of <q, key row>, once per rows' pass: a frame's score is then <q, x> less
     // it, and needs neither the key unpacked nor d per frame (16 fewer instructions per vector).
-    float query_key = 0.0f;
-    if constexpr (kAttn) {
-#pragma unroll
-      for (int k = 0; k < kK; ++k) {
-        float kv[V];
-        unpack(key[k], kv);
-#pragma unroll
-        for (int e = 0; e < V; ++e) query_key += query_lane[k * V + e] * kv[e];
-      }
-    }
+    const float query_key = kAttn ? lane_dot<T, V, kK>(query_lane, key) : 0.0f;
     int32_t rank = rank_begin;
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
@@ -771,15 +776,8 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
         // as floats across the row's shuffles.
         auto residual = [&](int k, float (&d)[V]) { packed_residual(cur[k], key[k], d); };
         if constexpr (kAttn) {
-          float score = -query_key;
-#pragma unroll
-          for (int k = 0; k < kK; ++k) {
-            float xv[V];
-            unpack(cur[k], xv);
-#pragma unroll
-            for (int e = 0; e < V; ++e) score += query_lane[k * V + e] * xv[e];
-          }
-          score = sum_in_row(score, lanes) + (row_ok ? 0.0f : -INFINITY);
+          const float score = sum_in_row(lane_dot<T, V, kK>(query_lane, cur, -query_key), lanes) +
+                              (row_ok ? 0.0f : -INFINITY);
 #pragma unroll
           for (int k = 0; k < kK; ++k) keep_packed(cur[k]);
           float weight;
