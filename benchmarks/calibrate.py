@@ -558,9 +558,10 @@ def remodel_text(entries: Sequence[dict], inputs: str) -> str:
              f"  {'op':<12}{'pass':<5}{'kernel':<34}{'hbm':>7}{'lat':>7}{'issue':>7}{'model':>7}{'ncu us':>8}"
              f"{'err':>6}{'M ins':>7}{'ncu':>7}{'err':>6}  bound"]
     for e in entries:
-        lines.append(f"  {e['op']:<12}{e['pass']:<5}{e['kernel'][:33]:<34}{e['t_hbm_us']:>7.1f}{e['t_latency_us']:>7.1f}"
-                     f"{e['t_issue_us']:>7.1f}{e['model_us']:>7.1f}{_f(e['ncu_us']):>8}{_pct(e['time_error']):>6}"
-                     f"{e['model_instructions'] / 1e6:>7.2f}{_f(e['ncu_instructions'] and e['ncu_instructions'] / 1e6, '.2f'):>7}"
+        ncu_instructions = _f(e["ncu_instructions"] and e["ncu_instructions"] / 1e6, ".2f")
+        lines.append(f"  {e['op']:<12}{e['pass']:<5}{e['kernel'][:33]:<34}{e['t_hbm_us']:>7.1f}"
+                     f"{e['t_latency_us']:>7.1f}{e['t_issue_us']:>7.1f}{e['model_us']:>7.1f}{_f(e['ncu_us']):>8}"
+                     f"{_pct(e['time_error']):>6}{e['model_instructions'] / 1e6:>7.2f}{ncu_instructions:>7}"
                      f"{_pct(e['instruction_error']):>6}  {e['bound']}")
     judged = [e for e in entries if e["judged"]]
     within = [e for e in judged if abs(e["time_error"]) <= MODEL_TOLERANCE]

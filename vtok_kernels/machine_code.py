@@ -141,11 +141,11 @@ ASSUMPTIONS = (
     "one of its two merges, so their counts are upper bounds there; the key tokens' copy, whose longest "
     "path is the spatial bins', gets no issue time. A loop inside a pass counts once, not once per round",
     f"issue rate: {ISSUE_RATE} warp instructions per cycle per SM at {H100_SM_CLOCK_HZ / 1e9:.2f} GHz, a wave "
-    "as long as its busiest SM (the most blocks) takes, whatever its warps, the rate the H100 run of 4328726 measured in its two most issue-bound "
-    "kernels (2.62-2.67); a wave's memory time (the larger of the bandwidth and latency bounds) and its issue "
-    f"time combine as their power mean of order {OVERLAP}: on that run's four kernels of 5 us or more (merges "
-    "aside) the model's instruction counts are within 9 % of ncu's and its times within 12 % "
-    "(benchmarks/results/gpu-nvidia-h100-2026-11-27/README.md)",
+    "as long as its busiest SM (the most blocks) takes, whatever its warps, the rate the H100 run of "
+    "4328726 measured in its two most issue-bound kernels (2.62-2.67); a wave's memory time (the larger "
+    f"of the bandwidth and latency bounds) and its issue time combine as their power mean of order {OVERLAP}: "
+    "on that run's four kernels of 5 us or more (merges aside) the model's instruction counts are within "
+    "9 % of ncu's and its times within 12 % (benchmarks/results/gpu-nvidia-h100-2026-11-27/README.md)",
     "no launch gap or synchronisation cost: the merges of the forward's partial rows, measured at 6-8 us on "
     "that run, are modelled at 1-2 us",
 )
@@ -647,10 +647,8 @@ class FlowGraph:
         for node in order:  # successors first
             tails = [best[s] for s in self.blocks[node].successors
                      if s in best and (node, s) not in self.back_edges]
-            if ends is None or node in ends or tails:
+            if ends is None or node in ends or tails:  # else no path from it ends where it should
                 best[node] = weight(node) + max(tails, default=0)
-            if ends is not None and node not in ends and not tails:
-                best.pop(node, None)
         return best.get(start, 0)
 
     def trip(self, loop: Loop, weight) -> int:
@@ -1354,7 +1352,8 @@ def format_model_table(rows: Sequence[dict]) -> str:
                      f"{100 * row['fraction_of_copy']:.0f}% of {COPY_BANDWIDTH / 1e12:.1f} TB/s; "
                      f"L2->SM {row['l2_bytes'] / row['x_bytes']:.2f} x bytes of x, HBM {row['hbm_bytes'] / 1e6:.0f} MB")
         lines.append(f"  {'pass':<4} {'kernel':<25}{'config':<27}{'blocks':>7}{'blk/SM':>7}{'waves':>6}"
-                     f"{'KB fly/SM':>10}{'LL GB/s':>8}{'L2/x':>6}{'HBM MB':>8}{'ins/KiB':>8}{'issue':>7}{'us':>7}  bound")
+                     f"{'KB fly/SM':>10}{'LL GB/s':>8}{'L2/x':>6}{'HBM MB':>8}{'ins/KiB':>8}{'issue':>7}{'us':>7}"
+                     "  bound")
         for k in row["kernels"]:
             lines.append(f"  {k['pass']:<4} {k['kernel']:<25}{k['config']:<27}{k['blocks']:>7}{k['blocks_per_sm']:>7}"
                          f"{k['waves']:>6.2f}{k['bytes_in_flight_per_sm'] / 1024:>10.1f}"
