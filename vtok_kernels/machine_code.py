@@ -651,6 +651,10 @@ class FlowGraph:
                 best[node] = weight(node) + max(tails, default=0)
         return best.get(start, 0)
 
+    def nests(self) -> list[Loop]:
+        """The outermost loops: those inside no other."""
+        return [lp for lp in self.loops if not any(lp.addresses < other.addresses for other in self.loops)]
+
     def trip(self, loop: Loop, weight) -> int:
         """Instructions of one trip through ``loop``: its longest path from the header to a
         block that branches back to it."""
@@ -668,9 +672,7 @@ def loops(items: Sequence[Item]) -> list[Loop]:
 
 def loop_nests(items: Sequence[Item]) -> list[Loop]:
     """The outermost loops: those inside no other."""
-    all_loops = loops(items)
-    return [lp for lp in all_loops
-            if not any(other is not lp and lp.addresses < other.addresses for other in all_loops)]
+    return FlowGraph.of(items).nests()
 
 
 def hot_width(items: Sequence[Item]) -> int:
@@ -737,8 +739,7 @@ def hot_loop(items: Sequence[Item]) -> Optional[HotLoop]:
     def size(n):
         return len(graph.blocks[n].instructions)
 
-    nests = [lp for lp in graph.loops if hot_count(lp)
-             and not any(lp.addresses < other.addresses for other in graph.loops)]
+    nests = [lp for lp in graph.nests() if hot_count(lp)]
     if nests:
         nest = max(nests, key=hot_count)  # ties: the first
         inside = nest.addresses
