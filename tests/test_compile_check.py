@@ -112,6 +112,22 @@ def test_access_widths_read_the_ptx():
     assert compile_check.access_widths(ptx, "ld") == {"16": 1, "8": 1, "4": 1, "2": 1}
     assert compile_check.access_widths(ptx, "st") == {"16": 1, "2": 1}
     assert compile_check.access_widths(ptx, "ld", {("tiles.py", 51)}) == {"16": 1, "4": 1}
+    # An unmasked load, as Triton emits it: inline assembly whose .loc steps once per line
+    # (its register clears); the load is its source's, the .loc before the assembly.
+    unmasked = "\n".join([
+        '\t.file\t1 "/src/vtok_kernels/backends/triton/tiles.py"',
+        "\t.loc\t1 108 16",
+        "\t// begin inline asm",
+        "\t.loc\t1 108 16",
+        "\tmov.u32 %r1, 0x0;",
+        "\t.loc\t1 109 16",
+        "\tmov.u32 %r2, 0x0;",
+        "\t.loc\t1 110 16",
+        "\tld.global.v2.b32 { %r1, %r2 }, [ %rd1 + 0 ];",
+        "\t// end inline asm",
+    ])
+    assert compile_check.access_widths(unmasked, "ld", {("tiles.py", 108)}) == {"8": 1}
+    assert compile_check.access_widths(unmasked, "ld", {("tiles.py", 110)}) == {}
     # the real kernels: the lines that load x's tiles are found in the sources
     lines = compile_check.x_load_lines()
     assert {name for name, _ in lines} == {"tiles.py", "encode.py"}

@@ -374,14 +374,21 @@ def access_widths(ptx: str, op: str, lines: Optional[set] = None) -> dict:
     """{bytes per instruction: count} of the global ``op`` ("ld" or "st") instructions in
     ``ptx``, as strings for JSON (a 16-byte load is one ld.global.v4.b32). With ``lines``, a
     set of (file name, line), only the instructions whose source line (the last ``.loc``
-    before them) is one of those."""
+    before them, outside inline assembly) is one of those. Triton emits a load as inline
+    assembly, and inside it steps the ``.loc`` line once per line of assembly (an unmasked
+    16-byte load's four register clears put its ld.global four lines below its source)."""
     files = {index: os.path.basename(path) for index, path in _PTX_FILE.findall(ptx)}
     counts: dict = {}
     where = None
+    inline = False
     for text in ptx.splitlines():
+        if "// begin inline asm" in text or "// end inline asm" in text:
+            inline = "begin" in text
+            continue
         loc = _PTX_LOC.match(text)
         if loc:
-            where = (files.get(loc.group(1), ""), int(loc.group(2)))
+            if not inline:
+                where = (files.get(loc.group(1), ""), int(loc.group(2)))
             continue
         found = _PTX_GLOBAL_ACCESS.search(text + " ")
         if not found or found.group(1) != op or (lines is not None and where not in lines):
