@@ -28,7 +28,7 @@ def test_quick_compile_check_sm90(tmp_path):
     kernels = {row["kernel"] for row in rows}
     for name in ("encode_fwd[mean]", "encode_fwd[attn,head=144]", "encode_bwd[mean]",
                  "encode_bwd[attn,head=144]", "encode_fwd[attn,varlen]",
-                 "encode_bwd[attn,spatial]", "combine[attn,C/128]", "spatial_key_fwd",
+                 "encode_bwd[attn,spatial]", "attn_combine[18x64]", "spatial_key_fwd",
                  "expand_fwd", "expand_bwd", "attn_fwd@siglip,attn,16h",
                  "attn_bwd@siglip,attn,8h", "mean_fwd@siglip,mean"):
         assert name in kernels, f"{name} missing from the report"

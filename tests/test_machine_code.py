@@ -582,7 +582,7 @@ def test_report_on_todays_kernels(sm90_codes, tmp_path, capsys):
         ("key_tokens_kernel", "T=bf16,V=8"), ("warp_pool_kernel", "T=bf16,V=8,pool=attn,K=2"),
         ("residual_fwd_kernel", "T=bf16,V=8,merge")]
     triton_fwd = model[("triton", "encode-attn", "fwd", "siglip", "bfloat16")]
-    assert [k["kernel"] for k in triton_fwd["kernels"]] == ["attn_fwd_kernel", "combine_kernel"]
+    assert [k["kernel"] for k in triton_fwd["kernels"]] == ["attn_fwd_kernel", "attn_combine_kernel"]
     assert "Triton kernels at the presets" in out and "attn_bwd_kernel" in out
     # the committed record (the GPU proof's "model" column) is today's kernels' model
     committed = proof.load_model()

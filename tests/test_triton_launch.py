@@ -68,6 +68,7 @@ def recorded(monkeypatch):
                         lambda device, config: 132 * configs.resident_programs(config))
     monkeypatch.setattr(encode, "_combine_block", encode.combine_block)
     monkeypatch.setattr(expand, "_combine_block", encode.combine_block)
+    monkeypatch.setattr(encode, "_combine_heads", encode.combine_heads)
     launches: list = []
     # (module, attribute, the kernel it launches, the autotuner's config family or None)
     for module, name, label, kind in (
@@ -80,6 +81,7 @@ def recorded(monkeypatch):
             (encode, "_bwd_stream", "encode_bwd", "stream"),
             (encode, "_bwd_attn", "encode_bwd", "attn_bwd"),
             (encode, "combine_kernel", "combine", None),
+            (encode, "attn_combine_kernel", "attn_combine", None),
             (encode, "attn_delta_kernel", "attn_delta", None),
             (encode, "spatial_key_fwd_kernel", "spatial_key_fwd", None),
             (expand, "expand_fwd_kernel", "expand_fwd", None),
@@ -138,9 +140,9 @@ GRID_CASES = {
     "encode-mean-long-video": (lambda: _encode(_meta(2, LONG, 3, 8), "mean", 1),
                                ("combine", LONG - 1)),
     "encode-attn-long-video": (lambda: _encode(_meta(2, LONG, 3, 8), "attn", 2),
-                               ("combine", LONG - 1)),
+                               ("attn_combine", LONG - 1)),
     "varlen-attn-long-video": (lambda: _encode_varlen([3, LONG, 1], 3, 8, "attn", 2),
-                               ("combine", LONG - 1)),
+                               ("attn_combine", LONG - 1)),
     "varlen-70000-videos": (lambda: _encode_varlen([1, 2] * 35000, 3, 8, "mean", 1), None),
     "spatial-65792-key-tokens": (lambda: _encode(_meta(1, 2, 65792, 2), "mean", 1,
                                                  spatial=(256, 257), grid=(256, 257)),
@@ -171,7 +173,7 @@ def test_every_grid_axis_within_cuda_limits(recorded, case):
     # The long dimension was really there, and the launches along axis 1 tile it exactly.
     if chunked is not None:
         kernel, items = chunked
-        first = "FIRST_GROUP" if kernel == "combine" else "FIRST_TOKEN"
+        first = "FIRST_GROUP" if kernel in ("combine", "attn_combine") else "FIRST_TOKEN"
         chunks = sorted((named[first], grid[1]) for name, grid, named in recorded
                         if name == kernel)
         assert chunks == [(0, 65535), (65535, items - 65535)], f"{case}: {kernel} {chunks}"
@@ -308,6 +310,24 @@ def test_combine_block_does_not_change_the_bits(monkeypatch):
         monkeypatch.setattr(expand, "_combine_block", lambda channels: block)
         for a, b in zip(default, run()):
             assert torch.equal(a, b), f"BLOCK_C={block}"
+    # The attention combine's heads per program (the interpreter's 2 against 1 and 4), its
+    # head block padded further (16 and 32 against 16 for heads of 16).
+    for heads, block_d in ((1, 16), (4, 32)):
+        monkeypatch.setattr(encode, "_combine_heads", lambda num_heads, head_dim: (heads, block_d))
+        assert torch.equal(default[0], run()[0]), f"BLOCK_HEADS={heads}, BLOCK_D={block_d}"
+
+
+@pytest.mark.parametrize("heads,head_dim,programs", [(16, 64, 1), (18, 64, 9), (16, 72, 2),
+                                                     (8, 144, 2), (12, 64, 3), (1, 1152, 1)])
+def test_attention_combine_heads_per_program(heads, head_dim, programs):
+    """Whole heads per program, a power of two of them dividing the head count (no idle head
+    block), within 1024 channel lanes where a head fits; each head padded to a power of two."""
+    _, encode, _, _ = _triton_modules()
+    block_heads, block_d = encode.combine_heads(heads, head_dim)
+    assert block_d == triton.next_power_of_2(head_dim) and heads % block_heads == 0
+    assert block_heads & (block_heads - 1) == 0
+    assert block_heads * block_d <= max(1024, block_d)
+    assert triton.cdiv(heads, block_heads) == programs
 
 
 # --------------------------------------------------------------------------------------------

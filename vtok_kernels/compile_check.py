@@ -152,7 +152,8 @@ def triton_cases(quick: bool = False) -> list[Case]:
     """Every (kernel, specialisation, config) the Triton backend can launch on a GPU, at the
     divisibility a realistic call gets; then the presets as their launches specialise them."""
     from vtok_kernels.backends.triton import configs
-    from vtok_kernels.backends.triton.attention import head_blocks
+    from vtok_kernels.backends.triton.attention import combine_heads, head_blocks
+    from vtok_kernels.backends.triton.encode import combine_warps
 
     enc = "vtok_kernels.backends.triton.encode"
     att = "vtok_kernels.backends.triton.attention"
@@ -185,6 +186,8 @@ def triton_cases(quick: bool = False) -> list[Case]:
         return configs.survivors(kind, configs.CONFIG_LISTS[kind], sum(head_blocks(head_dim)))
 
     base = {"IS_VARLEN": False}
+    # The GPU's kernels take the inline PTX (the interpreter's do not).
+    attn_fwd_fixed = {"WRITE_KEY": True, "INLINE_PTX": True}
     no_spatial = {"SPATIAL": False, "BINS_PER_ROW": 1, "BINS_PER_COL": 1}
     mean_fwd = configs.MEAN_FWD_CONFIGS
     add("encode_fwd[mean]", enc, "mean_fwd_kernel", mean_fwd, {**base, "WRITE_KEY": True})
@@ -193,12 +196,12 @@ def triton_cases(quick: bool = False) -> list[Case]:
     add("encode_bwd[mean]", enc, "mean_bwd_kernel", stream, {**base, **no_spatial})
     for head_dim in ATTN_HEAD_DIMS[: 1 if quick else None]:  # quick: 144 only
         add(f"encode_fwd[attn,head={head_dim}]", att, "attn_fwd_kernel",
-            attn("attn_fwd", head_dim), {**base, "WRITE_KEY": True, **head(head_dim)})
+            attn("attn_fwd", head_dim), {**base, **attn_fwd_fixed, **head(head_dim)})
         add(f"encode_bwd[attn,head={head_dim}]", att, "attn_bwd_kernel",
             attn("attn_bwd", head_dim), {**base, **no_spatial, **head(head_dim)})
     widest = max(ATTN_HEAD_DIMS)  # the variants below at the widest head
     add("encode_fwd[attn,varlen]", att, "attn_fwd_kernel", attn("attn_fwd", widest),
-        {"IS_VARLEN": True, "WRITE_KEY": True, **head(widest)}, only_default=True)
+        {"IS_VARLEN": True, **attn_fwd_fixed, **head(widest)}, only_default=True)
     add("encode_bwd[attn,spatial]", att, "attn_bwd_kernel", attn("attn_bwd", widest),
         {**base, "SPATIAL": True, "BINS_PER_ROW": 2, "BINS_PER_COL": 2, **head(widest)},
         only_default=True)
@@ -215,17 +218,24 @@ def triton_cases(quick: bool = False) -> list[Case]:
         # The attention configs pin their registers per band of heads: every band's.
         for head_dim in ATTN_HEAD_DIMS[: 1 if quick else None]:
             add(f"encode_fwd[attn,head={head_dim},{dtype}]", att, "attn_fwd_kernel",
-                attn("attn_fwd", head_dim), {**base, "WRITE_KEY": True, **head(head_dim)},
+                attn("attn_fwd", head_dim), {**base, **attn_fwd_fixed, **head(head_dim)},
                 feature_types)
             add(f"encode_bwd[attn,head={head_dim},{dtype}]", att, "attn_bwd_kernel",
                 attn("attn_bwd", head_dim), {**base, **no_spatial, **head(head_dim)},
                 feature_types)
     single = [configs._config(4, num_stages=1)]
-    for pool in (False, True):
-        for block_c in (1024, 128):  # CLIP-L's 1024 channels in one block, SigLIP's 1152 in 9
-            add(f"combine[{'attn' if pool else 'mean'},C/{block_c}]", enc, "combine_kernel",
-                single, {"HEAD_DIM": 72 if pool else 1, "POOL_ATTN": pool, **base,
-                         "DIVIDE": True, "BLOCK_C": block_c})
+    for block_c in (1024, 128):  # CLIP-L's 1024 channels in one block, SigLIP's 1152 in 9
+        add(f"combine[mean,C/{block_c}]", enc, "combine_kernel",
+            [configs._config(combine_warps(block_c), num_stages=1)],
+            {**base, "DIVIDE": True, "BLOCK_C": block_c})
+    # CLIP-L's 16 heads of 64 in one program, SigLIP's 18 of 64 two by two; heads of two
+    # blocks (16 of 72, 8 of 144) padded to 128 and 256 channels, 8 and 4 per program.
+    for heads, head_dim in ((16, 64), (18, 64), (16, 72), (8, 144)):
+        block_heads, block_d = combine_heads(heads, head_dim)
+        add(f"attn_combine[{heads}x{head_dim}]", att, "attn_combine_kernel",
+            [configs._config(combine_warps(block_heads * block_d), num_stages=1)],
+            {**base, "HEAD_DIM": head_dim, "KEEP_RESIDUAL32": True, "INLINE_PTX": True,
+             "BLOCK_HEADS": block_heads, "BLOCK_D": block_d})
     add("spatial_key_fwd", enc, "spatial_key_fwd_kernel", single, {**base, "BLOCK_C": 1024})
     add("expand_fwd", exp, "expand_fwd_kernel", stream, {})
     add("expand_bwd", exp, "expand_bwd_kernel", stream, {})
@@ -234,6 +244,13 @@ def triton_cases(quick: bool = False) -> list[Case]:
 
 # What a launch through the autotuner runs on the GPU: Triton's default options.
 DIRECT_LAUNCH = {"num_warps": 4, "num_stages": 3}
+
+
+def direct_options(values: dict) -> tuple[int, int]:
+    """(num_warps, num_stages) of a plain launch with arguments ``values``: those it passes,
+    else Triton's defaults."""
+    return (values.get("num_warps", DIRECT_LAUNCH["num_warps"]),
+            values.get("num_stages", DIRECT_LAUNCH["num_stages"]))
 
 
 def record_triton_launches(num_patches: int, channels: int, pool: str, num_heads: int,
@@ -286,6 +303,7 @@ def record_triton_launches(num_patches: int, channels: int, pool: str, num_heads
     heads = num_heads if pool == "attn" else 1
     with mock.patch.object(encode, "launch", launch), \
             mock.patch.object(encode, "combine_kernel", Direct(encode.combine_kernel)), \
+            mock.patch.object(encode, "attn_combine_kernel", Direct(encode.attn_combine_kernel)), \
             mock.patch.object(encode, "spatial_key_fwd_kernel",
                               Direct(encode.spatial_key_fwd_kernel)), \
             mock.patch.object(encode, "attn_delta_kernel", Direct(encode.attn_delta_kernel)), \
@@ -293,6 +311,7 @@ def record_triton_launches(num_patches: int, channels: int, pool: str, num_heads
             mock.patch.object(encode, "_resident_capacity",
                               lambda device, config: sms * configs.resident_programs(config)), \
             mock.patch.object(encode, "_combine_block", encode.combine_block), \
+            mock.patch.object(encode, "_combine_heads", encode.combine_heads), \
             mock.patch.object(configs, "active", lambda kind: configs.CONFIG_LISTS[kind]):
         sequence, lse, *kept = encode.encode_fwd(x, keys, query, pool, heads, 1, (), ())
         current["pass"] = "bwd"
@@ -316,8 +335,7 @@ def preset_cases(quick: bool = False) -> list[Case]:
                 kernel, kind = launch["kernel"], launch["kind"]
                 values, constexprs = launch["values"], launch["constexprs"]
                 if kind is None:
-                    chosen = [(DIRECT_LAUNCH["num_warps"], DIRECT_LAUNCH["num_stages"], {},
-                               None)]
+                    chosen = [(*direct_options(values), {}, None)]
                 else:
                     survivors = configs.survivors(kind, configs.CONFIG_LISTS[kind],
                                                   configs.head_width(constexprs))

@@ -44,8 +44,8 @@ def kernel_code(launch: dict, arch: str = ARCH) -> mc.KernelCode:
     from vtok_kernels import compile_check
 
     kernel, config = launch["kernel"], launch["config"]
-    warps = config.num_warps if config is not None else compile_check.DIRECT_LAUNCH["num_warps"]
-    stages = config.num_stages if config is not None else compile_check.DIRECT_LAUNCH["num_stages"]
+    warps, stages = ((config.num_warps, config.num_stages) if config is not None
+                     else compile_check.direct_options(launch["values"]))
     blocks = dict(config.kwargs) if config is not None else {}
     signature, constexprs, attrs = compile_check._specialised_signature(
         kernel, launch["values"], {**launch["constexprs"], **blocks})
@@ -99,7 +99,10 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
         return mc.Traffic({"grad_sequence.residual": grad_bytes, "residual32": rows * channels * 4},
                           {"delta": rows * int(v["NUM_HEADS"]) * 4}, 0,
                           grad_bytes + rows * channels * 4)
-    T, N, C, S, G = (int(v[k]) for k in ("T", "N", "C", "S", "G"))
+    T, S, G = (int(v[k]) for k in ("T", "S", "G"))
+    # The attention combine has no N, and its channels as heads x head size.
+    N = int(v.get("N", 0))
+    C = int(v["C"]) if "C" in v else int(v["NUM_HEADS"]) * int(v["HEAD_DIM"])
     # Videos on grid axis 0; the mean forward has each video's chunks of groups there too.
     chunks = 1
     if name in ("mean_fwd_kernel", "attn_fwd_kernel"):
@@ -126,12 +129,14 @@ def kernel_traffic(launch: dict) -> mc.Traffic:
         rereads = (chunks - 1) * x_key + (math.prod(grid) * C * 4 // heads - C * 4 if attn else 0)
         return mc.Traffic(reads, writes, rereads, x_rest + x_key + rereads)
     if name == "combine_kernel":
-        attn = bool(v["POOL_ATTN"])
+        partials = int(v["NUM_PARTS"]) * B * G * C * 4
+        return mc.Traffic({"partials": partials}, {"sequence.residual": seq_res}, 0, partials)
+    if name == "attn_combine_kernel":
         parts = int(v["NUM_PARTS"])
-        partials = parts * B * G * C * 4 + (2 * parts * stats if attn else 0)
-        # attention: every lane of a head reads the head's max and sum, twice (max, then merge)
-        rereads = 2 * parts * B * G * C * 4 if attn else 0
-        writes = {"sequence.residual": seq_res, **({"lse": stats} if attn else {})}
+        partials = parts * B * G * C * 4 + 2 * parts * stats
+        # each split's maxima are read twice (the maximum, then the merge)
+        rereads = parts * stats
+        writes = {"sequence.residual": seq_res, "lse": stats}
         if v.get("KEEP_RESIDUAL32"):
             writes["residual32"] = B * G * C * 4
         return mc.Traffic({"partials": partials}, writes, rereads, partials + rereads)
@@ -183,7 +188,7 @@ def model_rows(presets: Sequence[str] = mc.MODEL_PRESETS,
                         codes[key] = kernel_code(launch)
                     code = codes[key]
                     threads = 32 * (launch["config"].num_warps if launch["config"] is not None
-                                    else compile_check.DIRECT_LAUNCH["num_warps"])
+                                    else compile_check.direct_options(launch["values"])[0])
                     record = mc.Launch(code.name, launch["grid"], threads, {})
                     passes[launch["pass"]].append(mc.estimate_kernel(
                         record, code, kernel_traffic(launch), resident[launch["pass"]], sms))

@@ -4,10 +4,11 @@ Programs are laid out as the mean forward's (encode.py): one warp, its lanes alo
 channels, so a tile's sums over its rows and over its channels are registers and shuffles. The
 forward's program owns (video x chunk of groups, split of patch rows, head) and keeps the
 chunk's online-softmax states (running max, sum of weights, weighted sum of residuals) in
-registers; the programs' partial states are merged in split order by encode.py's combine
-kernel. The backward's program owns (video, split of patch rows, head) and walks every frame:
-it recomputes each residual tile and its probabilities from the saved log-sum-exp, and reads
-<grad r, r> from attn_delta_kernel, which takes r from the forward's float32 residual tokens.
+registers; the programs' partial states are merged in split order, head by head, by
+attn_combine_kernel. The backward's program owns (video, split of patch rows, head) and walks
+every frame: it recomputes each residual tile and its probabilities from the saved
+log-sum-exp, and reads <grad r, r> from attn_delta_kernel, which takes r from the forward's
+float32 residual tokens.
 
 The head is split into two power-of-two channel blocks, the largest power of two in the head
 and a block for the rest: 72 channels (SigLIP with 16 heads) are 64 + 8, 144 are 128 + 16, 64
@@ -23,7 +24,11 @@ import triton
 import triton.language as tl
 
 from vtok_kernels.backends.triton.tiles import (
-    chunk_layout, key_token_grad, load_x, program_layout, split_rows, video_layout)
+    chunk_layout, exp2, key_token_grad, load_rows, load_x, program_layout, split_rows,
+    video_layout, widen)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def head_blocks(head_dim: int) -> tuple[int, int]:
@@ -41,6 +46,7 @@ def attn_fwd_kernel(
     stride_xb, stride_xt, stride_xn,
     T, N, C, S, G, NUM_ROWS, NUM_HEADS, FRAMES_PER_TOKEN, MAX_GROUPS, scale,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, WRITE_KEY: tl.constexpr,
+    INLINE_PTX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_LO: tl.constexpr,
     CHUNK_G: tl.constexpr,
 ):
@@ -49,7 +55,13 @@ def attn_fwd_kernel(
     (encode.mean_fwd_kernel: one warp, lanes along the channels, the chunk's state in
     registers, stored once). The state of a group is an online softmax over its frames' rows:
     running max, sum of weights, weighted sum of residuals; each frame's tile is merged into
-    its group's slot."""
+    its group's slot.
+
+    Scores are taken in base 2 (the query carries log2(e)), so that each weight is one
+    exp2 (tiles.exp2); the partial maxima are stored so, attn_combine_kernel's lse in
+    natural units.
+    A tile's rows past the split's end load the split's last row again (clamped, not masked):
+    no predicated loads nor zeroed registers per frame; their scores are -inf, their weights 0."""
     (video, chunk, frame0, token0, group0, key, num_groups, group_begin, rank_begin, rank_end,
      row_begin, row_end, row_stop) = chunk_layout(key_ptr, cu_frames_ptr, cu_tokens_ptr, T, N, S,
                                                   G, FRAMES_PER_TOKEN, MAX_GROUPS, CHUNK_G,
@@ -61,12 +73,13 @@ def attn_fwd_kernel(
     c_lo = c_hi + BLOCK_HI
     offs_hi = tl.arange(0, BLOCK_HI)
     x_video = x_ptr + video.to(tl.int64) * stride_xb + frame0 * stride_xt
-    # The 1/sqrt(head size) is folded into the query once instead of into every score.
-    q_hi = tl.load(query_ptr + c_hi + offs_hi).to(tl.float32) * scale
+    # 1/sqrt(head size) and log2(e) are folded into the query once instead of into every score.
+    q_scale = scale * LOG2E
+    q_hi = tl.load(query_ptr + c_hi + offs_hi).to(tl.float32) * q_scale
     if HAS_LO:
         offs_lo = tl.arange(0, BLOCK_LO)
         q_lo = tl.load(query_ptr + c_lo + offs_lo, mask=offs_lo < LO_WIDTH,
-                       other=0.0).to(tl.float32) * scale
+                       other=0.0).to(tl.float32) * q_scale
     offs_g = tl.arange(0, CHUNK_G)
     run_max = tl.full([CHUNK_G], float("-inf"), tl.float32)
     run_sum = tl.zeros([CHUNK_G], dtype=tl.float32)
@@ -79,31 +92,35 @@ def attn_fwd_kernel(
         mask_n = offs_n < row_end
         # 64-bit: a view's patch stride is unbounded (in a patch-major buffer, N * stride_xn
         # passes 2**31).
-        rows = offs_n.to(tl.int64) * stride_xn
+        rows = tl.minimum(offs_n, row_end - 1).to(tl.int64) * stride_xn
         key_frame = x_video + key * stride_xt
-        key_hi = load_x(key_frame, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False)
+        key_hi_x = load_rows(key_frame, rows, c_hi, BLOCK_HI, BLOCK_HI)
         if HAS_LO:
-            key_lo = load_x(key_frame, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO, False)
+            key_lo_x = load_rows(key_frame, rows, c_lo, LO_WIDTH, BLOCK_LO)
         if WRITE_KEY:
-            # The key tokens once per video: by the programs of its first chunk.
+            # The key tokens once per video: by the programs of its first chunk, from the
+            # tile as loaded (widened, it would be narrowed again).
             first_chunk = mask_n & ((offs_n * 0 + chunk) == 0)
             seq_rows = seq_ptr + token0 * C + offs_n[:, None] * C
             tl.store(seq_rows + (c_hi + offs_hi)[None, :],
-                     key_hi.to(seq_ptr.dtype.element_ty), mask=first_chunk[:, None])
+                     key_hi_x.to(seq_ptr.dtype.element_ty), mask=first_chunk[:, None])
             if HAS_LO:
                 tl.store(seq_rows + (c_lo + offs_lo)[None, :],
-                         key_lo.to(seq_ptr.dtype.element_ty),
+                         key_lo_x.to(seq_ptr.dtype.element_ty),
                          mask=first_chunk[:, None] & (offs_lo < LO_WIDTH)[None, :])
+        key_hi = widen(key_hi_x, INLINE_PTX)
+        if HAS_LO:
+            key_lo = widen(key_lo_x, INLINE_PTX)
         # Each frame's tile is loaded one frame ahead of its use: two tiles of x in flight per
         # thread. The next rank is clamped to the chunk's last (re-read, from L1); a chunk
-        # without frames loads nothing. 64-bit: frame * stride_xt passes 2**31 in a
-        # time-major buffer of a few frames.
-        ahead = mask_n & ((offs_n * 0 + rank_end) > rank_begin)
-        ahead_ptr = x_video + tl.where(rank_begin < key, rank_begin, rank_begin + 1).to(
-            tl.int64) * stride_xt
-        next_hi = load_x(ahead_ptr, rows, ahead, c_hi, BLOCK_HI, BLOCK_HI, False)
+        # without frames loads the key frame again, and uses nothing of it. 64-bit: frame *
+        # stride_xt passes 2**31 in a time-major buffer of a few frames.
+        first = tl.where(rank_begin < key, rank_begin, rank_begin + 1)
+        first = tl.where(rank_end > rank_begin, first, key)
+        ahead_ptr = x_video + first.to(tl.int64) * stride_xt
+        next_hi = widen(load_rows(ahead_ptr, rows, c_hi, BLOCK_HI, BLOCK_HI), INLINE_PTX)
         if HAS_LO:
-            next_lo = load_x(ahead_ptr, rows, ahead, c_lo, LO_WIDTH, BLOCK_LO, False)
+            next_lo = widen(load_rows(ahead_ptr, rows, c_lo, LO_WIDTH, BLOCK_LO), INLINE_PTX)
         # The frame's group within the chunk, counted rather than divided.
         slot = rank_begin * 0
         frames_left = FRAMES_PER_TOKEN
@@ -114,9 +131,9 @@ def attn_fwd_kernel(
             following = tl.minimum(rank + 1, rank_end - 1)
             ahead_ptr = x_video + tl.where(following < key, following, following + 1).to(
                 tl.int64) * stride_xt
-            next_hi = load_x(ahead_ptr, rows, mask_n, c_hi, BLOCK_HI, BLOCK_HI, False)
+            next_hi = widen(load_rows(ahead_ptr, rows, c_hi, BLOCK_HI, BLOCK_HI), INLINE_PTX)
             if HAS_LO:
-                next_lo = load_x(ahead_ptr, rows, mask_n, c_lo, LO_WIDTH, BLOCK_LO, False)
+                next_lo = widen(load_rows(ahead_ptr, rows, c_lo, LO_WIDTH, BLOCK_LO), INLINE_PTX)
             score = tl.sum(res_hi * q_hi[None, :], axis=1)
             if HAS_LO:
                 score += tl.sum(res_lo * q_lo[None, :], axis=1)
@@ -124,8 +141,8 @@ def attn_fwd_kernel(
             in_slot = offs_g == slot
             old_max = tl.max(tl.where(in_slot, run_max, float("-inf")), axis=0)
             new_max = tl.maximum(old_max, tl.max(score, axis=0))
-            rescale = tl.exp(old_max - new_max)
-            weight = tl.exp(score - new_max)
+            rescale = exp2(old_max - new_max, INLINE_PTX)
+            weight = exp2(score - new_max, INLINE_PTX)
             run_sum = tl.where(in_slot, run_sum * rescale + tl.sum(weight, axis=0), run_sum)
             run_max = tl.where(in_slot, new_max, run_max)
             acc_hi = tl.where(in_slot[:, None],
@@ -149,6 +166,71 @@ def attn_fwd_kernel(
                  mask=stored[:, None] & (offs_lo < LO_WIDTH)[None, :])
     tl.store(part_max_ptr + part * NUM_HEADS + head, run_max, mask=stored)
     tl.store(part_sum_ptr + part * NUM_HEADS + head, run_sum, mask=stored)
+
+
+@triton.jit
+def attn_combine_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr,
+    out_ptr, lse_ptr, residual32_ptr,
+    T, S, G, NUM_ROWS, NUM_PARTS, NUM_HEADS, FRAMES_PER_TOKEN, FIRST_GROUP,
+    HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, KEEP_RESIDUAL32: tl.constexpr,
+    INLINE_PTX: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merges the forward's partial states of one group (attn_fwd_kernel's, one per split of
+    the patch rows, maxima in base 2), in split order, into its residual token, its
+    log-sum-exp per head (natural units, as the backward takes it) and, with KEEP_RESIDUAL32,
+    the token in float32 at its lse row for the backward.
+
+    Program (video, group, block of BLOCK_HEADS heads): a [heads, channels] tile, so that each
+    split's max and sum are loaded, and its weight taken, once per head rather than once per
+    channel. Output row of group g: token0 + S + g; groups from FIRST_GROUP on (a video with
+    more groups than grid axis 1 holds takes several launches)."""
+    video = tl.program_id(0)
+    g = FIRST_GROUP + tl.program_id(1)
+    frame0, num_frames, token0, group0, key, num_groups = video_layout(
+        video, key_ptr, cu_frames_ptr, cu_tokens_ptr, T, S, G, FRAMES_PER_TOKEN, IS_VARLEN)
+    C = NUM_HEADS * HEAD_DIM
+    heads = tl.program_id(2) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+    offs_d = tl.arange(0, BLOCK_D)
+    live = (heads < NUM_HEADS) & ((heads * 0 + g) < num_groups)
+    mask = live[:, None] & (offs_d < HEAD_DIM)[None, :]
+    chans = heads[:, None] * HEAD_DIM + offs_d[None, :]
+    # row is 64-bit (group0 is); p * NUM_ROWS stays 32-bit, below the partials' row count.
+    row = group0 + g
+    best = tl.full([BLOCK_HEADS], float("-inf"), tl.float32)
+    for p in range(0, NUM_PARTS):
+        best = tl.maximum(best, tl.load(part_max_ptr + (p * NUM_ROWS + row) * NUM_HEADS + heads,
+                                        mask=live, other=float("-inf")))
+    # Heads past the last, or a group past a short video's last: a finite reference, so that
+    # nothing computes exp(-inf - -inf).
+    best = tl.where(live, best, 0.0)
+    total = tl.zeros([BLOCK_HEADS], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_HEADS, BLOCK_D], dtype=tl.float32)
+    for p in range(0, NUM_PARTS):
+        part = p * NUM_ROWS + row
+        part_max = tl.load(part_max_ptr + part * NUM_HEADS + heads, mask=live,
+                           other=float("-inf"))
+        factor = exp2(part_max - best, INLINE_PTX)
+        total += factor * tl.load(part_sum_ptr + part * NUM_HEADS + heads, mask=live, other=0.0)
+        acc += factor[:, None] * tl.load(part_acc_ptr + part * C + chans, mask=mask, other=0.0)
+    total = tl.where(live, total, 1.0)
+    result = acc / total[:, None]
+    tl.store(lse_ptr + row * NUM_HEADS + heads, best * LN2 + tl.log(total), mask=live)
+    tl.store(out_ptr + (token0 + S + g) * C + chans, result.to(out_ptr.dtype.element_ty),
+             mask=mask)
+    if KEEP_RESIDUAL32:
+        tl.store(residual32_ptr + row * C + chans, result, mask=mask)
+
+
+def combine_heads(num_heads: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_HEADS, BLOCK_D) of attn_combine_kernel: the head padded to a power of two, and
+    the most heads per program that divide num_heads as a power of two, up to 1024 lanes of
+    channels (SigLIP's 18 heads of 64: 2 per program, 9 programs; CLIP-L's 16 of 64: all 16)."""
+    block_d = triton.next_power_of_2(head_dim)
+    heads = 1
+    while num_heads % (2 * heads) == 0 and 2 * heads * block_d <= 1024:
+        heads *= 2
+    return heads, block_d
 
 
 @triton.jit

@@ -44,7 +44,8 @@ import triton.language as tl
 from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton import configs
 from vtok_kernels.backends.triton.attention import (
-    attn_bwd_kernel, attn_delta_kernel, attn_fwd_kernel, head_blocks)
+    attn_bwd_kernel, attn_combine_kernel, attn_delta_kernel, attn_fwd_kernel, combine_heads,
+    head_blocks)
 from vtok_kernels.backends.triton.launch import (
     MAX_GRID_X, MAX_GRID_YZ, autotuned, axis_chunks, check_grid_axis, grid_slots, launch)
 from vtok_kernels.backends.triton.tiles import (
@@ -140,15 +141,12 @@ def mean_fwd_kernel(
 
 @triton.jit
 def combine_kernel(
-    part_acc_ptr, part_max_ptr, part_sum_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr,
-    out_ptr, lse_ptr, residual32_ptr,
-    T, N, C, S, G, NUM_ROWS, NUM_PARTS, NUM_HEADS, FRAMES_PER_TOKEN, FIRST_GROUP,
-    HEAD_DIM: tl.constexpr, POOL_ATTN: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DIVIDE: tl.constexpr, KEEP_RESIDUAL32: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    part_acc_ptr, key_ptr, cu_frames_ptr, cu_tokens_ptr, out_ptr,
+    T, N, C, S, G, NUM_ROWS, NUM_PARTS, FRAMES_PER_TOKEN, FIRST_GROUP,
+    IS_VARLEN: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merges the per-patch-block partials of one group, in patch-block order, into its token
-    (and, with KEEP_RESIDUAL32, the token in float32 at its lse row, for the backward).
+    """Sums the per-split partial sums of one group, in split order, into its token (mean
+    pooling's; attention's partial states merge in attention.attn_combine_kernel).
 
     Output row of group g of video b: token0 + S + g (S = 0 and G rows per video gives the
     plain [B, G, C] layout that expand's backward uses). Groups from FIRST_GROUP on: a video
@@ -165,42 +163,17 @@ def combine_kernel(
     # count, splits x B x G with splits <= cdiv(N, BLOCK_N), far fewer than x's B x T x N rows.
     row = group0 + g
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if POOL_ATTN:
-        head = offs_c // HEAD_DIM
-        best = tl.full([BLOCK_C], float("-inf"), tl.float32)
-        for p in range(0, NUM_PARTS):
-            part = p * NUM_ROWS + row
-            best = tl.maximum(best, tl.load(part_max_ptr + part * NUM_HEADS + head, mask=mask_c,
-                                            other=float("-inf")))
-        # Masked lanes would compute exp(-inf - -inf); give them a finite reference instead.
-        best = tl.where(mask_c, best, 0.0)
-        total = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for p in range(0, NUM_PARTS):
-            part = p * NUM_ROWS + row
-            factor = tl.exp(tl.load(part_max_ptr + part * NUM_HEADS + head, mask=mask_c,
-                                    other=float("-inf")) - best)
-            total += factor * tl.load(part_sum_ptr + part * NUM_HEADS + head, mask=mask_c,
-                                      other=0.0)
-            acc += factor * tl.load(part_acc_ptr + part * C + offs_c, mask=mask_c, other=0.0)
-        total = tl.where(mask_c, total, 1.0)
-        result = acc / total
-        tl.store(lse_ptr + row * NUM_HEADS + head, best + tl.log(total),
-                 mask=mask_c & (offs_c % HEAD_DIM == 0))
+    for p in range(0, NUM_PARTS):
+        acc += tl.load(part_acc_ptr + (p * NUM_ROWS + row) * C + offs_c, mask=mask_c, other=0.0)
+    if DIVIDE:
+        first = g * FRAMES_PER_TOKEN
+        count = (tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1) - first) * N
+        # Programs past a short video's last group store nothing; keep them finite anyway.
+        result = acc / tl.maximum(count, 1).to(tl.float32)
     else:
-        for p in range(0, NUM_PARTS):
-            acc += tl.load(part_acc_ptr + (p * NUM_ROWS + row) * C + offs_c, mask=mask_c,
-                           other=0.0)
-        if DIVIDE:
-            first = g * FRAMES_PER_TOKEN
-            count = (tl.minimum(first + FRAMES_PER_TOKEN, num_frames - 1) - first) * N
-            # Programs past a short video's last group store nothing; keep them finite anyway.
-            result = acc / tl.maximum(count, 1).to(tl.float32)
-        else:
-            result = acc
+        result = acc
     out_row = token0 + S + g
     tl.store(out_ptr + out_row * C + offs_c, result.to(out_ptr.dtype.element_ty), mask=mask_c)
-    if KEEP_RESIDUAL32:
-        tl.store(residual32_ptr + row * C + offs_c, result, mask=mask_c)
 
 
 @triton.jit
@@ -319,10 +292,27 @@ def combine_block(channels: int) -> int:
     return min(COMBINE_BLOCKS, key=lambda block: (padding[block], -block))
 
 
+def combine_warps(block_c: int) -> int:
+    """Warps of a combine or spatial-key program: 8 channels per thread (two 16-byte float32
+    vectors), 4 per thread at the 128-channel block (one warp). Four warps at every block left
+    SigLIP's 9 blocks of 128 one channel per thread, the program's prologue (where its video's
+    rows are) issued by 4 warps for 128 channels."""
+    return max(1, min(4, block_c // 256))
+
+
 def _combine_block(channels: int) -> int:
     # Interpreter: a block below the test widths (C = 12..48), so several blocks and a masked
     # tail run.
     return 32 if configs.triton_interpreted() else combine_block(channels)
+
+
+def _combine_heads(num_heads: int, head_dim: int) -> tuple[int, int]:
+    # Interpreter: 2 heads per program (and a head block of at least 8 channels), so that the
+    # test shapes run several head blocks, a masked last head where the count is odd, and
+    # masked channels past the head.
+    if configs.triton_interpreted():
+        return 2, max(8, triton.next_power_of_2(head_dim))
+    return combine_heads(num_heads, head_dim)
 
 
 def _combine_channel_blocks(channels: int, block_c: int, tensor: str) -> int:
@@ -540,7 +530,7 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
             sequence, part_acc, part_max, part_sum, *layout.strides,
             layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
             layout.num_heads, layout.frames_per_token, layout.max_groups, layout.scale,
-            **shared, **layout.head_meta(),
+            INLINE_PTX=not configs.triton_interpreted(), **shared, **layout.head_meta(),
         )
     else:
         meta = launch(
@@ -555,17 +545,27 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
             layout.T, layout.C, layout.S, layout.G, layout.frames_per_token,
             *layout.spatial_args(), first, IS_VARLEN=layout.varlen, BLOCK_C=block_c,
         )
+    num_parts = grid(meta)[1]
     for first, count in axis_chunks(layout.max_groups if layout.num_rows > 0 else 0):
-        combine_kernel[(layout.batch, count, channel_blocks)](
-            part_acc, part_max, part_sum, key_index, cu_frames_arg, cu_tokens_arg,
-            sequence, lse if layout.attn else part_acc,
-            residual32 if residual32 is not None else part_acc,
-            layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows,
-            grid(meta)[1], layout.num_heads, layout.frames_per_token, first,
-            HEAD_DIM=layout.head_dim if layout.attn else 1, POOL_ATTN=layout.attn,
-            IS_VARLEN=layout.varlen, DIVIDE=True, KEEP_RESIDUAL32=residual32 is not None,
-            BLOCK_C=block_c,
-        )
+        if layout.attn:
+            block_heads, block_d = _combine_heads(layout.num_heads, layout.head_dim)
+            head_groups = triton.cdiv(layout.num_heads, block_heads)
+            attn_combine_kernel[(layout.batch, count, head_groups)](
+                part_acc, part_max, part_sum, key_index, cu_frames_arg, cu_tokens_arg,
+                sequence, lse, residual32 if residual32 is not None else part_acc,
+                layout.T, layout.S, layout.G, layout.num_rows, num_parts, layout.num_heads,
+                layout.frames_per_token, first, HEAD_DIM=layout.head_dim,
+                IS_VARLEN=layout.varlen, KEEP_RESIDUAL32=residual32 is not None,
+                INLINE_PTX=not configs.triton_interpreted(), BLOCK_HEADS=block_heads,
+                BLOCK_D=block_d, num_warps=combine_warps(block_heads * block_d),
+            )
+        else:
+            combine_kernel[(layout.batch, count, channel_blocks)](
+                part_acc, key_index, cu_frames_arg, cu_tokens_arg, sequence,
+                layout.T, layout.N, layout.C, layout.S, layout.G, layout.num_rows, num_parts,
+                layout.frames_per_token, first, IS_VARLEN=layout.varlen, DIVIDE=True,
+                BLOCK_C=block_c, num_warps=combine_warps(block_c),
+            )
 
 
 def _backward(grad_sequence, x, key_index, query, sequence, lse, cu_frames, cu_tokens,

@@ -18,7 +18,8 @@ import triton.language as tl
 from vtok_kernels.backends import empty_output
 from vtok_kernels.backends.triton.encode import (
     _combine_block, _combine_channel_blocks, _num_groups, _num_splits, _target_programs,
-    check_frame_elements, check_grid, combine_kernel, config_pool, on_input_device)
+    check_frame_elements, check_grid, combine_kernel, combine_warps, config_pool,
+    on_input_device)
 from vtok_kernels.backends.triton.launch import autotuned, axis_chunks, launch
 
 
@@ -165,10 +166,8 @@ def expand_bwd(grad_frames, key_index, num_residual, frames_per_token):
     # S = 0 and G rows per video: combine writes the plain [B, G, C] layout.
     for first, count in axis_chunks(G if B > 0 else 0):
         combine_kernel[(B, count, channel_blocks)](
-            part_acc, part_acc, part_acc, key_index, key_index, key_index,
-            grad_residual, part_acc, part_acc,
-            T, N, C, 0, G, B * G, grid(meta)[1], 1, frames_per_token, first,
-            HEAD_DIM=1, POOL_ATTN=False, IS_VARLEN=False, DIVIDE=False, KEEP_RESIDUAL32=False,
-            BLOCK_C=block_c,
+            part_acc, key_index, key_index, key_index, grad_residual,
+            T, N, C, 0, G, B * G, grid(meta)[1], frames_per_token, first,
+            IS_VARLEN=False, DIVIDE=False, BLOCK_C=block_c, num_warps=combine_warps(block_c),
         )
     return grad_key_tokens, grad_residual

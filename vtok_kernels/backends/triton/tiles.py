@@ -98,6 +98,47 @@ def load_x(x_frame, rows, mask_n, c0, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
 
 
 @triton.jit
+def load_rows(x_frame, rows, c0, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """Channels c0 .. c0 + WIDTH of a tile whose rows all lie in the frame, in x's dtype (zero
+    past WIDTH): load_x for a block whose rows past its end are clamped to its last, their
+    results masked by the caller. The load needs no predicate nor zeroed registers, and a
+    block of the head's full width no mask at all."""
+    offs = tl.arange(0, BLOCK)
+    if WIDTH == BLOCK:
+        return tl.load(x_tile(x_frame, rows, c0 + offs, False))
+    else:
+        return tl.load(x_tile(x_frame, rows, c0 + offs, False), mask=(offs < WIDTH)[None, :],
+                       other=0.0)
+
+
+@triton.jit
+def widen(x, INLINE_PTX: tl.constexpr):
+    """x in float32. A bfloat16 is the high half of its float32, so a pair of them widens in two
+    instructions (a shift, a mask), where Triton's conversion takes three (ptxas extracts the
+    high half with a PRMT before shifting it)."""
+    if INLINE_PTX and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+            dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def exp2(x, INLINE_PTX: tl.constexpr):
+    """2 ** x in float32. With inline PTX, one ex2.approx.ftz (a single MUFU.EX2 in SASS), where
+    tl.exp and tl.exp2 lower to ex2.approx without ftz: a range test and two predicated
+    multiplies around it, to keep results below 2 ** -126 as denormals. A softmax weight that
+    small is zero to float32 against the weights it is summed with. The interpreter runs no
+    inline PTX: it takes tl.exp2 (INLINE_PTX False)."""
+    if INLINE_PTX:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
 def key_token_grad(grad_seq_ptr, token0, C, offs_n, mask_n, chans, mask_d,
                    GRID_H, GRID_W, OUT_H, OUT_W, SPATIAL: tl.constexpr,
                    BINS_PER_ROW: tl.constexpr, BINS_PER_COL: tl.constexpr):
