@@ -41,7 +41,7 @@ STATIC_MODEL = ROOT / "benchmarks" / "results" / "static-model.json"
 # Every kernel of the cuda and triton backends' encode passes: what ncu profiles (-k).
 KERNELS = ("residual_fwd_kernel", "warp_pool_kernel", "key_tokens_kernel", "encode_bwd_kernel",
            "attn_delta_kernel", "grad_query_reduce_kernel", "mean_fwd_kernel", "mean_bwd_kernel",
-           "attn_fwd_kernel", "attn_bwd_kernel", "combine_kernel")
+           "attn_fwd_kernel", "attn_bwd_kernel", "combine_kernel", "attn_combine_kernel")
 # The sections the committed H100 record used, and the two that count instructions.
 SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "MemoryWorkloadAnalysis",
             "ComputeWorkloadAnalysis", "InstructionStats")

@@ -234,8 +234,8 @@ def triton_cases(quick: bool = False) -> list[Case]:
         block_heads, block_d = combine_heads(heads, head_dim)
         add(f"attn_combine[{heads}x{head_dim}]", att, "attn_combine_kernel",
             [configs._config(combine_warps(block_heads * block_d), num_stages=1)],
-            {**base, "HEAD_DIM": head_dim, "KEEP_RESIDUAL32": True, "INLINE_PTX": True,
-             "BLOCK_HEADS": block_heads, "BLOCK_D": block_d})
+            {**base, "HEAD_DIM": head_dim, "KEEP_RESIDUAL32": True, "BLOCK_HEADS": block_heads,
+             "BLOCK_D": block_d})
     add("spatial_key_fwd", enc, "spatial_key_fwd_kernel", single, {**base, "BLOCK_C": 1024})
     add("expand_fwd", exp, "expand_fwd_kernel", stream, {})
     add("expand_bwd", exp, "expand_bwd_kernel", stream, {})

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from vtok_kernels.backends.triton.tiles import (
-    chunk_layout, exp2, key_token_grad, load_rows, load_x, program_layout, split_rows,
-    video_layout, widen)
+    chunk_layout, key_token_grad, load_rows, load_x, program_layout, split_rows, video_layout,
+    widen)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -58,8 +58,9 @@ def attn_fwd_kernel(
     its group's slot.
 
     Scores are taken in base 2 (the query carries log2(e)), so that each weight is one
-    exp2 (tiles.exp2); the partial maxima are stored so, attn_combine_kernel's lse in
-    natural units.
+    ex2.approx.ftz (tl.exp2; tl.exp adds a multiply, a range test and two predicated
+    multiplies to keep denormal results); the partial maxima are stored so,
+    attn_combine_kernel's lse in natural units.
     A tile's rows past the split's end load the split's last row again (clamped, not masked):
     no predicated loads nor zeroed registers per frame; their scores are -inf, their weights 0."""
     (video, chunk, frame0, token0, group0, key, num_groups, group_begin, rank_begin, rank_end,
@@ -141,8 +142,8 @@ def attn_fwd_kernel(
             in_slot = offs_g == slot
             old_max = tl.max(tl.where(in_slot, run_max, float("-inf")), axis=0)
             new_max = tl.maximum(old_max, tl.max(score, axis=0))
-            rescale = exp2(old_max - new_max, INLINE_PTX)
-            weight = exp2(score - new_max, INLINE_PTX)
+            rescale = tl.exp2(old_max - new_max)
+            weight = tl.exp2(score - new_max)
             run_sum = tl.where(in_slot, run_sum * rescale + tl.sum(weight, axis=0), run_sum)
             run_max = tl.where(in_slot, new_max, run_max)
             acc_hi = tl.where(in_slot[:, None],
@@ -174,7 +175,7 @@ def attn_combine_kernel(
     out_ptr, lse_ptr, residual32_ptr,
     T, S, G, NUM_ROWS, NUM_PARTS, NUM_HEADS, FRAMES_PER_TOKEN, FIRST_GROUP,
     HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr, KEEP_RESIDUAL32: tl.constexpr,
-    INLINE_PTX: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merges the forward's partial states of one group (attn_fwd_kernel's, one per split of
     the patch rows, maxima in base 2), in split order, into its residual token, its
@@ -210,7 +211,7 @@ def attn_combine_kernel(
         part = p * NUM_ROWS + row
         part_max = tl.load(part_max_ptr + part * NUM_HEADS + heads, mask=live,
                            other=float("-inf"))
-        factor = exp2(part_max - best, INLINE_PTX)
+        factor = tl.exp2(part_max - best)
         total += factor * tl.load(part_sum_ptr + part * NUM_HEADS + heads, mask=live, other=0.0)
         acc += factor[:, None] * tl.load(part_acc_ptr + part * C + chans, mask=mask, other=0.0)
     total = tl.where(live, total, 1.0)

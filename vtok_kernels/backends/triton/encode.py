@@ -293,7 +293,7 @@ def combine_block(channels: int) -> int:
 
 
 def combine_warps(block_c: int) -> int:
-    """Warps of a combine or spatial-key program: 8 channels per thread (two 16-byte float32
+    """Warps of a combine program (mean or attention): 8 channels per thread (two 16-byte float32
     vectors), 4 per thread at the 128-channel block (one warp). Four warps at every block left
     SigLIP's 9 blocks of 128 one channel per thread, the program's prologue (where its video's
     rows are) issued by 4 warps for 128 channels."""
@@ -556,8 +556,8 @@ def _forward(x, key_index, query, cu_frames, cu_tokens, layout: _Layout, sequenc
                 layout.T, layout.S, layout.G, layout.num_rows, num_parts, layout.num_heads,
                 layout.frames_per_token, first, HEAD_DIM=layout.head_dim,
                 IS_VARLEN=layout.varlen, KEEP_RESIDUAL32=residual32 is not None,
-                INLINE_PTX=not configs.triton_interpreted(), BLOCK_HEADS=block_heads,
-                BLOCK_D=block_d, num_warps=combine_warps(block_heads * block_d),
+                BLOCK_HEADS=block_heads, BLOCK_D=block_d,
+                num_warps=combine_warps(block_heads * block_d),
             )
         else:
             combine_kernel[(layout.batch, count, channel_blocks)](

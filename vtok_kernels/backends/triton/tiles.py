@@ -125,20 +125,6 @@ def widen(x, INLINE_PTX: tl.constexpr):
 
 
 @triton.jit
-def exp2(x, INLINE_PTX: tl.constexpr):
-    """2 ** x in float32. With inline PTX, one ex2.approx.ftz (a single MUFU.EX2 in SASS), where
-    tl.exp and tl.exp2 lower to ex2.approx without ftz: a range test and two predicated
-    multiplies around it, to keep results below 2 ** -126 as denormals. A softmax weight that
-    small is zero to float32 against the weights it is summed with. The interpreter runs no
-    inline PTX: it takes tl.exp2 (INLINE_PTX False)."""
-    if INLINE_PTX:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
 def key_token_grad(grad_seq_ptr, token0, C, offs_n, mask_n, chans, mask_d,
                    GRID_H, GRID_W, OUT_H, OUT_W, SPATIAL: tl.constexpr,
                    BINS_PER_ROW: tl.constexpr, BINS_PER_COL: tl.constexpr):
