@@ -1301,3 +1301,32 @@ def test_emulated_warp_split_bits_do_not_depend_on_groups_per_warp(emulated, mon
     plans = [run[4][1][0] for run in runs]
     assert plans[0][2] == plans[1][2] and plans[0][3] > plans[1][3], plans  # same splits, fewer groups per warp
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("jumps", [(12.0,), (12.0, 30.0)], ids=["one-jump", "two-jumps"])
+def test_emulated_warp_split_rescales_when_a_later_row_dominates(emulated, monkeypatch, jumps):
+    """warp_pool keeps its running maximum until a score passes it by kRescaleMargin (e^8): rows
+    whose scores jump past it late in a split (in later passes, after the maximum settled) take
+    the rescale, and the tokens and lse still match the reference."""
+    monkeypatch.setenv("VTOK_CUDA_FWD", "warps")
+    monkeypatch.setattr(cuda_nvrtc, "FILL_SMS", 0)  # one split: 70 rows in passes of a few
+    B, T, N, C, heads = 2, 4, 70, 64, 2
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    x = features((B, T, N, C), torch.float32, generator=gen)
+    query = torch.randn(C, generator=gen)
+    keys = torch.tensor([0, 2])
+    head_dim = C // heads
+    # A row's residual along its head's query: score = jump (natural-log units) above ~0.
+    unit = query.view(heads, head_dim) / query.view(heads, head_dim).norm(dim=1, keepdim=True)
+    per_score = (query.view(heads, head_dim).norm(dim=1) / head_dim ** 0.5).view(heads, 1)
+    for b in range(B):
+        for t in range(T):
+            if t == int(keys[b]):
+                continue
+            for n, jump in zip((N // 2, N - 3), jumps):
+                x[b, t, n] = x[b, keys[b], n] + (jump / per_score * unit).reshape(C)
+    seq, lse, *_ = emulated.encode_fwd(x, keys, query, "attn", heads, 1, [], [])
+    ref, ref_lse = reference.encode(x.double(), keys, pool="attn", num_heads=heads, query=query.double(),
+                                    return_lse=True)
+    assert_close(seq[:, N:], ref[:, N:].float(), torch.float32, "residual tokens")
+    assert_close(lse, ref_lse.float(), torch.float32, "lse")

@@ -263,6 +263,37 @@ def test_a_pass_counts_the_longest_path_and_each_inner_loop_once():
     assert hot.rest_instructions == 3  # 0x00, 0xb0, 0xc0
 
 
+def test_a_pass_counts_the_side_a_warp_vote_leaves():
+    """A branch on a warp vote (warp_pool's lazy rescale) counts its other side, longer or not,
+    whether the vote sits in the branch's block or, as nvcc lays it out with the vote's
+    out-of-line copy branching back to the branch, in a block of its own; a branch on a
+    predicate set by anything else still counts its longer side."""
+    def pass_length(vote_predicate: str, branch: str) -> int:
+        items = sass(
+            "LDG.E.EF.128 R4, desc[UR4][R2.64]",  # 0x00: pass loop header
+            "FSETP.GT.AND P0, PT, R6, R7, PT",  # 0x10
+            "BRA.DIV UR5, 0xc0",  # 0x20: out to the vote's copy
+            f"VOTE.ANY {vote_predicate}, P0",  # 0x30
+            f"{branch} BRA 0x70",  # 0x40
+            "FADD R6, R4, R6",  # 0x50: one side, 2 instructions
+            "BRA 0xa0",  # 0x60
+            "FMUL R6, R6, R8",  # 0x70: the other, 3 instructions
+            "FMUL R9, R9, R8",  # 0x80
+            "FADD R6, R4, R6",  # 0x90
+            "@P2 BRA 0x00",  # 0xa0: back edge
+            "EXIT",  # 0xb0
+            "WARPSYNC.COLLECTIVE R9, 0x30",  # 0xc0: the vote's copy, back to the branch
+            "BRA 0x40")  # 0xd0
+        return mc.hot_loop(items).pass_instructions
+
+    # taken when a lane voted: the short side counts (0x00 .. 0x60, 0xa0)
+    assert pass_length("P0", "@P0") == 8
+    # taken when none did: the taken side counts, the fall-through is the vote's
+    assert pass_length("P0", "@!P0") == 9
+    # P0 set by FSETP, not the vote: the longer side (0x00 .. 0x40, 0x70 .. 0xa0)
+    assert pass_length("P1", "@P0") == 9
+
+
 def test_an_indirect_branch_runs_every_round():
     """BRX (a jump into an unrolled run of shuffle rounds) is followed to the next instruction:
     every round counts, and nothing after it is lost."""

@@ -139,7 +139,10 @@ ASSUMPTIONS = (
     "longer is counted: the tiles' attention forward takes the shorter at one frame per token (every frame "
     "starts its group), the backward skips the spatial key's gradient, the merge of the partial rows runs "
     "one of its two merges, so their counts are upper bounds there; the key tokens' copy, whose longest "
-    "path is the spatial bins', gets no issue time. A loop inside a pass counts once, not once per round",
+    "path is the spatial bins', gets no issue time. A loop inside a pass counts once, not once per round. "
+    "A branch on a warp vote (VOTE.ANY: warp_pool's lazy rescale of its online softmax) counts its other "
+    "side: the vote fires at a group's first rows and then only when a score passes the running maximum by "
+    "e^8, a few passes of the tens a warp makes",
     f"issue rate: {ISSUE_RATE} warp instructions per cycle per SM at {H100_SM_CLOCK_HZ / 1e9:.2f} GHz, a wave "
     "as long as its busiest SM (the most blocks) takes, whatever its warps, the rate the H100 run of "
     "4328726 measured in its two most issue-bound kernels (2.62-2.67); a wave's memory time (the larger "
@@ -457,6 +460,8 @@ class Block:
 
     instructions: tuple
     successors: tuple = ()
+    # Successors reached only when a warp vote fires (rare_side): left out of the longest path.
+    rare: tuple = ()
 
     @property
     def address(self) -> int:
@@ -503,21 +508,43 @@ def control_flow(items: Sequence[Item]) -> list[Block]:
             groups.append([])
         groups[-1].append(ins)
     index = {g[0].address: n for n, g in enumerate(groups)}
+    position = {ins.address: n for n, ins in enumerate(instructions)}
     blocks = []
     for n, group in enumerate(groups):
         last = group[-1]
         following = [n + 1] if n + 1 < len(groups) else []
         conditional = bool(last.predicate) and last.predicate not in ("@PT", "@UPT")
+        rare: list = []
         if last.base in ("BRA", "JMP") and "DIV" not in last.modifiers:
             target = _branch_target(last, labels)
             taken = [index[target]] if target in index else []
             succ = taken + following if conditional or not taken else taken
+            side = rare_side(instructions[:position[last.address] + 1]) if conditional else None
+            rare = {"taken": taken, "following": following}.get(side, [])
         elif last.base in ("EXIT", "RET", "KILL", "BPT") and not conditional:
             succ = []
         else:
             succ = following
-        blocks.append(Block(tuple(group), tuple(dict.fromkeys(succ))))
+        blocks.append(Block(tuple(group), tuple(dict.fromkeys(succ)), tuple(s for s in rare if s in succ)))
     return blocks
+
+
+def rare_side(code: Sequence[Instruction]) -> Optional[str]:
+    """Which edge of a conditional branch (the last of ``code``, the instructions up to it in
+    address order) runs only when a warp vote fires ("taken" or "following"), or None: the
+    predicate it tests was last set by a VOTE.ANY (which may sit in a block of its own, the
+    branch being the target of the vote's out-of-line copy for a diverged warp). Here that is
+    the lazy rescale of warp_pool's online softmax, whose vote fires at a group's first rows
+    and then only when a score passes the running maximum by e^8: the model counts the other
+    side (ASSUMPTIONS)."""
+    branch = code[-1]
+    register = branch.predicate.lstrip("@!")
+    for ins in reversed(code[:-1]):
+        if ins.operands.split(",")[0].strip() == register:
+            if ins.base == "VOTE" and "ANY" in ins.modifiers:
+                return "following" if branch.predicate.startswith("@!") else "taken"
+            return None
+    return None
 
 
 def _dominators(blocks: Sequence[Block]) -> list[Optional[int]]:
@@ -632,7 +659,8 @@ class FlowGraph:
     def longest_path(self, nodes: set, start: int, weight, ends: Optional[set] = None) -> int:
         """The most instructions (``weight(block)`` each) on a path from ``start`` through
         ``nodes`` that takes no back edge, ending anywhere (or in ``ends``): one trip through a
-        loop body, every loop inside it run once, the longer side of every branch."""
+        loop body, every loop inside it run once, the longer side of every branch but a warp
+        vote's rare side (Block.rare)."""
         order, seen, stack = [], {start}, [(start, iter(self.blocks[start].successors))]
         while stack:
             node, it = stack[-1]
@@ -646,7 +674,7 @@ class FlowGraph:
         best: dict[int, int] = {}
         for node in order:  # successors first
             tails = [best[s] for s in self.blocks[node].successors
-                     if s in best and (node, s) not in self.back_edges]
+                     if s in best and (node, s) not in self.back_edges and s not in self.blocks[node].rare]
             if ends is None or node in ends or tails:  # else no path from it ends where it should
                 best[node] = weight(node) + max(tails, default=0)
         return best.get(start, 0)

@@ -660,6 +660,13 @@ __device__ __forceinline__ float lane_dot(const float* query_lane, const Packed<
   return dot;
 }
 
+// warp_pool's running maximum moves when a score passes it by this much (natural-log units):
+// the weights it sums stay below e^8 ~ 3000 of a float's range, and the maximum settles after
+// a row or two, so that most frames skip the rescale.
+constexpr float kRescaleMargin = 8.0f;
+// The lowest finite float, warp_pool's maximum before any score.
+constexpr float kLowestScore = -3.40282347e38f;
+
 // Groups a warp of the warp-split forward holds at once (warp_pool): its registers keep a
 // group's sums of kElems = V x K channels per lane, kChunk of them (four of 16 elements spill
 // at the 128 registers of two resident blocks).
@@ -734,7 +741,9 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
   for (int j = 0; j < kChunk; ++j) {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) acc[j][i] = 0.0f;
-    state[j] = softmax_init();
+    // The lowest finite maximum rather than -inf: a row past the split (score -inf) then
+    // weighs exp(-inf) = 0 on the path that keeps the maximum, never exp(-inf + inf).
+    state[j] = {kLowestScore, 0.0f};
   }
 
   for (int64_t row_base = row_begin; row_base < row_end; row_base += row_groups) {
@@ -780,14 +789,29 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
                               (row_ok ? 0.0f : -INFINITY);
 #pragma unroll
           for (int k = 0; k < kK; ++k) keep_packed(cur[k]);
-          float weight;
-          const float rescale = softmax_push(state[j], score, weight);
+          // The maximum moves only when a score of the warp passes it by kRescaleMargin (FA4's
+          // lazy rescaling): weights up to e^kRescaleMargin, and on the other frames no exp of
+          // the old maximum nor a multiply of every sum. The vote keeps the branch warp-uniform.
+          if (__any_sync(kFullMask, score > state[j].max + kRescaleMargin)) {
+            float weight;
+            const float rescale = softmax_push(state[j], score, weight);
 #pragma unroll
-          for (int k = 0; k < kK; ++k) {
-            float d[V];
-            residual(k, d);
+            for (int k = 0; k < kK; ++k) {
+              float d[V];
+              residual(k, d);
 #pragma unroll
-            for (int e = 0; e < V; ++e) acc[j][k * V + e] = fmaf(weight, d[e], acc[j][k * V + e] * rescale);
+              for (int e = 0; e < V; ++e) acc[j][k * V + e] = fmaf(weight, d[e], acc[j][k * V + e] * rescale);
+            }
+          } else {
+            const float weight = exp_f32(score - state[j].max);
+            state[j].sum += weight;
+#pragma unroll
+            for (int k = 0; k < kK; ++k) {
+              float d[V];
+              residual(k, d);
+#pragma unroll
+              for (int e = 0; e < V; ++e) acc[j][k * V + e] = fmaf(weight, d[e], acc[j][k * V + e]);
+            }
           }
         } else {
 #pragma unroll

@@ -84,6 +84,17 @@ inline float __shfl_xor_sync(unsigned, float value, int offset) {
   return other;
 }
 
+inline int __any_sync(unsigned, int predicate) {
+  const unsigned t = emu::thread_idx.x;
+  auto& warp = *emu::current->warps[t / 32];
+  emu::current->slots[t] = predicate ? 1.0f : 0.0f;
+  warp.arrive_and_wait();
+  int any = 0;
+  for (unsigned lane = 0; lane < 32; ++lane) any |= emu::current->slots[(t & ~31u) | lane] != 0.0f;
+  warp.arrive_and_wait();
+  return any;
+}
+
 inline float __uint_as_float(unsigned v) {
   float f;
   std::memcpy(&f, &v, 4);
