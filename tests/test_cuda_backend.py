@@ -901,22 +901,30 @@ def test_emulated_backward_is_deterministic(emulated):
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+@pytest.mark.parametrize("design", ["tiles", "warps"])
 @pytest.mark.parametrize("pool, heads, bad, query_sign", [
     ("mean", 1, float("nan"), 1), ("attn", 2, float("nan"), 1),
     ("mean", 1, float("inf"), 1), ("attn", 2, float("inf"), 1), ("attn", 2, float("inf"), -1),
 ])
-def test_emulated_non_finite_values_propagate_as_in_the_reference(emulated, pool, heads, bad, query_sign):
+def test_emulated_non_finite_values_propagate_as_in_the_reference(emulated, monkeypatch, design, pool, heads, bad,
+                                                                  query_sign):
+    """In both forward designs: the tokens, and for attention the lse the backward reads, are NaN
+    and inf where the reference's are (a repeated infinite score is no NaN in the lse)."""
+    monkeypatch.setenv("VTOK_CUDA_FWD", design)
     x = features((2, 5, 11, 16), torch.float32)
     x[0, 2, 3, 5] = bad   # a non-key frame of video 0
     x[1, 0, 7, 12] = bad  # the key frame of video 1: every residual at patch 7
     keys = torch.tensor([0, 0])
     # The sign of the query at the bad channels decides whether the scores go to +inf or -inf.
     query = torch.randn(16).abs() * query_sign if pool == "attn" else None
-    seq = emulated.encode_fwd(x, keys, query, pool, heads, 2, [], [])[0]
-    ref = reference.encode(x.double(), keys, pool=pool, query=query.double() if query is not None else None,
-                           num_heads=heads, frames_per_token=2)
+    seq, lse, *_ = emulated.encode_fwd(x, keys, query, pool, heads, 2, [], [])
+    ref, ref_lse = reference.encode(x.double(), keys, pool=pool, query=query.double() if query is not None else None,
+                                    num_heads=heads, frames_per_token=2, return_lse=True)
     assert torch.equal(torch.isnan(seq), torch.isnan(ref)), "NaN positions differ from the reference"
     assert torch.equal(torch.isinf(seq), torch.isinf(ref)), "inf positions differ from the reference"
+    if pool == "attn":
+        assert torch.equal(torch.isnan(lse), torch.isnan(ref_lse)), (lse, ref_lse)
+        assert torch.equal(lse.isinf() & (lse > 0), ref_lse.isinf() & (ref_lse > 0)), (lse, ref_lse)
     assert torch.isfinite(seq[0, 11 + 1]).all()  # group 1 of video 0 holds no bad value
     finite = torch.isfinite(ref)
     assert torch.allclose(seq[finite].double(), ref[finite], rtol=1e-5, atol=1e-6)
@@ -1303,11 +1311,13 @@ def test_emulated_warp_split_bits_do_not_depend_on_groups_per_warp(emulated, mon
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-@pytest.mark.parametrize("jumps", [(12.0,), (12.0, 30.0)], ids=["one-jump", "two-jumps"])
+@pytest.mark.parametrize("jumps", [(12.0,), (100.0,), (100.0, 200.0)], ids=["e12", "e100", "e100-e200"])
 def test_emulated_warp_split_rescales_when_a_later_row_dominates(emulated, monkeypatch, jumps):
-    """warp_pool keeps its running maximum until a score passes it by kRescaleMargin (e^8): rows
-    whose scores jump past it late in a split (in later passes, after the maximum settled) take
-    the rescale, and the tokens and lse still match the reference."""
+    """warp_pool keeps its running maximum until a score reaches it plus kRescaleMargin (e^8):
+    rows whose scores jump past it late in a split (in later passes, after the maximum settled)
+    take the rescale, and the tokens and lse still match the reference. A jump of 100 or 200
+    would overflow a float weight (e^88) on the path that keeps the maximum: only a rescale
+    passes."""
     monkeypatch.setenv("VTOK_CUDA_FWD", "warps")
     monkeypatch.setattr(cuda_nvrtc, "FILL_SMS", 0)  # one split: 70 rows in passes of a few
     B, T, N, C, heads = 2, 4, 70, 64, 2

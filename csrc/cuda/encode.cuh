@@ -789,10 +789,12 @@ __device__ __forceinline__ void warp_pool(const EncodeParams& p, const RowPlan& 
                               (row_ok ? 0.0f : -INFINITY);
 #pragma unroll
           for (int k = 0; k < kK; ++k) keep_packed(cur[k]);
-          // The maximum moves only when a score of the warp passes it by kRescaleMargin (FA4's
+          // The maximum moves only when a score of the warp reaches it plus kRescaleMargin (FA4's
           // lazy rescaling): weights up to e^kRescaleMargin, and on the other frames no exp of
           // the old maximum nor a multiply of every sum. The vote keeps the branch warp-uniform.
-          if (__any_sync(kFullMask, score > state[j].max + kRescaleMargin)) {
+          // ">=": an infinite score after an infinite maximum takes softmax_push (weight 1),
+          // where exp(inf - inf) would make the sum and the lse NaN.
+          if (__any_sync(kFullMask, score >= state[j].max + kRescaleMargin)) {
             float weight;
             const float rescale = softmax_push(state[j], score, weight);
 #pragma unroll
