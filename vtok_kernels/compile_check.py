@@ -422,7 +422,7 @@ def access_widths(ptx: str, op: str, lines: Optional[set] = None) -> dict:
 @functools.lru_cache(maxsize=None)
 def x_load_lines() -> frozenset:
     """(file name, line) of every load of a tile of x in the Triton kernels: the lines that
-    load through ``x_tile`` (tiles.load_x and the mean forward)."""
+    load through ``x_tile`` (tiles.load_x, tiles.load_rows and the mean forward)."""
     from vtok_kernels.backends.triton import tiles
 
     folder = os.path.dirname(tiles.__file__)
